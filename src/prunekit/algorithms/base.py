@@ -1,0 +1,78 @@
+"""Algorithm interface and registry.
+
+An algorithm is a :class:`~prunekit.train.Hook` (extra loss, after-step, epoch-end) plus three
+decisions the pipeline asks it (see :func:`prunekit.runner.run_pipeline`)::
+
+    masks_during_search(model) -> MaskSet | None   # hard-prune masks while the algorithm trains
+    has_search                                     # does it train before hard-pruning?
+    final_masks(model) -> MaskSet                  # the hard-prune masks at the end of its phase
+
+Every algorithm has a ``Params`` dataclass (validated from ``algorithm.params`` in the recipe, unknown
+keys rejected) and ``state_dict()`` / ``load_state_dict()`` of plain tensors and numbers (for resume).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..masks import MaskSet
+from ..pruner import PruneSpec, compute_masks
+from ..targets import find_targets
+from ..train import Hook
+
+__all__ = ["Algorithm", "register", "get_algorithm_class", "list_algorithms", "ALGORITHMS", "full_masks"]
+
+ALGORITHMS: dict[str, type["Algorithm"]] = {}
+
+
+def register(cls):
+    ALGORITHMS[cls.name] = cls
+    return cls
+
+
+def list_algorithms() -> list[str]:
+    return sorted(ALGORITHMS)
+
+
+def get_algorithm_class(name: str) -> type["Algorithm"]:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}; valid: {list_algorithms()}") from None
+
+
+def full_masks(model: nn.Module, spec: PruneSpec) -> MaskSet:
+    """All-True masks on every target (nothing pruned yet)."""
+    params = dict(model.named_parameters())
+    ms = MaskSet()
+    plan = spec.layer_plan(list(find_targets(model, spec.targets)))
+    for n, (st, _) in plan.items():
+        ms.set(n, torch.ones_like(params[n], dtype=torch.bool), str(st))
+    return ms
+
+
+class Algorithm(Hook):
+    name = "base"
+    has_search = False
+
+    @dataclass
+    class Params:
+        pass
+
+    def __init__(self, params: "Algorithm.Params", spec: PruneSpec):
+        self.params = params
+        self.spec = spec
+
+    def masks_during_search(self, model: nn.Module) -> MaskSet | None:
+        return None
+
+    def final_masks(self, model: nn.Module) -> MaskSet:
+        return compute_masks(model, self.spec)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

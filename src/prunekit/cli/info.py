@@ -1,0 +1,22 @@
+"""``prunekit info`` — list the registered structures, algorithms, models and datasets."""
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser("info", help="list structures, algorithms, models and datasets")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from prunekit.algorithms import list_algorithms
+    from prunekit.data.registry import list_datasets
+    from prunekit.models.registry import list_models
+    from prunekit.scoring import SCORES
+    from prunekit.structures import STRUCTURE_SYNTAX
+
+    print("structures:", STRUCTURE_SYNTAX)
+    print("scores:    ", ", ".join(sorted(SCORES)))
+    print("algorithms:", ", ".join(list_algorithms()))
+    print("models:    ", ", ".join(list_models()))
+    print("datasets:  ", ", ".join(list_datasets()))
+    return 0

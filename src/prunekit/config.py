@@ -1,0 +1,293 @@
+"""Recipes: YAML → typed, validated dataclasses.  Unknown keys and bad values fail before any work.
+
+A recipe is parsed once, at the boundary (:func:`load_recipe`), with ``--set dotted.key=value``
+overrides applied first (values parsed as YAML scalars).  Every section is a dataclass; a key that is
+not a field raises :class:`RecipeError` naming the key and listing the valid ones; a value of the wrong
+type or out of range names the key and the allowed values.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .structures import parse_structure
+
+__all__ = ["RecipeError", "Recipe", "TrainConfig", "ModelConfig", "DataConfig", "PruneConfig", "TargetsConfig",
+           "AlgorithmConfig", "load_recipe", "parse_recipe", "apply_overrides", "from_dict", "to_dict"]
+
+
+class RecipeError(ValueError):
+    """A recipe key or value is invalid.  The message names the dotted key."""
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "cosine", "linear", "step")
+
+
+@dataclass
+class TrainConfig:
+    """One training phase.  In ``dense``/``search``/``retrain`` every key left unset falls back to ``train``."""
+
+    epochs: float = 1            # may be fractional: 0.5 = half an epoch
+    lr: float = 0.01
+    optimizer: str = "sgd"       # sgd | adam | adamw
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"    # none | cosine | linear | step
+    warmup_ratio: float = 0.0
+    grad_clip: float | None = None
+    patience: int | None = None  # stop when the dev metric has not improved for this many epochs
+    eval_every: int = 1          # evaluate every k epochs (and always at the end)
+
+    def __post_init__(self):
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("scheduler", self.scheduler, SCHEDULERS)
+        _range("epochs", self.epochs, 0, None)
+        _range("lr", self.lr, 0, None, lo_open=True)
+        _range("momentum", self.momentum, 0, 1)
+        _range("weight_decay", self.weight_decay, 0, None)
+        _range("warmup_ratio", self.warmup_ratio, 0, 1)
+        if self.patience is not None:
+            _range("patience", self.patience, 1, None)
+        _range("eval_every", self.eval_every, 1, None)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lenet5"
+    args: dict = field(default_factory=dict)      # keyword arguments of the model factory
+    checkpoint: str | None = None                 # dense weights to start from (prunekit checkpoint dir)
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"
+    root: str | None = None          # data folder; else $PRUNEKIT_DATA; else ../shared/data
+    limit: int | None = None         # cap examples per split
+    eval_limit: int | None = None    # cap dev/test examples (default: limit)
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    max_length: int = 128            # NLP: tokens per example
+    augment: bool = False            # CV: random crop + flip
+
+    def __post_init__(self):
+        for k in ("limit", "eval_limit"):
+            v = getattr(self, k)
+            if v is not None:
+                _range(k, v, 1, None)
+        _range("batch_size", self.batch_size, 1, None)
+        _range("eval_batch_size", self.eval_batch_size, 1, None)
+        _range("max_length", self.max_length, 8, None)
+
+
+@dataclass
+class TargetsConfig:
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    types: list[str] = field(default_factory=lambda: ["Linear", "Conv2d"])
+
+
+@dataclass
+class PruneConfig:
+    structure: str = "unstructured"
+    sparsity: float = 0.5
+    score: str = "l2"
+    scope: str = "layer"             # layer | global
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    overrides: dict = field(default_factory=dict)   # {param_name_pattern: sparsity | {sparsity, structure}}
+
+    def __post_init__(self):
+        try:
+            parse_structure(self.structure)
+        except ValueError as e:
+            raise RecipeError(f"structure: {e}") from None
+        _range("sparsity", self.sparsity, 0, 1, hi_open=True)
+        _choice("scope", self.scope, ("layer", "global"))
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "oneshot"
+    params: dict = field(default_factory=dict)  # validated by the algorithm's own Params dataclass
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    seed: int = 0
+    task: str = "classification"     # classification | glue
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dense: dict = field(default_factory=dict)     # TrainConfig keys overriding `train` for dense training
+    search: dict = field(default_factory=dict)    # ... for the algorithm's own phase (ADMM, SLR, gradual, ...)
+    retrain: dict = field(default_factory=dict)   # ... for hard-pruned retraining
+    distill: dict = field(default_factory=dict)   # knowledge distillation (see prunekit.algorithms.distill)
+    extra: dict = field(default_factory=dict)     # free-form, copied to results
+
+    def __post_init__(self):
+        _choice("task", self.task, ("classification", "glue"))
+        for phase in ("dense", "search", "retrain"):
+            self.phase(phase)  # validates
+
+    def phase(self, name: str) -> TrainConfig:
+        """The resolved :class:`TrainConfig` of a phase (``train`` defaults + the phase's overrides)."""
+        base = dataclasses.asdict(self.train)
+        over = getattr(self, name)
+        bad = set(over) - set(base)
+        if bad:
+            raise RecipeError(f"unknown key(s) {sorted(f'{name}.{k}' for k in bad)}; valid: {sorted(base)}")
+        base.update(over)
+        return from_dict(TrainConfig, base, name)
+
+
+# ---------------------------------------------------------------------------------------------
+def _choice(key, value, choices):
+    if value not in choices:
+        raise RecipeError(f"{key}: {value!r} is not one of {list(choices)}")
+
+
+def _range(key, value, lo, hi, lo_open=False, hi_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"{key}: expected a number, got {value!r}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise RecipeError(f"{key}: {value} is out of range (must be {'>' if lo_open else '>='} {lo})")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise RecipeError(f"{key}: {value} is out of range (must be {'<' if hi_open else '<='} {hi})")
+
+
+def _coerce(tp, value, key):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errs = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except RecipeError as e:
+                errs.append(str(e))
+        raise RecipeError(errs[0] if errs else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        (a,) = typing.get_args(tp) or (Any,)
+        return [_coerce(a, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise RecipeError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls, data, prefix: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys / bad values raise :class:`RecipeError`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise RecipeError(f"unknown recipe key {where}{unknown[0]!s}; valid keys{' of ' + prefix if prefix else ''}: {names}")
+    kw = {}
+    for k, v in data.items():
+        kw[k] = _coerce(hints[k], v, f"{prefix}.{k}" if prefix else k)
+    try:
+        return cls(**kw)
+    except RecipeError as e:
+        msg = str(e)
+        raise RecipeError(f"{prefix}.{msg}" if prefix and not msg.startswith(prefix) else msg) from None
+    except ValueError as e:
+        raise RecipeError(f"{prefix}: {e}" if prefix else str(e)) from None
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def _parse_scalar(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``dotted.key=value`` strings to a raw recipe mapping (values parsed as YAML)."""
+    raw = copy.deepcopy(raw)
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise RecipeError(f"--set expects dotted.key=value, got {ov!r}")
+        key, val = ov.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise RecipeError(f"--set {ov!r}: empty key")
+        d = raw
+        for p in parts[:-1]:
+            if d.get(p) is None:
+                d[p] = {}
+            if not isinstance(d[p], dict):
+                raise RecipeError(f"--set {ov!r}: {p} is not a section")
+            d = d[p]
+        d[parts[-1]] = _parse_scalar(val)
+    return raw
+
+
+def parse_recipe(raw: dict, overrides: list[str] | None = None) -> Recipe:
+    raw = apply_overrides(raw or {}, overrides or [])
+    recipe = from_dict(Recipe, raw)
+    # validate the algorithm's own parameters and the prune spec now, before any work
+    from .algorithms import get_algorithm_class  # noqa: PLC0415  (import cycle: algorithms use config)
+    cls = get_algorithm_class(recipe.algorithm.name)
+    from_dict(cls.Params, recipe.algorithm.params, "algorithm.params")
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {p} is not valid YAML: {e}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise RecipeError(f"recipe {p} must be a mapping at the top level")
+    return parse_recipe(raw or {}, overrides)

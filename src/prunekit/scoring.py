@@ -1,0 +1,90 @@
+"""Group scores and selection, as pure functions.
+
+A *score* maps a ``(G, S)`` partition (see :mod:`prunekit.structures`) to ``(G,)`` importances.
+Built in: ``l1`` (sum of |w|), ``l2`` (Euclidean norm), ``magnitude`` (= ``l1``; for single-weight
+groups every score is |w|).  Any callable with the same signature can be registered or passed.
+
+Selection prunes ``round(sparsity * G)`` groups with the lowest scores — the count rule of
+``torch.nn.utils.prune`` (Python's ``round``, i.e. ties to even).  Ties between equal scores are broken
+deterministically: the group with the lower index is pruned first (stable sort).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+ScoreFn = Callable[[Tensor], Tensor]
+
+__all__ = ["SCORES", "register_score", "resolve_score", "group_scores", "num_to_prune", "select_keep",
+           "select_keep_global"]
+
+
+def _l1(g: Tensor) -> Tensor:
+    return g.abs().sum(1)
+
+
+def _l2(g: Tensor) -> Tensor:
+    return g.float().pow(2).sum(1).sqrt()
+
+
+SCORES: dict[str, ScoreFn] = {"l1": _l1, "l2": _l2, "magnitude": _l1}
+
+
+def register_score(name: str, fn: ScoreFn) -> None:
+    """Add a named score (``(G,S) → (G,)``) usable from recipes as ``prune.score: NAME``."""
+    SCORES[name] = fn
+
+
+def resolve_score(score: "str | ScoreFn") -> ScoreFn:
+    if callable(score):
+        return score
+    try:
+        return SCORES[score]
+    except KeyError:
+        raise ValueError(f"unknown score {score!r}; valid: {sorted(SCORES)} or a callable") from None
+
+
+def group_scores(groups: Tensor, score: ScoreFn) -> Tensor:
+    out = score(groups)
+    if out.shape != (groups.shape[0],):
+        raise ValueError(f"score returned shape {tuple(out.shape)}, expected ({groups.shape[0]},)")
+    return out.float()
+
+
+def num_to_prune(sparsity: float, n: int) -> int:
+    """``round(sparsity * n)`` as ``torch.nn.utils.prune`` computes it."""
+    return int(round(float(sparsity) * n))
+
+
+def select_keep(scores: Tensor, sparsity: float) -> Tensor:
+    """``(G,)`` bool mask: False for the ``round(sparsity*G)`` lowest scores (lowest index first on ties)."""
+    k = num_to_prune(sparsity, scores.numel())
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    if k:
+        order = torch.argsort(scores.reshape(-1), stable=True)
+        keep[order[:k]] = False
+    return keep.reshape(scores.shape)
+
+
+def select_keep_global(scores: list[Tensor], sizes: list[Tensor], sparsity: float) -> list[Tensor]:
+    """Global scope: one ranking over the groups of several tensors.
+
+    ``sizes[i]`` holds the number of real weights in each group of tensor ``i``; groups are pruned in
+    increasing score order until ``round(sparsity * total_weights)`` weights are gone (a group is never
+    split).  Scores should be comparable across tensors (e.g. ``l2`` divided by sqrt(group size) is
+    not applied automatically: pass a normalising score if layers differ in scale)."""
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    sz = torch.cat([z.reshape(-1).long() for z in sizes])
+    target = num_to_prune(sparsity, int(sz.sum()))
+    order = torch.argsort(flat, stable=True)
+    cum = torch.cumsum(sz[order], 0)
+    n = int(torch.searchsorted(cum, torch.tensor(target), right=True).item())
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[order[:n]] = False
+    out, i = [], 0
+    for s in scores:
+        out.append(keep[i:i + s.numel()].reshape(s.shape))
+        i += s.numel()
+    return out

@@ -1,0 +1,87 @@
+"""Which parameters are pruned: module-name patterns and module types.
+
+A :class:`TargetSpec` selects ``<module>.weight`` parameters of modules whose *type* is in ``types``
+and whose *qualified name* matches one of ``include`` (shell-style ``fnmatch`` patterns, or regular
+expressions written as ``re:...``) and none of ``exclude``.  Every include pattern must match at least
+one module; one that matches nothing is an error that lists the candidates.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+__all__ = ["TargetSpec", "find_targets", "MODULE_TYPES"]
+
+MODULE_TYPES: dict[str, type] = {
+    "Linear": nn.Linear,
+    "Conv2d": nn.Conv2d,
+    "Conv1d": nn.Conv1d,
+}
+# HF GPT-2 style Conv1D is registered lazily (transformers is optional)
+
+
+def _module_types(names) -> tuple[type, ...]:
+    out = []
+    for n in names:
+        if n not in MODULE_TYPES:
+            try:
+                from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
+                MODULE_TYPES.setdefault("HFConv1D", Conv1D)
+            except Exception:  # pragma: no cover - transformers absent
+                pass
+        if n not in MODULE_TYPES:
+            raise ValueError(f"unknown module type {n!r} in targets.types; valid: {sorted(MODULE_TYPES)}")
+        out.append(MODULE_TYPES[n])
+    return tuple(out)
+
+
+def _match(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass
+class TargetSpec:
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    types: list[str] = field(default_factory=lambda: ["Linear", "Conv2d"])
+
+    def __post_init__(self):
+        for p in self.include + self.exclude:
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as e:
+                    raise ValueError(f"bad regular expression in targets: {p!r}: {e}") from None
+
+
+def find_targets(model: nn.Module, spec: TargetSpec | None = None) -> dict[str, nn.Module]:
+    """Ordered ``{parameter_name: module}`` for every targeted ``weight``.
+
+    Raises ``ValueError`` if an include pattern matches no module of the allowed types, listing the
+    candidate module names."""
+    spec = spec or TargetSpec()
+    types = _module_types(spec.types)
+    candidates = {n: m for n, m in model.named_modules() if isinstance(m, types) and getattr(m, "weight", None) is not None}
+    if not candidates:
+        raise ValueError(f"the model has no modules of types {spec.types}")
+    out: dict[str, nn.Module] = {}
+    for pat in spec.include:
+        hits = [n for n in candidates if _match(pat, n)]
+        if not hits:
+            shown = list(candidates)[:20]
+            more = f" (+{len(candidates) - 20} more)" if len(candidates) > 20 else ""
+            raise ValueError(f"target pattern {pat!r} matches no {'/'.join(spec.types)} module; "
+                             f"candidates: {shown}{more}")
+        for n in hits:
+            if not any(_match(x, n) for x in spec.exclude):
+                out[f"{n}.weight" if n else "weight"] = candidates[n]
+    if not out:
+        raise ValueError(f"targets include={spec.include} exclude={spec.exclude} leave nothing to prune")
+    # keep model order
+    order = {f"{n}.weight" if n else "weight": i for i, n in enumerate(candidates)}
+    return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
