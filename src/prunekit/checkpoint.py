@@ -204,3 +204,183 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str =
         raise CheckpointError(f"{source}: tensor {k!r} has shape {a} in the checkpoint but {b} in the model "
                               f"({len(bad)} mismatching tensors) — is it a checkpoint of another model?")
     model.load_state_dict(state, strict=strict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run state (resume): any nested structure of tensors / numbers / strings / lists / dicts, stored as
+# one safetensors file (every tensor, by its path) + one JSON tree (everything else), never pickled.
+# ---------------------------------------------------------------------------------------------
+STATE_FORMAT = "prunekit-state/1"
+STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
+
+__all__ += ["flatten_state", "unflatten_state", "save_state", "load_state", "StateStore", "STATE_FORMAT"]
+
+
+def flatten_state(obj: Any, prefix: str = "s") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split ``obj`` into a JSON-able tree and a flat ``{key: tensor}`` dict.
+
+    Tensors become ``{"__tensor__": key}``; dicts with non-string keys ``{"__items__": [[k, v], ...]}``;
+    tuples ``{"__tuple__": [...]}``; numpy arrays and numbers are stored as tensors / JSON numbers.
+    Anything else raises ``TypeError`` naming the path (so nothing ever needs pickling)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(o, path):
+        if isinstance(o, torch.Tensor):
+            key = f"{len(tensors):06d}:{path}"      # numbered: unique whatever the dict keys contain
+            tensors[key] = o.detach().cpu().contiguous().clone()
+            return {"__tensor__": key}
+        if isinstance(o, np.ndarray):
+            key = f"{len(tensors):06d}:{path}"
+            tensors[key] = torch.from_numpy(np.ascontiguousarray(o).copy())
+            return {"__tensor__": key, "numpy": True}
+        if isinstance(o, (bool, str)) or o is None:
+            return o
+        if isinstance(o, (int, np.integer)):
+            return int(o)
+        if isinstance(o, (float, np.floating)):
+            return float(o)
+        if isinstance(o, dict):
+            if all(isinstance(k, str) for k in o) and not any(k.startswith("__") for k in o):
+                return {k: walk(v, f"{path}.{k}") for k, v in o.items()}
+            items = []
+            for i, (k, v) in enumerate(o.items()):
+                if not isinstance(k, (str, int, bool, float)) and k is not None:
+                    raise TypeError(f"state at {path}: dict key {k!r} of type {type(k).__name__} cannot be stored")
+                items.append([k, walk(v, f"{path}.{i}")])
+            return {"__items__": items}
+        if isinstance(o, tuple):
+            return {"__tuple__": [walk(v, f"{path}.{i}") for i, v in enumerate(o)]}
+        if isinstance(o, list):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(o)]
+        raise TypeError(f"state at {path}: {type(o).__name__} cannot be stored without pickling")
+
+    return walk(obj, prefix), tensors
+
+
+def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    def walk(o):
+        if isinstance(o, dict):
+            if "__tensor__" in o:
+                key = o["__tensor__"]
+                if key not in tensors:
+                    raise CheckpointError(f"run state lacks tensor {key!r} listed in its JSON")
+                t = tensors[key]
+                return t.numpy() if o.get("numpy") else t
+            if "__items__" in o:
+                return {k: walk(v) for k, v in o["__items__"]}
+            if "__tuple__" in o:
+                return tuple(walk(v) for v in o["__tuple__"])
+            return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [walk(v) for v in o]
+        return o
+    return walk(tree)
+
+
+def save_state(directory: str | os.PathLike, obj: Any, meta: dict | None = None) -> None:
+    """Write ``obj`` (see :func:`flatten_state`) as ``state.safetensors`` + ``state.json`` (with the
+    safetensors sha256 and ``meta``) into ``directory``; the JSON is written last."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tree, tensors = flatten_state(obj)
+    _atomic_replace(d / STATE_TENSORS, lambda tmp: save_file(tensors, tmp, metadata={"format": STATE_FORMAT}))
+    atomic_write_json(d / STATE_JSON, {"format": STATE_FORMAT, "meta": meta or {},
+                                       "sha256": {STATE_TENSORS: sha256_file(d / STATE_TENSORS)}, "tree": tree})
+
+
+def load_state(directory: str | os.PathLike) -> tuple[Any, dict]:
+    """Verify (sha256) and read a state written by :func:`save_state`; returns ``(obj, meta)``."""
+    d = Path(directory)
+    path = d / STATE_JSON
+    if not path.is_file():
+        raise CheckpointError(f"no run state at {path}")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"run state {path} is corrupt: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a prunekit run state (expected format {STATE_FORMAT!r})")
+    _verify(d, doc, STATE_TENSORS)
+    try:
+        tensors = load_file(str(d / STATE_TENSORS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read run state {d / STATE_TENSORS}: {e}") from None
+    return unflatten_state(doc["tree"], tensors), doc.get("meta", {})
+
+
+class StateStore:
+    """Numbered run-state checkpoints ``root/ckpt-000001``, ... keeping the newest ``keep`` (default 2).
+
+    Each checkpoint is written into a temporary folder and renamed into place, so a crash mid-write
+    never leaves a half checkpoint under a ``ckpt-*`` name; :meth:`load_latest` verifies checksums and
+    falls back to the previous good checkpoint (calling ``warn`` with the reason) when the newest is
+    truncated or corrupt."""
+
+    def __init__(self, root: str | os.PathLike, keep: int = 2):
+        self.root = Path(root)
+        self.keep = max(1, int(keep))
+
+    def checkpoints(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name.startswith("ckpt-") and p.name[5:].isdigit():
+                out.append(p)
+        return sorted(out, key=lambda p: int(p.name[5:]))
+
+    def exists(self) -> bool:
+        return bool(self.checkpoints())
+
+    def save(self, obj: Any, meta: dict | None = None) -> Path:
+        import shutil  # noqa: PLC0415
+        existing = self.checkpoints()
+        seq = int(existing[-1].name[5:]) + 1 if existing else 1
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".ckpt-tmp-", dir=self.root))
+        try:
+            save_state(tmp, obj, {**(meta or {}), "seq": seq})
+            final = self.root / f"ckpt-{seq:06d}"
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(self.root)
+        for old in self.checkpoints()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".ckpt-tmp-*"):
+            if stale != tmp:
+                shutil.rmtree(stale, ignore_errors=True)
+        return final
+
+    def load_latest(self, warn=None) -> tuple[Any, dict, Path] | None:
+        """Newest checkpoint that verifies, as ``(obj, meta, path)``; ``None`` if there is none at all.
+        Raises :class:`CheckpointError` if checkpoints exist but none is readable."""
+        cks = self.checkpoints()
+        if not cks:
+            return None
+        errors = []
+        for p in reversed(cks):
+            try:
+                obj, meta = load_state(p)
+            except CheckpointError as e:
+                errors.append(str(e))
+                if warn is not None:
+                    warn(f"checkpoint {p} is unusable ({e}); falling back to the previous one")
+                continue
+            return obj, meta, p
+        raise CheckpointError(f"no usable checkpoint in {self.root}: " + "; ".join(errors))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

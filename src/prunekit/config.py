@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -56,6 +57,8 @@ class TrainConfig:
         _range("warmup_ratio", self.warmup_ratio, 0, 1)
         if self.patience is not None:
             _range("patience", self.patience, 1, None)
+        if self.grad_clip is not None:
+            _range("grad_clip", self.grad_clip, 0, None, lo_open=True)
         _range("eval_every", self.eval_every, 1, None)
 
 
@@ -110,6 +113,23 @@ class PruneConfig:
             raise RecipeError(f"structure: {e}") from None
         _range("sparsity", self.sparsity, 0, 1, hi_open=True)
         _choice("scope", self.scope, ("layer", "global"))
+        for pat, ov in self.overrides.items():
+            key = f"overrides[{pat!r}]"
+            if not isinstance(pat, str):
+                raise RecipeError(f"{key}: the pattern must be a string")
+            if isinstance(ov, dict):
+                bad = set(ov) - {"sparsity", "structure"}
+                if bad:
+                    raise RecipeError(f"{key}: unknown keys {sorted(map(str, bad))}; valid: sparsity, structure")
+                if "sparsity" in ov:
+                    _range(f"{key}.sparsity", ov["sparsity"], 0, 1, hi_open=True)
+                if "structure" in ov:
+                    try:
+                        parse_structure(ov["structure"])
+                    except ValueError as e:
+                        raise RecipeError(f"{key}.structure: {e}") from None
+            else:
+                _range(key, ov, 0, 1, hi_open=True)
 
 
 @dataclass
@@ -133,9 +153,12 @@ class Recipe:
     retrain: dict = field(default_factory=dict)   # ... for hard-pruned retraining
     distill: dict = field(default_factory=dict)   # knowledge distillation (see prunekit.algorithms.distill)
     extra: dict = field(default_factory=dict)     # free-form, copied to results
+    checkpoint_every: int = 0        # also checkpoint the run state every N optimizer steps (0 = per epoch only)
 
     def __post_init__(self):
         _choice("task", self.task, ("classification", "glue"))
+        _range("seed", self.seed, 0, 2**63 - 1)
+        _range("checkpoint_every", self.checkpoint_every, 0, None)
         for phase in ("dense", "search", "retrain"):
             self.phase(phase)  # validates
 
@@ -159,6 +182,8 @@ def _choice(key, value, choices):
 def _range(key, value, lo, hi, lo_open=False, hi_open=False):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RecipeError(f"{key}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise RecipeError(f"{key}: {value} is not a finite number")
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise RecipeError(f"{key}: {value} is out of range (must be {'>' if lo_open else '>='} {lo})")
     if hi is not None and (value > hi or (hi_open and value == hi)):
@@ -234,7 +259,7 @@ def from_dict(cls, data, prefix: str = ""):
     except RecipeError as e:
         msg = str(e)
         raise RecipeError(f"{prefix}.{msg}" if prefix and not msg.startswith(prefix) else msg) from None
-    except ValueError as e:
+    except (ValueError, TypeError) as e:   # a Params.__post_init__ comparing a bad value
         raise RecipeError(f"{prefix}: {e}" if prefix else str(e)) from None
 
 
@@ -275,8 +300,20 @@ def parse_recipe(raw: dict, overrides: list[str] | None = None) -> Recipe:
     recipe = from_dict(Recipe, raw)
     # validate the algorithm's own parameters and the prune spec now, before any work
     from .algorithms import get_algorithm_class  # noqa: PLC0415  (import cycle: algorithms use config)
-    cls = get_algorithm_class(recipe.algorithm.name)
+    try:
+        cls = get_algorithm_class(recipe.algorithm.name)
+    except ValueError as e:
+        raise RecipeError(f"algorithm.name: {e}") from None
     from_dict(cls.Params, recipe.algorithm.params, "algorithm.params")
+    if recipe.task == "classification":
+        from .data.registry import canonical_dataset_name  # noqa: PLC0415
+        from .models.registry import list_models  # noqa: PLC0415
+        if recipe.model.name not in list_models():
+            raise RecipeError(f"model.name: unknown model {recipe.model.name!r}; valid: {list_models()}")
+        try:
+            canonical_dataset_name(recipe.data.name)
+        except KeyError as e:
+            raise RecipeError(f"data.name: {e.args[0]}") from None
     return recipe
 
 

@@ -133,13 +133,15 @@ class HardPrune:
         self._mult: dict[str, Tensor] = {}
         self.refresh()
         for name, p in self._params.items():
-            self._handles.append(p.register_hook(self._grad_hook(name)))
+            # in place on the accumulated .grad: no extra allocation per step
+            self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(name)))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.reapply()))
 
     def _grad_hook(self, name: str):
-        def hook(g: Tensor) -> Tensor:
-            return g * self._mult[name]
+        def hook(p: Tensor) -> None:
+            if p.grad is not None:
+                p.grad.mul_(self._mult[name])
         return hook
 
     def refresh(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -25,15 +26,27 @@ import yaml
 from torch import nn
 
 from .algorithms import get_algorithm_class
-from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from . import distributed as D
+from .checkpoint import (CheckpointError, StateStore, atomic_write_json, atomic_write_text, load_checkpoint,
+                         save_checkpoint)
 from .config import Recipe, RecipeError, from_dict, to_dict
 from .masks import MaskSet
 from .pruner import PruneSpec
 from .report import model_summary
 from .targets import TargetSpec
-from .train import ClassificationTask, fit, seed_everything
+from .train import ClassificationTask, Hook, NonFiniteLoss, fit, rng_state, seed_everything, set_rng_state
 
-__all__ = ["Workload", "build_workload", "prune_spec_from", "run_pipeline", "WORKLOAD_BUILDERS"]
+__all__ = ["Workload", "build_workload", "prune_spec_from", "run_pipeline", "WORKLOAD_BUILDERS", "ResumeError",
+           "STATE_DIR", "KILL_ENV"]
+
+STATE_DIR = "state"                          # out_dir/state/ckpt-NNNNNN: resumable run state
+KILL_ENV = "PRUNEKIT_TEST_KILL_AT_STEP"      # tests: SIGKILL self after this optimizer step ("N" or "phase:N")
+_STAGES = ("dense", "search", "retrain")
+_NOT_COMPARED = ("checkpoint_every",)        # recipe keys that may change between a run and its resume
+
+
+class ResumeError(CheckpointError):
+    """The output folder holds an unfinished run (pass --resume) or a run of another recipe."""
 
 
 @dataclass
@@ -117,65 +130,223 @@ def validate_recipe(recipe: Recipe, workload: Workload) -> tuple[PruneSpec, Any]
     return spec, algo
 
 
-def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], None] = print) -> dict:
-    """Run the recipe end to end; returns the results dict (also written to ``out_dir/results.json``)."""
+def _resumable_loader(loader, seed: int):
+    """Rebuild a ``DataLoader`` on a :class:`~prunekit.distributed.ResumableSampler` (seeded per-epoch
+    permutation, skip-to-batch, sharded by global batch over the ranks).  Other loaders are kept."""
+    DL = torch.utils.data.DataLoader
+    if not isinstance(loader, DL) or isinstance(loader.batch_sampler, (D.ResumableSampler, D.ShardedBatchSampler)):
+        return loader
+    if loader.batch_size is None:             # a custom batch sampler (GLUE buckets): keep it, shard it
+        if not D.is_distributed():
+            return loader
+        return DL(loader.dataset, batch_sampler=D.ShardedBatchSampler(loader.batch_sampler, D.world_size(), D.rank()),
+                  collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                  generator=torch.Generator().manual_seed(seed))
+    if type(loader.sampler) not in (torch.utils.data.RandomSampler, torch.utils.data.SequentialSampler):
+        if D.is_distributed():
+            raise RecipeError(f"data-parallel training needs a plain shuffled/sequential loader; this workload uses "
+                              f"{type(loader.sampler).__name__}")
+        return loader          # a custom sampler keeps its order; resume replays it from its RNG state
+    shuffle = isinstance(loader.sampler, torch.utils.data.RandomSampler)
+    try:
+        bs = D.ResumableSampler(len(loader.dataset), loader.batch_size, seed, shuffle=shuffle,
+                                world=D.world_size(), rank=D.rank())
+    except ValueError as e:
+        raise RecipeError(f"data: {e}") from None
+    return DL(loader.dataset, batch_sampler=bs, collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+              pin_memory=loader.pin_memory, generator=torch.Generator().manual_seed(seed))
+
+
+class _TestKill(Hook):
+    """``$PRUNEKIT_TEST_KILL_AT_STEP`` = ``N`` (optimizer steps counted over all phases of the run) or
+    ``phase:N``: SIGKILL this process right after that step — deterministic crash for resume tests."""
+
+    def __init__(self, spec: str, offsets: dict[str, int]):
+        phase, _, n = spec.rpartition(":")
+        self.phase, self.n, self.offsets = phase or None, int(n), offsets
+
+    def after_step(self, ctx):
+        step = ctx.step if self.phase else self.offsets.get(ctx.phase, 0) + ctx.step
+        if (self.phase is None or ctx.phase == self.phase) and step == self.n:
+            import os, signal  # noqa: E401, PLC0415
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _recipe_diff(a: dict, b: dict, prefix="") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        if key in _NOT_COMPARED:
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _recipe_diff(va, vb, key + ".")
+        elif va != vb:
+            out.append(f"{key}: {vb!r} → {va!r}")
+    return out
+
+
+def _phase_steps(cfg, loader) -> int:
+    return int(math.ceil(cfg.epochs * len(loader)))
+
+
+def _model_state(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], None] = print, resume: bool = False,
+                 checkpoint_every: int | None = None) -> dict:
+    """Run the recipe end to end; returns the results dict (also written to ``out_dir/results.json``).
+
+    The run checkpoints its whole state into ``out_dir/state/`` after every epoch and every
+    ``checkpoint_every`` optimizer steps (argument, else ``recipe.checkpoint_every``; 0 = epochs only)
+    and at each stage boundary.  With ``resume=True`` it continues from the newest good checkpoint
+    (falling back to the previous one if the newest is corrupt) and ends with the same result as an
+    uninterrupted run.  Without ``resume``, an ``out_dir`` holding an unfinished run is an error.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains data-parallel; only rank 0 writes files."""
+    D.init_from_env()
+    is_main = D.rank() == 0
+    if not is_main:
+        log = lambda *_a, **_k: None  # noqa: E731
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    store = StateStore(out / STATE_DIR)
     resolved = to_dict(recipe)
-    atomic_write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    every = int(recipe.checkpoint_every if checkpoint_every is None else checkpoint_every)
+    if every < 0:
+        raise RecipeError(f"checkpoint_every: {every} is out of range (must be >= 0)")
+    state = None
+    if store.exists():
+        if not resume:
+            raise ResumeError(f"{out} holds an unfinished run ({len(store.checkpoints())} checkpoint(s) in "
+                              f"{store.root}); pass --resume to continue it, or pick another --out")
+        loaded = store.load_latest(warn=log)
+        state, meta, path = loaded
+        diff = _recipe_diff(resolved, state["recipe"])
+        if diff:
+            raise ResumeError(f"cannot resume {out}: the recipe differs from the one it was started with: "
+                              + "; ".join(diff[:8]) + " — rerun with the original recipe or pick another --out")
+        log(f"resuming from {path} (stage {state['stage']}, step {meta.get('step', 0)})")
+    elif resume:
+        log(f"nothing to resume in {out}; starting a fresh run")
+    D.barrier()
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
     seed_everything(recipe.seed)
     t_start = time.perf_counter()
     wl = build_workload(recipe)
+    wl.train_loader = _resumable_loader(wl.train_loader, recipe.seed)
     spec, algo = validate_recipe(recipe, wl)
     model, task = wl.model, wl.task
     metric = task.metric
-    results: dict[str, Any] = {"name": recipe.name, "metric": metric, "metrics": {}, "seconds": {},
-                               "history": {}, "workload": wl.info}
-    extra_hooks = []
-    if recipe.distill:
-        from .algorithms.distill import make_distiller  # noqa: PLC0415
-        extra_hooks_factory = lambda: make_distiller(recipe.distill, model, task)  # noqa: E731
-    else:
-        extra_hooks_factory = None
-
-    # 1. dense -----------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    if recipe.model.checkpoint:
+    if recipe.model.checkpoint:          # checked (names, shapes, checksums) before any training
         load_checkpoint(recipe.model.checkpoint, model)
         log(f"loaded dense weights from {recipe.model.checkpoint}")
-    dense_cfg = recipe.phase("dense")
-    if dense_cfg.epochs > 0 and not recipe.model.checkpoint:
-        r = fit(model, task, wl.train_loader, wl.eval_loader, dense_cfg, desc="dense")
-        results["history"]["dense"] = r["history"]
-        save_checkpoint(out / "dense", model, None, recipe=resolved, extra={"stage": "dense"})
-    results["metrics"]["dense"] = task.evaluate(model, wl.eval_loader)
-    results["seconds"]["dense"] = time.perf_counter() - t0
-    log(f"dense {metric}: {results['metrics']['dense'][metric]:.4f}")
-    if extra_hooks_factory is not None:
-        extra_hooks = [extra_hooks_factory()]  # teacher = the dense fine-tuned model, frozen copy
+    if state is not None:
+        results = state["results"]
+        results.setdefault("resumed", []).append({"stage": state["stage"], "step": meta.get("step", 0),
+                                                  "checkpoint": str(path)})
+    else:
+        results = {"name": recipe.name, "metric": metric, "metrics": {}, "seconds": {}, "history": {},
+                   "workload": wl.info}
+    stage = state["stage"] if state is not None else "dense"
+    stage_i = _STAGES.index(stage)
 
-    # 2. algorithm phase -------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    if algo.has_search:
-        search_cfg = recipe.phase("search")
-        r = fit(model, task, wl.train_loader, wl.eval_loader, search_cfg, hooks=[algo, *extra_hooks],
-                masks=algo.masks_during_search(model), desc=f"{algo.name}")
-        results["history"]["search"] = r["history"]
-    masks = algo.final_masks(model)
-    masks.apply(model)
-    results["metrics"]["after_hard_prune"] = task.evaluate(model, wl.eval_loader)
-    results["seconds"]["search"] = time.perf_counter() - t0
-    log(f"after hard-prune ({masks.sparsity():.4f} sparsity): {results['metrics']['after_hard_prune'][metric]:.4f}")
+    dense_cfg, search_cfg, retrain_cfg = recipe.phase("dense"), recipe.phase("search"), recipe.phase("retrain")
+    train_dense = dense_cfg.epochs > 0 and not recipe.model.checkpoint
+    offsets = {"dense": 0, "search": _phase_steps(dense_cfg, wl.train_loader) if train_dense else 0}
+    offsets[algo.name] = offsets["search"]
+    offsets["retrain"] = offsets["search"] + (_phase_steps(search_cfg, wl.train_loader) if algo.has_search else 0)
+    test_hooks: list = [_TestKill(os.environ[KILL_ENV], offsets)] if os.environ.get(KILL_ENV) else []
+    masks: MaskSet | None = None
 
-    # 3. hard-pruned retraining ------------------------------------------------------------------
-    t0 = time.perf_counter()
-    retrain_cfg = recipe.phase("retrain")
-    if retrain_cfg.epochs > 0:
-        for h in extra_hooks:
-            getattr(h, "set_stage", lambda *_: None)("retrain")
-        r = fit(model, task, wl.train_loader, wl.eval_loader, retrain_cfg, hooks=extra_hooks, masks=masks,
-                desc="retrain", restore_best=True)
-        results["history"]["retrain"] = r["history"]
+    def save(stage_name: str, snap: dict | None, step: int) -> None:
+        if not is_main:
+            return
+        body = {"stage": stage_name, "fit": snap, "recipe": resolved, "results": results,
+                "algo": algo.state_dict(), "masks": masks.state_dict() if masks is not None else None}
+        if snap is None:
+            body["model"] = _model_state(model)
+            body["rng"] = rng_state(wl.train_loader)
+        store.save(body, meta={"stage": stage_name, "step": step, "world_size": D.world_size()})
+
+    def saver(stage_name: str, offset: int):
+        def on_checkpoint(make_snapshot):
+            if is_main:
+                snap = make_snapshot()
+                save(stage_name, snap, offset + snap["position"]["step"])
+        return on_checkpoint
+
+    def fit_resume(stage_name: str):
+        return state["fit"] if state is not None and state["stage"] == stage_name else None
+
+    def restore_boundary(stage_name: str) -> None:
+        """Resuming at a stage start (no fit in progress): weights, algorithm state, RNG."""
+        if state is not None and state["stage"] == stage_name and state["fit"] is None:
+            model.load_state_dict(state["model"])
+            set_rng_state(state["rng"], wl.train_loader)
+
+    try:
+        # 1. dense ---------------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        if stage_i == 0:
+            if train_dense:
+                r = fit(model, task, wl.train_loader, wl.eval_loader, dense_cfg, desc="dense", hooks=test_hooks,
+                        resume=fit_resume("dense"), checkpoint_every=every, on_checkpoint=saver("dense", 0))
+                results["history"]["dense"] = r["history"]
+                if is_main:
+                    save_checkpoint(out / "dense", model, None, recipe=resolved, extra={"stage": "dense"})
+            results["metrics"]["dense"] = task.evaluate(model, wl.eval_loader)
+            results["seconds"]["dense"] = time.perf_counter() - t0
+            log(f"dense {metric}: {results['metrics']['dense'][metric]:.4f}")
+        extra_hooks = []
+        if recipe.distill:
+            from .algorithms.distill import make_distiller  # noqa: PLC0415
+            if stage_i > 0 and train_dense:   # the teacher is the dense model: reload it
+                load_checkpoint(out / "dense", model)
+            extra_hooks = [make_distiller(recipe.distill, model, task)]  # frozen copy of the dense model
+        if stage_i == 0:
+            save("search", None, offsets["search"])
+
+        # 2. algorithm phase -----------------------------------------------------------------------
+        t0 = time.perf_counter()
+        if stage_i <= 1:
+            restore_boundary("search")
+            if state is not None and state["stage"] == "search":
+                algo.load_state_dict(state["algo"])
+            if algo.has_search:
+                r = fit(model, task, wl.train_loader, wl.eval_loader, search_cfg, hooks=[algo, *extra_hooks, *test_hooks],
+                        masks=algo.masks_during_search(model), desc=f"{algo.name}", resume=fit_resume("search"),
+                        checkpoint_every=every, on_checkpoint=saver("search", offsets["search"]))
+                results["history"]["search"] = r["history"]
+            masks = algo.final_masks(model)
+            if D.is_distributed():       # identical by construction; rank 0's copy is authoritative
+                D.broadcast_state(dict(masks.items()))
+            masks.apply(model)
+            results["metrics"]["after_hard_prune"] = task.evaluate(model, wl.eval_loader)
+            results["seconds"]["search"] = time.perf_counter() - t0
+            log(f"after hard-prune ({masks.sparsity():.4f} sparsity): {results['metrics']['after_hard_prune'][metric]:.4f}")
+            save("retrain", None, offsets["retrain"])
+        else:
+            algo.load_state_dict(state["algo"])
+            masks = MaskSet()
+            masks.load_state_dict(state["masks"])
+            restore_boundary("retrain")
+
+        # 3. hard-pruned retraining ----------------------------------------------------------------
+        t0 = time.perf_counter()
+        if retrain_cfg.epochs > 0:
+            for h in extra_hooks:
+                getattr(h, "set_stage", lambda *_: None)("retrain")
+            r = fit(model, task, wl.train_loader, wl.eval_loader, retrain_cfg, hooks=[*extra_hooks, *test_hooks],
+                    masks=masks, desc="retrain", restore_best=True, resume=fit_resume("retrain"),
+                    checkpoint_every=every, on_checkpoint=saver("retrain", offsets["retrain"]))
+            results["history"]["retrain"] = r["history"]
+    except NonFiniteLoss as e:
+        last = store.checkpoints()
+        where = (f"the last good checkpoint is {last[-1]} (read it with prunekit.checkpoint.load_state)"
+                 if last else "no checkpoint had been written yet")
+        raise NonFiniteLoss(f"{e}. Stopped; {where}") from None
     final = task.evaluate(model, wl.eval_loader)
     results["metrics"]["final"] = final
     results["seconds"]["retrain"] = time.perf_counter() - t0
@@ -196,6 +367,22 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
     results["machine"] = _machine()
     results["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results["algorithm_state_keys"] = sorted(algo.state_dict())
-    save_checkpoint(out, model, masks, recipe=resolved, extra={"stage": "final", "metric": metric, "score": final[metric]})
-    atomic_write_json(out / "results.json", results)
+    if D.is_distributed():
+        from .checkpoint import flatten_state  # noqa: PLC0415
+        _, algo_tensors = flatten_state(algo.state_dict())
+        digest = D.tensor_digest({**{f"model.{k}": v for k, v in model.state_dict().items()},
+                                  **{f"mask.{k}": v for k, v in masks.items()},
+                                  **{f"algo.{k}": v for k, v in algo_tensors.items()}})
+        same, digests = D.all_equal(digest)
+        results["distributed"] = {"world_size": D.world_size(), "backend": str(torch.distributed.get_backend()),
+                                  "ranks_identical": same, "digests": digests}
+        if not same:
+            log(f"warning: ranks ended with different weights/masks/algorithm state: {digests}")
+    if is_main:
+        save_checkpoint(out, model, masks, recipe=resolved,
+                        extra={"stage": "final", "metric": metric, "score": final[metric]})
+        atomic_write_json(out / "results.json", results)
+        import shutil  # noqa: PLC0415
+        shutil.rmtree(store.root, ignore_errors=True)   # finished: the run state is no longer needed
+    D.barrier()
     return results

@@ -47,6 +47,8 @@ def resolve_score(score: "str | ScoreFn") -> ScoreFn:
 
 
 def group_scores(groups: Tensor, score: ScoreFn) -> Tensor:
+    if groups.shape[1] == 1 and score in (_l1, _l2):  # single-weight groups: every norm is |w|
+        return groups.reshape(-1).abs().float()
     out = score(groups)
     if out.shape != (groups.shape[0],):
         raise ValueError(f"score returned shape {tuple(out.shape)}, expected ({groups.shape[0]},)")
@@ -59,12 +61,22 @@ def num_to_prune(sparsity: float, n: int) -> int:
 
 
 def select_keep(scores: Tensor, sparsity: float) -> Tensor:
-    """``(G,)`` bool mask: False for the ``round(sparsity*G)`` lowest scores (lowest index first on ties)."""
-    k = num_to_prune(sparsity, scores.numel())
-    keep = torch.ones(scores.numel(), dtype=torch.bool)
-    if k:
-        order = torch.argsort(scores.reshape(-1), stable=True)
-        keep[order[:k]] = False
+    """Bool mask of ``scores``' shape: False for the ``round(sparsity*G)`` lowest scores.
+
+    Linear time: the k-th smallest score is found with ``torch.kthvalue``; everything below it is
+    pruned, and among scores equal to it the lowest indices are pruned first (deterministic ties)."""
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    k = num_to_prune(sparsity, n)
+    if k == 0:
+        return torch.ones(scores.shape, dtype=torch.bool)
+    if k >= n:
+        return torch.zeros(scores.shape, dtype=torch.bool)
+    thr = torch.kthvalue(flat, k).values
+    keep = flat > thr
+    eq = (flat == thr).nonzero().squeeze(1)
+    need = k - int((flat < thr).sum())
+    keep[eq[need:]] = True
     return keep.reshape(scores.shape)
 
 

@@ -109,8 +109,13 @@ class Structure:
         """Element keep-mask (True = kept) of ``w.shape``."""
         self.check_shape(w.shape)
         keep = self.group_mask(w, sparsity, score)
-        g = self.valid(w.shape) & keep[:, None]
+        if self._all_valid:
+            g = keep[:, None].expand(-1, self.partition(w).shape[1])
+        else:
+            g = self.valid(w.shape) & keep[:, None]
         return self.unpartition(g, w.shape).bool()
+
+    _all_valid = False  # True where partition() never pads (skips building the validity tensor)
 
     def project(self, w: Tensor, sparsity: float) -> Tensor:
         """Euclidean projection of ``w`` onto {weights with this structure at ``sparsity``}.
@@ -143,6 +148,7 @@ class Unstructured(Structure):
     """Each weight is its own group (irregular, magnitude pruning)."""
 
     name = "unstructured"
+    _all_valid = True
 
     def partition(self, w: Tensor) -> Tensor:
         return w.reshape(-1, 1)
@@ -158,6 +164,7 @@ class Row(Structure):
     """Whole rows (output units; conv filters)."""
 
     name = "row"
+    _all_valid = True
 
     def partition(self, w: Tensor) -> Tensor:
         return as_matrix(w)
@@ -173,6 +180,7 @@ class Column(Structure):
     """Whole columns (input units of a Linear; im2col columns of a conv)."""
 
     name = "column"
+    _all_valid = True
 
     def partition(self, w: Tensor) -> Tensor:
         return as_matrix(w).t()

@@ -32,7 +32,7 @@ from .config import TrainConfig
 from .masks import HardPrune, MaskSet
 
 __all__ = ["seed_everything", "ClassificationTask", "TrainContext", "Hook", "fit", "make_optimizer",
-           "make_scheduler", "NonFiniteLoss"]
+           "make_scheduler", "NonFiniteLoss", "rng_state", "set_rng_state"]
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -138,19 +138,92 @@ def make_scheduler(opt, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def rng_state(loader=None) -> dict:
+    """Every RNG a training step may draw from: torch (CPU, CUDA), numpy, python, and the loader's
+    own generator (if it has one)."""
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    gen = getattr(loader, "generator", None)
+    if isinstance(gen, torch.Generator):
+        st["loader"] = gen.get_state()
+    return st
+
+
+def set_rng_state(st: dict, loader=None) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(tuple(st["numpy"]))
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    gen = getattr(loader, "generator", None)
+    if "loader" in st and isinstance(gen, torch.Generator):
+        gen.set_state(st["loader"])
+
+
+def _epoch_batches(loader, epoch: int, skip: int):
+    """An iterator over ``loader`` for ``epoch`` starting at batch ``skip``.  A loader whose
+    (batch) sampler has ``set_epoch(epoch, skip_batches=)`` (:class:`prunekit.distributed.ResumableSampler`)
+    skips without loading; any other loader is replayed (same RNG state as at the epoch start) and the
+    first ``skip`` batches are drawn and dropped."""
+    sampler = getattr(loader, "batch_sampler", None)
+    if sampler is None or not hasattr(sampler, "set_epoch"):
+        sampler = getattr(loader, "sampler", None)
+    fast = sampler is not None and hasattr(sampler, "set_epoch") and hasattr(sampler, "skip")
+    if fast:
+        sampler.set_epoch(epoch, skip_batches=skip)
+        return iter(loader)
+    if sampler is not None and hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    it = iter(loader)
+    for _ in range(skip):
+        next(it, None)
+    return it
+
+
+def _hook_states(hooks) -> list:
+    return [h.state_dict() if callable(getattr(h, "state_dict", None)) else None for h in hooks]
+
+
+def _load_hook_states(hooks, states) -> None:
+    for h, st in zip(hooks, states):
+        if st is not None and callable(getattr(h, "load_state_dict", None)):
+            h.load_state_dict(st)
+
+
+def _params_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | None, cfg: TrainConfig, *,
         hooks: list[Hook] = (), masks: MaskSet | None = None, desc: str = "train",
         on_epoch_end: Callable[[TrainContext, dict], None] | None = None,
-        restore_best: bool = False) -> dict:
+        restore_best: bool = False, resume: dict | None = None, checkpoint_every: int = 0,
+        on_checkpoint: Callable[[Callable[[], dict]], None] | None = None) -> dict:
     """Train ``model`` per ``cfg``; returns ``{"history": [...], "best": metrics, "steps": n, "seconds": s}``.
 
     With ``masks``, training is hard-pruned (weights, gradients, and weights after each step).
     With ``cfg.patience``, training stops when the metric has not improved for that many evaluations;
-    with ``restore_best`` the best evaluated weights are restored at the end."""
+    with ``restore_best`` the best evaluated weights are restored at the end.
+
+    Resume: ``on_checkpoint(make_snapshot)`` is called after every ``checkpoint_every`` optimizer steps
+    and after every epoch; ``make_snapshot()`` returns a plain dict of tensors/numbers (model, masks,
+    optimizer, LR scheduler, hook/algorithm states, every RNG, position in the data order, history).
+    Passing that dict back as ``resume=`` continues exactly where it was taken (bitwise on CPU).
+
+    Data-parallel: when ``torch.distributed`` is initialised with several ranks, gradients are
+    averaged across ranks after ``backward`` (see :mod:`prunekit.distributed`)."""
+    from . import distributed as D  # noqa: PLC0415
+
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     total = int(math.ceil(cfg.epochs * steps_per_epoch))
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, total)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        if masks is not None and resume.get("masks") is not None:
+            masks.load_state_dict(resume["masks"])
+        _load_hook_states(hooks, resume["hooks"])
     hp = masks.attach(model, opt) if masks is not None and len(masks) else None
     ctx = TrainContext(model, opt, masks, hp, task, total_steps=total, steps_per_epoch=steps_per_epoch, phase=desc)
     for h in hooks:
@@ -159,13 +232,63 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
     best: dict | None = None
     best_state = None
     bad_evals = 0
+    stopped = False
+    start_epoch, skip = 0, 0
+    if resume is not None:   # begin() may have (re)initialised things: restore over it
+        _load_hook_states(hooks, resume["hooks"])
+        if masks is not None and resume.get("masks") is not None:
+            masks.load_state_dict(resume["masks"])
+        model.load_state_dict(resume["model"])
+        if hp is not None:
+            hp.refresh()
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        pos = resume["position"]
+        ctx.step, ctx.epoch = int(pos["step"]), int(pos["epoch"])
+        start_epoch, skip = int(pos["epoch"]), int(pos["batch"])
+        history, best, bad_evals = list(resume["history"]), resume["best"], int(resume["bad_evals"])
+        best_state = resume.get("best_state")
+        stopped = bool(resume.get("stopped", False))
+    distributed = D.is_distributed()
     t0 = time.perf_counter()
     n_epochs = int(math.ceil(cfg.epochs)) if total else 0
-    bar = tqdm(total=total, desc=desc, disable=_progress_disabled(), dynamic_ncols=True, leave=False)
+    bar = tqdm(total=total, initial=ctx.step, desc=desc, disable=_progress_disabled(), dynamic_ncols=True, leave=False)
+    epoch_start_rng = None
+    batch_i = 0
+
+    def snapshot() -> dict:
+        return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "masks": masks.state_dict() if masks is not None else None,
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "hooks": _hook_states(hooks),
+                "rng": rng_state(train_loader), "epoch_start_rng": epoch_start_rng,
+                "position": {"step": ctx.step, "epoch": ctx.epoch, "batch": batch_i},
+                "history": history, "best": best, "bad_evals": bad_evals, "best_state": best_state,
+                "stopped": stopped, "phase": desc}
+
+    def checkpoint() -> None:
+        if on_checkpoint is None:
+            return
+        if not _params_finite(model):
+            raise NonFiniteLoss(f"{desc}: weights became NaN/inf at step {ctx.step}; not checkpointed — the "
+                                "last good checkpoint is kept; lower the learning rate or the penalty")
+        on_checkpoint(snapshot)
+
     try:
         model.train()
-        for epoch in range(n_epochs):
-            for batch in train_loader:
+        for epoch in range(start_epoch, n_epochs):
+            if stopped:
+                break
+            first = resume is not None and epoch == start_epoch
+            skip_b = skip if first else 0
+            if first:
+                ck_rng = resume["rng"]
+                set_rng_state(resume.get("epoch_start_rng") or ck_rng, train_loader)
+            epoch_start_rng = rng_state(train_loader)
+            batches = _epoch_batches(train_loader, epoch, skip_b)
+            if first:
+                set_rng_state(ck_rng, train_loader)
+            batch_i = skip_b
+            for batch in batches:
                 if ctx.step >= total:
                     break
                 loss, outputs = task.step(model, batch)
@@ -173,22 +296,33 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
                     extra = h.extra_loss(ctx, batch, outputs)
                     if extra is not None:
                         loss = loss + extra
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"{desc}: loss is {float(loss)} at step {ctx.step} (epoch {epoch}); "
-                                        "lower the learning rate or the penalty; the last good checkpoint is kept")
+                finite = bool(torch.isfinite(loss))
+                msg = "" if finite else (f"{desc}: loss is not finite ({float(loss.detach())}) at step {ctx.step} (epoch {epoch}); "
+                                         "lower the learning rate or the penalty")
+                if not finite and not distributed:
+                    raise NonFiniteLoss(msg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if distributed:
+                    n_local = float(task.batch_size(batch)) if hasattr(task, "batch_size") else 1.0
+                    if D.average_gradients(model.parameters(), n_local, nonfinite=not finite):
+                        raise NonFiniteLoss(msg or f"{desc}: loss is not finite on another rank at step {ctx.step}; lower the learning rate or the penalty")
                 if cfg.grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()   # hard-prune re-masks here via the optimizer's post-step hook
                 sched.step()
                 ctx.step += 1
+                batch_i += 1
                 for h in hooks:
                     h.after_step(ctx)
                 bar.update(1)
                 if ctx.step % 20 == 0:
                     bar.set_postfix(loss=f"{loss.item():.4f}")
+                if checkpoint_every and ctx.step % checkpoint_every == 0 and ctx.step < total:
+                    checkpoint()
             ctx.epoch = epoch + 1
+            batch_i = 0
+            epoch_start_rng = None
             for h in hooks:
                 h.epoch_end(ctx)
             last = ctx.epoch == n_epochs
@@ -208,7 +342,10 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
                     f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))) if not _progress_disabled() else None
             if on_epoch_end is not None:
                 on_epoch_end(ctx, metrics)
-            if cfg.patience and bad_evals >= cfg.patience:
+            stopped = bool(cfg.patience and bad_evals >= cfg.patience)
+            if not last:
+                checkpoint()
+            if stopped:
                 break
     finally:
         bar.close()

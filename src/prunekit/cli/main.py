@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # subcommand modules, in help order
-SUBCOMMANDS = ["run", "report", "info"]
+SUBCOMMANDS = ["run", "report", "info", "sensitivity", "shared"]
 
 
 def build_parser() -> argparse.ArgumentParser:

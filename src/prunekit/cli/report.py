@@ -1,4 +1,7 @@
-"""``prunekit report RUN_DIR`` — print the per-layer table and headline numbers of a run."""
+"""``prunekit report RUN_DIR...`` — one run: its per-layer table and headline numbers.  Several runs: the
+methods × tasks table, a per-run summary, shared-weight level tables, and PNG plots (score vs sparsity,
+per-layer sparsity heatmap, latency vs sparsity) printed and written to ``--out`` (default: the first
+run's parent ``report/``) as ``report.md`` + PNGs.  ``--plots`` also draws them for a single run."""
 from __future__ import annotations
 
 import json
@@ -6,8 +9,14 @@ from pathlib import Path
 
 
 def add_parser(sub):
-    p = sub.add_parser("report", help="print the per-layer sparsity table and headline numbers of run folders")
+    p = sub.add_parser("report", help="per-layer table of one run; tables + PNG plots comparing several runs",
+                       description="With one RUN_DIR: print its headline numbers and per-layer sparsity table. "
+                                   "With several: print a methods × tasks table (GLUE-paper layout), a summary "
+                                   "and shared-weight level tables, and write report.md + PNG plots to --out.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `prunekit run`")
+    p.add_argument("--out", default=None,
+                   help="folder for report.md and the PNGs (default: <first run's parent>/report)")
+    p.add_argument("--plots", action="store_true", help="also write report.md + PNGs for a single run")
     p.set_defaults(func=run)
 
 
@@ -21,20 +30,37 @@ def load_results(run_dir: str | Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def render(res: dict) -> str:
+def render(res: dict, run_dir: str | Path | None = None) -> str:
     from prunekit.report import format_table
 
     m = res.get("metric", "metric")
+    if "score" not in res and res.get("levels") and run_dir is not None:   # shared-weight run
+        from prunekit.reports import levels_table, load_run  # noqa: PLC0415
+        dense = res.get("dense_score")
+        return (f"## {res.get('name', 'run')} (shared weights, {len(res['levels'])} levels)\n\n"
+                + (f"- dense {m}: {dense:.4f}\n\n" if isinstance(dense, (int, float)) else "")
+                + levels_table(load_run(run_dir)) + "\n")
     head = [f"## {res.get('name', 'run')}", "",
             f"- {m}: dense {res['dense_score']:.4f} → after hard-prune {res['score_after_hard_prune']:.4f} → final {res['score']:.4f}",
             f"- targeted sparsity {100 * res['sparsity']:.2f}%, whole-model compression rate {res['compression_rate']:.3f}× "
             f"({res['nonzero_params']:,} of {res['params']:,} parameters nonzero)"]
     if "flops" in res:
         head.append(f"- FLOPs {res['flops']:,} dense, {res['nonzero_flops']:,} nonzero ({res['flop_reduction']:.2f}× fewer)")
-    return "\n".join(head) + "\n\n" + format_table(res["layers"]) + "\n"
+    out = "\n".join(head) + "\n\n" + format_table(res["layers"]) + "\n"
+    if res.get("levels") and run_dir is not None:
+        from prunekit.reports import levels_table, load_run  # noqa: PLC0415
+        out += "\n" + levels_table(load_run(run_dir)) + "\n"
+    return out
 
 
 def run(args) -> int:
-    for d in args.run_dirs:
-        print(render(load_results(d)))
+    if len(args.run_dirs) == 1 and not args.plots:
+        d = args.run_dirs[0]
+        print(render(load_results(d), d))
+        return 0
+    from prunekit.reports import build_report  # noqa: PLC0415
+
+    rep = build_report(args.run_dirs, args.out)
+    print(rep["markdown"])
+    print(f"\nwrote {', '.join(rep['files'])}")
     return 0

@@ -1,0 +1,299 @@
+"""Real size and speed on CPU (issue #6): compaction, CSR sparse Linear, compressed file size.
+
+Command (full run, ~15-25 min on the shared 2-core box)::
+
+    python benchmarks/speed.py            # writes benchmarks/results/speed.json
+    python benchmarks/speed.py --quick    # 2-layer encoder, few repeats: a smoke run
+
+Parts (one run, rows in ``rows``; every row has model, structure, sparsity, flop_reduction,
+latency_ms_dense, latency_ms, speedup, batch, seq_len, threads, bytes):
+
+(a) BERT-base-shaped encoder (``BertConfig()`` random init, ``--layers`` layers, default 12; batch 32
+    uses ``--layers-b32`` layers, default 2, to keep one forward under a few seconds on a shared CPU —
+    the speedup is a per-layer ratio) with 50 % of the heads and 50 % of the FFN neurons of every layer
+    zeroed (smallest L2 norm) and then *compacted* by ``prunekit.compact``.  Peer in the same run:
+    Torch-Pruning (``MetaPruner`` with ``prune_num_heads``) at the same parameter count, or the error
+    it gave.  ``flop_reduction`` = Linear-layer FLOPs dense / compacted; target speedup
+    ≥ 0.85 × flop_reduction.
+(b) Unstructured 90 % / 95 % magnitude sparsity on every encoder Linear, batch 1: ``sparsify_linears``
+    picks CSR per layer by measured speed; whole-model latency vs dense (target ≥ 1.5× at 95 %).
+(c) File size of the encoder Linear weights (``--size-layers`` layers, default 4: every layer has the
+    same shapes, so the ratios do not depend on the count; encoding 12 layers takes ~10 min): dense bytes vs
+    ``storage.encode_state_dict`` (best encoding per tensor) for unstructured 50/80/90/95 %, block:4x4
+    at 90 %, nm:2:4, plus ``storage.theoretical_min_bytes``.
+
+Latency: ``torch.inference_mode()``, warm-up, then dense and pruned calls *interleaved* (the CPU is
+shared with other jobs, so load hits both alike); medians reported, with the relative interquartile
+range (``noise_dense``, ``noise``) as the noise record.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from prunekit.compact import compact  # noqa: E402
+from prunekit.sparse_linear import sparsify_linears  # noqa: E402
+from prunekit.storage import encode_state_dict, theoretical_min_bytes  # noqa: E402
+from prunekit.structures import parse_structure  # noqa: E402
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "threads_available": torch.get_num_threads()}
+
+
+def bert(layers: int) -> nn.Module:
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    return BertModel(BertConfig(num_hidden_layers=layers), add_pooling_layer=False).eval()
+
+
+def inputs(batch: int, seq: int) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"input_ids": torch.randint(1000, 20000, (batch, seq), generator=g),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+
+
+def interleaved(fa, fb, x: dict, repeats: int, warmup: int, threads: int) -> dict:
+    """Median ms of fa and fb called alternately (a, b, a, b ...) + relative IQR noise."""
+    torch.set_num_threads(threads)
+    ta, tb = [], []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fa(**x), fb(**x)
+        for i in range(repeats):
+            for f, ts in ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta)):
+                t0 = time.perf_counter()
+                f(**x)
+                ts.append(1e3 * (time.perf_counter() - t0))
+
+    def stats(ts):
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        med = statistics.median(ts)
+        return med, (q[2] - q[0]) / med
+    (ma, na), (mb, nb) = stats(ta), stats(tb)
+    return {"latency_ms_dense": ma, "latency_ms": mb, "speedup": ma / mb, "noise_dense": na, "noise": nb,
+            "repeats": repeats}
+
+
+def linear_flops(model: nn.Module, seq: int) -> int:
+    return sum(2 * seq * m.weight.numel() for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.startswith("encoder."))
+
+
+@torch.no_grad()
+def mask_heads_ffn(model: nn.Module, frac: float = 0.5) -> None:
+    """Zero the ``frac`` smallest-L2 heads (q/k/v rows + output columns) and FFN neurons per layer."""
+    for L in model.encoder.layer:
+        sa, Wo = L.attention.self, L.attention.output.dense
+        H, d = sa.num_attention_heads, sa.attention_head_size
+        score = Wo.weight.reshape(-1, H, d).pow(2).sum((0, 2)) + sa.value.weight.reshape(H, d, -1).pow(2).sum((1, 2))
+        drop = score.argsort()[: round(frac * H)]
+        for h in drop.tolist():
+            sl = slice(h * d, (h + 1) * d)
+            for lin in (sa.query, sa.key, sa.value):
+                lin.weight[sl] = 0
+                lin.bias[sl] = 0
+            Wo.weight[:, sl] = 0
+        W1, W2 = L.intermediate.dense, L.output.dense
+        score = W1.weight.pow(2).sum(1) + W2.weight.pow(2).sum(0)
+        drop = score.argsort()[: round(frac * W1.out_features)]
+        W1.weight[drop] = 0
+        W1.bias[drop] = 0
+        W2.weight[:, drop] = 0
+
+
+def torch_pruning_peer(layers: int, target_params: int, seq: int) -> tuple[nn.Module | None, str]:
+    """Torch-Pruning's HF BERT recipe (its examples/transformers/prune_hf_bert.py): MetaPruner with
+    prune_num_heads, head_pruning_ratio 0.5, pruning_ratio 0.5 (reaches only the FFN
+    intermediate since the hidden-size layers are ignored), magnitude importance."""
+    try:
+        import torch_pruning as tp
+    except ImportError as e:
+        return None, f"torch-pruning not installed: {e}"
+    try:
+        model = bert(layers)
+        num_heads, ignored = {}, []
+        for m in model.modules():
+            if hasattr(m, "query") and hasattr(m, "num_attention_heads"):
+                num_heads[m.query] = m.num_attention_heads
+                num_heads[m.key] = m.num_attention_heads
+                num_heads[m.value] = m.num_attention_heads
+        # keep the hidden size (ignore the layers whose rows are the residual stream): what is left to
+        # prune at ratio 0.5 is the FFN intermediate and, through prune_num_heads, whole heads
+        for L in model.encoder.layer:
+            ignored += [L.attention.output.dense, L.output.dense]
+        x = inputs(1, seq)
+        pruner = tp.pruner.MetaPruner(
+            model, (x["input_ids"],), importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=0.5, num_heads=num_heads, prune_head_dims=False,
+            prune_num_heads=True, head_pruning_ratio=0.5, ignored_layers=ignored + [model.embeddings],
+            global_pruning=False)
+        pruner.step()
+        for m in model.modules():
+            if hasattr(m, "query") and hasattr(m, "num_attention_heads"):
+                m.num_attention_heads = pruner.num_heads[m.query]
+                m.all_head_size = m.query.out_features
+        with torch.inference_mode():
+            model(**x)
+        n = sum(p.numel() for p in model.parameters())
+        note = f"torch-pruning {tp.__version__}: {n} params vs prunekit {target_params}"
+        return model.eval(), note
+    except Exception as e:  # record what happened, do not hide it
+        return None, f"torch-pruning failed: {type(e).__name__}: {str(e)[:300]}"
+
+
+def part_a(args, rows, notes):
+    seq = 128
+    for batch, layers in ((1, args.layers), (32, args.layers_b32)):
+        dense = bert(layers)
+        masked = copy.deepcopy(dense)
+        mask_heads_ffn(masked, 0.5)
+        comp = copy.deepcopy(masked)
+        res = compact(comp)
+        x = inputs(batch, seq)
+        with torch.inference_mode():
+            xs = inputs(2, 16)
+            diff = float((comp(**xs).last_hidden_state - masked(**xs).last_hidden_state).abs().max())
+        fr = linear_flops(dense, seq) / linear_flops(comp, seq)
+        enc = [p for n, p in dense.named_parameters() if n.startswith("encoder.") and p.dim() == 2]
+        sparsity = 1 - (sum(p.numel() for n, p in comp.named_parameters() if n.startswith("encoder.") and p.dim() == 2)
+                        / sum(p.numel() for p in enc))
+        notes.setdefault("compaction_max_abs_diff", {})[f"b{batch}"] = diff
+        tp_model, tp_note = torch_pruning_peer(layers, res.params_after, seq)
+        notes.setdefault("torch_pruning", {})[f"b{batch}"] = tp_note
+        print(f"[a] batch {batch} layers {layers}: params {res.params_before} -> {res.params_after}, "
+              f"linear FLOP reduction {fr:.3f}, diff {diff:.2e}; {tp_note}", flush=True)
+        for threads in (1, 2):
+            m = interleaved(dense, comp, x, args.repeats if batch == 1 else args.repeats_b32, 2 if batch == 1 else 1,
+                            threads)
+            row = {"model": f"bert-base-shaped ({layers} layers)", "structure": "heads 50% + ffn 50% (prunekit compact)",
+                   "sparsity": sparsity, "flop_reduction": fr, **m, "batch": batch, "seq_len": seq,
+                   "threads": threads, "bytes": sum(p.numel() * p.element_size() for p in comp.parameters()),
+                   "bytes_dense": sum(p.numel() * p.element_size() for p in dense.parameters()),
+                   "target_met": m["speedup"] >= 0.85 * fr}
+            rows.append(row)
+            print(f"    threads {threads}: dense {m['latency_ms_dense']:.1f} ms, compact {m['latency_ms']:.1f} ms, "
+                  f"speedup {m['speedup']:.2f} (target {0.85 * fr:.2f})", flush=True)
+            if tp_model is not None:
+                t = interleaved(dense, tp_model, x, args.repeats if batch == 1 else args.repeats_b32,
+                                2 if batch == 1 else 1, threads)
+                tfr = linear_flops(dense, seq) / linear_flops(tp_model, seq)
+                rows.append({**row, "structure": "heads 50% + ffn 50% (torch-pruning peer)", "flop_reduction": tfr,
+                             **t, "bytes": sum(p.numel() * p.element_size() for p in tp_model.parameters()),
+                             "target_met": t["speedup"] >= 0.85 * tfr,
+                             "ratio_prunekit_over_peer": m["speedup"] / t["speedup"]})
+                print(f"    threads {threads}: torch-pruning speedup {t['speedup']:.2f}", flush=True)
+        del dense, masked, comp, tp_model
+
+
+@torch.no_grad()
+def magnitude_unstructured(model: nn.Module, sparsity: float) -> None:
+    st = parse_structure("unstructured")
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear) and n.startswith("encoder."):
+            m.weight.mul_(st.mask(m.weight, sparsity, "l1").to(m.weight.dtype))
+
+
+def part_b(args, rows, notes):
+    seq, batch = 128, 1
+    dense = bert(args.layers)
+    x = inputs(batch, seq)
+    for sp in (0.9, 0.95):
+        for threads in (1, 2):
+            sparse = copy.deepcopy(dense)
+            magnitude_unstructured(sparse, sp)
+            ref = copy.deepcopy(sparse)
+            torch.set_num_threads(threads)
+            report = sparsify_linears(sparse, x, min_sparsity=0.5, num_threads=threads)
+            n_csr = sum(r["chosen"] == "csr" for r in report)
+            with torch.inference_mode():
+                diff = float((sparse(**x).last_hidden_state - ref(**x).last_hidden_state).abs().max())
+            m = interleaved(dense, sparse, x, args.repeats, 2, threads)
+            row = {"model": f"bert-base-shaped ({args.layers} layers)", "structure": "unstructured (CSR sparse_linear)",
+                   "sparsity": sp, "flop_reduction": 1 / (1 - sp), **m, "batch": batch, "seq_len": seq,
+                   "threads": threads, "bytes": None, "csr_layers": n_csr, "linear_layers": len(report),
+                   "max_abs_diff": diff, "target_met": (m["speedup"] >= 1.5) if sp == 0.95 else None}
+            rows.append(row)
+            print(f"[b] {sp:.0%} threads {threads}: {n_csr}/{len(report)} CSR, dense {m['latency_ms_dense']:.1f} ms, "
+                  f"csr {m['latency_ms']:.1f} ms, speedup {m['speedup']:.2f}, diff {diff:.1e}", flush=True)
+            del sparse, ref
+
+
+def part_c(args, rows, notes):
+    dense = bert(args.size_layers)
+    base = {n: p.detach().clone() for n, p in dense.named_parameters()
+            if n.startswith("encoder.") and p.dim() == 2}
+    dense_bytes = sum(t.numel() * t.element_size() for t in base.values())
+    settings = [("unstructured", 0.5), ("unstructured", 0.8), ("unstructured", 0.9), ("unstructured", 0.95),
+                ("block:4x4", 0.9), ("nm:2:4", 0.5)]
+    for structure, sp in settings:
+        st = parse_structure(structure)
+        t0 = time.perf_counter()
+        sd = {n: w * st.mask(w, sp, "l1").to(w.dtype) for n, w in base.items()}
+        tensors, meta = encode_state_dict(sd, "best")
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        tmin = sum(theoretical_min_bytes(w) for w in sd.values())
+        chosen = sorted({m["encoding"] for m in json.loads(meta)["tensors"].values()})
+        real = 1 - sum(int((w != 0).sum()) for w in sd.values()) / sum(w.numel() for w in sd.values())
+        rows.append({"model": f"bert-base-shaped encoder Linear weights ({args.size_layers} layers)",
+                     "structure": f"{structure} (file size)", "sparsity": real, "flop_reduction": None,
+                     "latency_ms_dense": None, "latency_ms": None, "speedup": None, "batch": None,
+                     "seq_len": None, "threads": None, "bytes": nbytes, "bytes_dense": dense_bytes,
+                     "size_ratio": nbytes / dense_bytes, "bytes_theoretical_min": tmin,
+                     "theoretical_min_ratio": tmin / dense_bytes, "encodings": chosen})
+        print(f"[c] {structure} {real:.3f}: {nbytes / dense_bytes:.3f} of dense (min {tmin / dense_bytes:.3f}) "
+              f"{chosen} [{time.perf_counter() - t0:.0f}s]", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2-layer encoder, few repeats (smoke run)")
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--layers-b32", type=int, default=2)
+    ap.add_argument("--size-layers", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=11)
+    ap.add_argument("--repeats-b32", type=int, default=5)
+    ap.add_argument("--parts", default="abc")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.layers, args.layers_b32, args.size_layers, args.repeats, args.repeats_b32 = 2, 1, 2, 3, 2
+    rows, notes = [], {}
+    t0 = time.time()
+    for part in args.parts:
+        try:
+            {"a": part_a, "b": part_b, "c": part_c}[part](args, rows, notes)
+        except Exception:
+            notes[f"part_{part}_error"] = traceback.format_exc()[-2000:]
+            print(notes[f"part_{part}_error"], flush=True)
+    out = {"command": " ".join(["python"] + sys.argv), "machine": machine(),
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": time.time() - t0,
+           "settings": {k: v for k, v in vars(args).items() if k != "out"},
+           "notes": {**notes, "timing": "medians of interleaved dense/pruned calls under torch.inference_mode after "
+                                        "warm-up; noise = interquartile range / median; the 2-core CPU was shared "
+                                        "with other engineers' jobs during the run"},
+           "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(f"wrote {args.out} ({len(rows)} rows, {time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

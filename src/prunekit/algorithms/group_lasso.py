@@ -1,0 +1,133 @@
+"""Reweighted group lasso, then hard-prune by group norm.
+
+Li et al., "Efficient Transformer-based Large Scale Language Representations using Hardware-friendly
+Block Structured Pruning", Findings of EMNLP 2020 (block-based reweighted group lasso), with the
+reweighting of Candès, Wakin & Boyd, "Enhancing Sparsity by Reweighted ℓ1 Minimization" (2008).
+
+During the search phase the loss gets the penalty::
+
+    λ Σ_layers Σ_g α_g ‖W_g‖₂                   (groups g = the structure's partition of each layer)
+
+and every ``reweight_every`` optimizer steps (0 = at each epoch end) the weights are reset to::
+
+    α_g ← 1 / (‖W_g‖₂ + ε)
+
+(α_g = 1 at the start unless ``reweight_at_start``), so groups that are already small are pushed
+harder towards zero.  Groups come from :meth:`Structure.partition`: rows, columns, R×C blocks;
+``unstructured`` groups are single weights, so the penalty is the reweighted ℓ1 ``λ Σ α_i |w_i|``.
+N:M and pattern structures select single weights *inside* a group, so for them the penalty is also
+on single weights (reweighted ℓ1).  ‖·‖₂ is evaluated as ``sqrt(Σ w² + δ²)`` with a tiny ``δ``
+(``smooth``) so the gradient is finite at 0 (``λ α_g W_g / ‖W_g‖``).  At the end the weights are
+hard-pruned to the target by group L2 norm (:func:`prunekit.pruner.compute_masks`) and retrained.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..pruner import compute_masks
+from ..structures import NM, Pattern, Structure, Unstructured
+from ..targets import find_targets
+from .base import Algorithm, register
+
+__all__ = ["GroupLasso", "lasso_structure", "group_lasso_penalty", "reweight"]
+
+
+def lasso_structure(st: Structure) -> Structure:
+    """The partition the penalty uses for ``st`` (single weights for N:M and pattern)."""
+    return Unstructured() if isinstance(st, (NM, Pattern)) else st
+
+
+def _norms(st: Structure, w: Tensor, smooth: float) -> Tensor:
+    return (st.partition(w).pow(2).sum(1) + smooth * smooth).sqrt()
+
+
+def group_lasso_penalty(st: Structure, w: Tensor, alpha: Tensor, lam: float, smooth: float = 0.0) -> Tensor:
+    """``λ Σ_g α_g ‖W_g‖₂`` for one weight (``alpha`` has one entry per group)."""
+    return lam * (alpha * _norms(st, w, smooth)).sum()
+
+
+def reweight(st: Structure, w: Tensor, eps: float) -> Tensor:
+    """``α_g = 1 / (‖W_g‖₂ + ε)`` (Candès et al. 2008)."""
+    return 1.0 / (st.group_norms(w.detach()) + eps)
+
+
+@register
+class GroupLasso(Algorithm):
+    """Reweighted group lasso (Li et al. 2020); see the module docstring."""
+
+    name = "group_lasso"
+    has_search = True
+
+    @dataclass
+    class Params:
+        lam: float = 1e-5               # λ
+        eps: float = 1e-3               # ε in α_g = 1/(‖W_g‖ + ε)
+        reweight_every: int = 0         # optimizer steps between reweightings; 0 = each epoch end
+        reweight_at_start: bool = True  # α from the dense weights (else α = 1 until the first reset)
+        smooth: float = 1e-8            # δ in sqrt(Σw² + δ²)
+
+        def __post_init__(self):
+            if not self.lam >= 0:
+                raise ValueError(f"algorithm.params.lam must be >= 0, got {self.lam}")
+            if not self.eps > 0:
+                raise ValueError(f"algorithm.params.eps must be > 0, got {self.eps}")
+            if self.reweight_every < 0:
+                raise ValueError(f"algorithm.params.reweight_every must be >= 0, got {self.reweight_every}")
+            if self.smooth < 0:
+                raise ValueError(f"algorithm.params.smooth must be >= 0, got {self.smooth}")
+
+    def __init__(self, params, spec):
+        super().__init__(params, spec)
+        self.alpha: dict[str, Tensor] = {}
+        self.reweights = 0
+        self._params = {}
+        self._structs: dict[str, Structure] = {}
+
+    def begin(self, ctx):
+        plan = self.spec.layer_plan(list(find_targets(ctx.model, self.spec.targets)))
+        params = dict(ctx.model.named_parameters())
+        self._params = {n: params[n] for n in plan}
+        self._structs = {n: lasso_structure(st) for n, (st, _) in plan.items()}
+        if not self.alpha:
+            if self.params.reweight_at_start:
+                self._reweight()
+            else:
+                self.alpha = {n: torch.ones(self._structs[n].num_groups(p.shape)) for n, p in self._params.items()}
+
+    @torch.no_grad()
+    def _reweight(self):
+        self.alpha = {n: reweight(self._structs[n], p, self.params.eps) for n, p in self._params.items()}
+        self.reweights += 1
+
+    def penalty(self) -> Tensor:
+        tot = None
+        for n, p in self._params.items():
+            t = group_lasso_penalty(self._structs[n], p, self.alpha[n].to(p.dtype), self.params.lam, self.params.smooth)
+            tot = t if tot is None else tot + t
+        return tot
+
+    def extra_loss(self, ctx, batch, outputs):
+        return self.penalty() if self.params.lam > 0 else None
+
+    def after_step(self, ctx):
+        if self.params.reweight_every and ctx.step % self.params.reweight_every == 0:
+            self._reweight()
+
+    def epoch_end(self, ctx):
+        if not self.params.reweight_every:
+            self._reweight()
+
+    def final_masks(self, model):
+        params = dict(model.named_parameters())
+        names = self.spec.layer_plan(list(find_targets(model, self.spec.targets)))
+        return compute_masks(model, self.spec, importance={n: params[n].detach() for n in names})
+
+    def state_dict(self):
+        return {"reweights": self.reweights, "alpha": {n: a.clone() for n, a in self.alpha.items()}}
+
+    def load_state_dict(self, state):
+        self.reweights = int(state["reweights"])
+        self.alpha = {n: a.clone() for n, a in state["alpha"].items()}

@@ -1,0 +1,54 @@
+"""``heads_neurons``: one-shot removal of whole attention heads and FFN neurons of a BERT-family
+encoder (the coupled structures of :func:`prunekit.nlp.coupled_groups`), then the pipeline's
+hard-pruned retraining.
+
+Recipe::
+
+    algorithm: {name: heads_neurons, params: {structure: heads+neurons, head_sparsity: 0.25, neuron_sparsity: 0.3}}
+
+``prune.sparsity`` is the default of both sparsities; ``prune.score`` (l2/l1) scores each group over
+all its slices.  ``prune.structure`` is not used (heads/neurons are not per-matrix structures).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..masks import MaskSet
+from .base import Algorithm, register
+
+
+@register
+class HeadsNeurons(Algorithm):
+    """One-shot removal of whole attention heads and/or FFN neurons (coupled structures), then the
+    pipeline's hard-pruned retraining.  ``structure``: ``heads`` | ``neurons`` | ``heads+neurons``;
+    ``head_sparsity`` / ``neuron_sparsity`` default to the recipe's ``prune.sparsity``."""
+
+    name = "heads_neurons"
+    has_search = False
+
+    @dataclass
+    class Params:
+        structure: str = "heads+neurons"
+        head_sparsity: float | None = None
+        neuron_sparsity: float | None = None
+
+        def __post_init__(self):
+            if self.structure not in ("heads", "neurons", "heads+neurons"):
+                raise ValueError(f"structure {self.structure!r} is not one of ['heads', 'neurons', 'heads+neurons']")
+            for k in ("head_sparsity", "neuron_sparsity"):
+                v = getattr(self, k)
+                if v is not None and not (0 <= v < 1):
+                    raise ValueError(f"{k} must be in [0, 1), got {v}")
+
+    def sparsities(self) -> tuple[float, float]:
+        p, s = self.params, float(self.spec.sparsity)
+        hs = (p.head_sparsity if p.head_sparsity is not None else s) if "heads" in p.structure else 0.0
+        ns = (p.neuron_sparsity if p.neuron_sparsity is not None else s) if "neurons" in p.structure else 0.0
+        return hs, ns
+
+    def final_masks(self, model: nn.Module) -> MaskSet:
+        hs, ns = self.sparsities()
+        from ..nlp import head_neuron_masks  # noqa: PLC0415
+        return head_neuron_masks(model, hs, ns, self.spec.score)
