@@ -42,6 +42,11 @@ from prunekit.train import fit, seed_everything
 OUT = Path(__file__).resolve().parent / "results" / "glue_minilm.json"
 STRUCTURES = ["unstructured", "row", "column", "block:4x4"]
 DISTILL_SPARSITIES = [0.5, 0.8, 0.9]
+HYPER = {"dense": "AdamW lr --dense-lr, wd 0.01, linear decay, warmup 10%",
+         "retrain": "AdamW lr --retrain-lr, wd 0.01, linear decay; hard-pruned; best dev epoch kept",
+         "ramp": "cubic 0 -> sparsity over the first 80% of the ramp phase, AdamW lr --retrain-lr constant",
+         "distill": "alpha 0.5, temperature 2 (logits only), teacher = frozen dense fine-tuned model",
+         "targets": "6 encoder matrices x 6 layers = 36, same ratio per layer", "score": "l2 (|w| / group norm)"}
 
 
 def machine() -> dict:
@@ -58,6 +63,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--dense-epochs", type=float, default=2)
     ap.add_argument("--retrain-epochs", type=float, default=0.5)
+    ap.add_argument("--dense-lr", type=float, default=1e-4)
+    ap.add_argument("--retrain-lr", type=float, default=5e-5)
+    ap.add_argument("--merge", default=None, help="earlier results JSON: keep its rows of tasks this run does not do")
     ap.add_argument("--distill-tasks", default="sst2,mrpc")
     ap.add_argument("--no-distill", action="store_true")
     ap.add_argument("--cache", default=os.environ.get("PRUNEKIT_GLUE_CACHE", "/tmp/prunekit_glue_cache"))
@@ -75,11 +83,19 @@ def main(argv=None) -> int:
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "budget": {"train_examples": a.limit, "max_length": a.max_length, "batch_size": a.batch_size,
                          "dense_epochs": a.dense_epochs, "retrain_epochs": a.retrain_epochs,
+                         "dense_lr": a.dense_lr, "retrain_lr": a.retrain_lr,
                          "dev": "full dev sets", "threads": 1},
+              "hyperparameters": HYPER,
               "notes": ("score/dense_score in points (metric x 100) on the full dev sets; compression_rate = "
                         "targeted encoder matrices dense/nonzero; training subsampled (see budget) because "
                         "of a 2-core CPU shared by 8 jobs, so dense scores are below full-data fine-tuning."),
               "rows": [], "missing": []}
+    if a.merge:  # rows of tasks this run does not redo, each row keeping its own budget fields
+        prev = json.loads(Path(a.merge).read_text())
+        result["merged_from"] = {"command": prev.get("command"), "budget": prev.get("budget"), "date": prev.get("date")}
+        result["rows"] = [r for r in prev.get("rows", []) if r["task"] not in tasks]
+        result["dense"] = {k: v for k, v in prev.get("dense", {}).items() if k not in tasks}
+        result["missing_in_merged"] = [m for m in prev.get("missing", []) if m.split()[0] not in tasks]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -108,13 +124,13 @@ def main(argv=None) -> int:
                                         "eval_batch_size": 128}})
         wl = build_glue_workload(recipe)
         model, t = wl.model, wl.task
-        cache = Path(a.cache) / f"minilm_{task}_n{a.limit}_L{a.max_length}_e{a.dense_epochs}"
+        cache = Path(a.cache) / f"minilm_{task}_n{a.limit}_L{a.max_length}_e{a.dense_epochs}_lr{a.dense_lr:g}"
         t0 = time.perf_counter()
         if (cache / "manifest.json").is_file():
             load_checkpoint(cache, model)
             dense_note = f"cached {cache}"
         else:
-            dcfg = TrainConfig(epochs=a.dense_epochs, lr=1e-4, optimizer="adamw", weight_decay=0.01,
+            dcfg = TrainConfig(epochs=a.dense_epochs, lr=a.dense_lr, optimizer="adamw", weight_decay=0.01,
                                scheduler="linear", warmup_ratio=0.1)
             fit(model, t, wl.train_loader, None, dcfg, desc=f"dense {task}")
             save_checkpoint(cache, model, None, extra={"stage": "dense", "task": task})
@@ -139,7 +155,7 @@ def main(argv=None) -> int:
         seed_everything(0)
         t0 = time.perf_counter()
         spec = PruneSpec(structure, sparsity, "l2", "layer", targets)
-        rcfg = TrainConfig(epochs=a.retrain_epochs, lr=5e-5, optimizer="adamw", weight_decay=0.01,
+        rcfg = TrainConfig(epochs=a.retrain_epochs, lr=a.retrain_lr, optimizer="adamw", weight_decay=0.01,
                            scheduler="linear", warmup_ratio=0.0)
         if method == "oneshot+retrain":
             masks = compute_masks(model, spec)
@@ -149,7 +165,7 @@ def main(argv=None) -> int:
             # progressive: cubic ramp 0 → sparsity over --retrain-epochs while distilling, then distilled retrain
             from prunekit.algorithms.distill import ProgressiveDistill  # noqa: PLC0415
             algo = ProgressiveDistill(ProgressiveDistill.Params(end=0.8, alpha=0.5, temperature=2.0), spec)
-            scfg = TrainConfig(epochs=a.retrain_epochs, lr=5e-5, optimizer="adamw", weight_decay=0.01, scheduler="none")
+            scfg = TrainConfig(epochs=a.retrain_epochs, lr=a.retrain_lr, optimizer="adamw", weight_decay=0.01, scheduler="none")
             fit(model, t, wl.train_loader, None, scfg, hooks=[algo], masks=algo.masks_during_search(model),
                 desc=f"ramp {task} {sparsity}")
             masks = algo.final_masks(model)
@@ -166,7 +182,8 @@ def main(argv=None) -> int:
                "dense_score": round(100 * dense[metric], 2),
                "delta": round(100 * (final[metric] - dense[metric]), 2),
                "seconds": round(time.perf_counter() - t0, 1),
-               "train_examples": wl.info["train_examples"], "retrain_epochs": a.retrain_epochs,
+               "train_examples": wl.info["train_examples"], "dense_epochs": a.dense_epochs,
+               "retrain_epochs": a.retrain_epochs, "retrain_lr": a.retrain_lr,
                "eval_examples": wl.info["eval_examples"], "max_length": a.max_length,
                "target_layers": len(masks)}
         result["rows"].append(row)

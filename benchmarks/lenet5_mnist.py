@@ -29,6 +29,7 @@ import argparse
 import json
 import platform
 import shlex
+import tempfile
 import sys
 import time
 from datetime import datetime, timezone
@@ -139,6 +140,7 @@ def main(argv=None) -> dict:
             if old.get("budget") == budget:
                 res["rows"] = old.get("rows", [])   # same budget: earlier parts/rates are kept
                 res["best_within_tolerance"] = old.get("best_within_tolerance", {})
+                res["commands"] = old.get("commands", [old.get("command")]) + [res["command"]]
         except (ValueError, OSError):
             pass
 
@@ -163,7 +165,8 @@ def main(argv=None) -> dict:
     def run(method, structure, sparsity, part, scope="layer", exclude=()):
         rd = recipe(a, method, structure, sparsity, str(dense_dir), scope, exclude)
         t0 = time.perf_counter()
-        out = run_pipeline(parse_recipe(rd), work / "runs" / rd["name"], log=lambda *_: None)
+        run_dir = Path(tempfile.gettempdir()) / "prunekit_lenet5_runs" / rd["name"]   # checkpoints stay out of the repo
+        out = run_pipeline(parse_recipe(rd), run_dir, log=lambda *_: None)
         row = {"part": part, "method": method, "structure": structure, "scope": scope,
                "sparsity": round(out["sparsity"], 6), "target_sparsity": sparsity,
                "compression_rate": round(out["compression_rate"], 3),

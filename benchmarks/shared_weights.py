@@ -11,6 +11,7 @@ Configurations (each a ``prunekit shared`` run of recipes/lenet5_shared.yaml wit
 * ``ref``   LeNet-5/MNIST levels 60.24 / 40.50 / 20.70 % (the reference work), sequential, one-shot L0;
 * ``joint`` the same levels trained jointly (levels cycled per step) — the peer of ``ref``;
 * ``high``  LeNet-5/MNIST levels 98 / 95 / 90 %, sequential, gradual (Zhu & Gupta) L0, global scope;
+* ``high_long`` the same with a longer budget (3 + 2 epochs for L0, 1 epoch per denser level);
 * ``minilm`` MiniLM-L6 on SST-2 at 70 / 50 / 30 % (subsampled, if prunekit.nlp and the weights exist)
   with separately pruned counterparts at each sparsity.
 
@@ -85,6 +86,10 @@ def lenet_configs(quick: bool) -> dict:
             "algorithm.name=gradual", "search.epochs=1", "search.lr=0.02", "prune.scope=global",
             "retrain.epochs=0.5", "retrain.lr=0.01", "extra.shared.level_train.epochs=0.25"] + q,
             budget="L0 gradual (cubic) 1 epoch + 0.5 retrain epoch, global magnitude; each denser level 0.25 epoch"),
+        "high_long": dict(levels=[0.98, 0.95, 0.90], mode="sequential", overrides=[
+            "algorithm.name=gradual", "search.epochs=3", "search.lr=0.02", "prune.scope=global",
+            "retrain.epochs=2", "retrain.lr=0.01", "extra.shared.level_train.epochs=1"] + q,
+            budget="L0 gradual (cubic) 3 epochs + 2 retrain epochs, global magnitude; each denser level 1 epoch"),
     }
 
 
@@ -121,9 +126,10 @@ def run_minilm(quick: bool, out_root: Path, log, budget: dict) -> tuple[list[dic
     from prunekit.shared import run_shared
 
     raw = yaml_load(ROOT / "recipes" / "minilm_sst2_shared.yaml")
-    ov = [f"data.limit={budget['train']}", f"data.eval_limit={budget['eval']}", f"data.max_length={budget['max_length']}"]
+    ov = [f"data.limit={budget['train']}", f"data.eval_limit={budget['eval']}", f"data.max_length={budget['max_length']}",
+          f"dense.epochs={budget['dense_epochs']}", f"dense.lr={budget['dense_lr']}", f"retrain.epochs={budget['retrain_epochs']}",
+          f"extra.shared.level_train.epochs={budget['level_epochs']}"]
     dense_dir = CACHE / f"minilm_sst2_dense_{budget['train']}"
-    recipe = parse_recipe(raw, ov)
     levels = [0.7, 0.5, 0.3]
     if not (dense_dir / "manifest.json").is_file():
         r0 = run_pipeline(parse_recipe(raw, ov + ["prune.sparsity=0.0", "retrain.epochs=0", "name=minilm-dense"]),
@@ -134,10 +140,13 @@ def run_minilm(quick: bool, out_root: Path, log, budget: dict) -> tuple[list[dic
     ov2 = ov + [f"model.checkpoint={dense_dir}"]
     res = run_shared(parse_recipe(raw, ov2), out_root / "minilm_shared", levels=levels, log=log)
     sep = {}
-    for s in levels:
-        rs = run_pipeline(parse_recipe(raw, ov2 + [f"prune.sparsity={s}", f"name=minilm-sep-{s}"]),
-                          out_root / f"minilm_sep_{s}", log=log)
-        sep[s] = rs["score"]
+    for s in levels:   # separately pruned counterparts: one-shot from the same dense model + the L0 retrain budget
+        try:
+            rs = run_pipeline(parse_recipe(raw, ov2 + [f"prune.sparsity={s}", f"name=minilm-sep-{s}"]),
+                              out_root / f"minilm_sep_{s}", log=log)
+            sep[s] = rs["score"]
+        except Exception as e:  # keep the shared rows
+            log(f"separate {s}: FAILED {type(e).__name__}: {e}")
     rows = []
     for r in res["levels"]:
         s = r["target_sparsity"]
@@ -145,7 +154,7 @@ def run_minilm(quick: bool, out_root: Path, log, budget: dict) -> tuple[list[dic
                      "algorithm": res["algorithm"], "structure": res["structure"], "level": r["level"],
                      "target_sparsity": s, "sparsity": round(r["sparsity"], 6), "metric": r["metric"],
                      "score": r["score"], "dense_score": res["dense_score"], "delta_vs_dense": r["score"] - res["dense_score"],
-                     "separate_score": sep[s], "delta_vs_separate": r["score"] - sep[s],
+                     "separate_score": sep.get(s), "delta_vs_separate": (r["score"] - sep[s]) if s in sep else None,
                      "switch_bytes_from_previous": r["switch_bytes_from_previous"],
                      "switch_index_bytes_from_previous": r["switch_index_bytes_from_previous"],
                      "full_rewrite_bytes": r["full_rewrite_bytes"],
@@ -153,6 +162,24 @@ def run_minilm(quick: bool, out_root: Path, log, budget: dict) -> tuple[list[dic
                                               else r["switch_bytes_from_previous"] / r["full_rewrite_bytes"]),
                      "latency_ms": r["latency_ms"], "budget": json.dumps(budget)})
     return rows, {"breakeven": res["breakeven"], "switch_matrix": res["switch_matrix"], "seconds": res["seconds"]}
+
+
+def merge(main: Path, other: Path) -> int:
+    """Merge ``other``'s rows and configs into ``main`` (rows of a config in ``other`` replace ``main``'s)."""
+    a = json.loads(main.read_text()) if main.is_file() else {"rows": [], "configs": {}, "notes": []}
+    b = json.loads(other.read_text())
+    cfgs = set(b.get("configs", {}))
+    a["rows"] = [r for r in a.get("rows", []) if r.get("config") not in cfgs] + b.get("rows", [])
+    a.setdefault("configs", {}).update(b.get("configs", {}))
+    cmds = a.get("commands") or ([a["command"]] if a.get("command") else [])
+    a["commands"] = cmds + [b["command"]]
+    a["command"] = " && ".join(a["commands"])
+    a.setdefault("machine", b.get("machine"))
+    tmp = main.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(a, indent=2) + "\n")
+    os.replace(tmp, main)
+    print(f"merged {len(b.get('rows', []))} rows of {sorted(cfgs)} from {other} into {main}")
+    return 0
 
 
 def yaml_load(p):
@@ -166,8 +193,13 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="ref,joint,high", help="comma list of ref,joint,high,minilm")
     ap.add_argument("--out", default=str(ROOT / "runs" / "shared_bench"), help="run folders")
     ap.add_argument("--results", default=str(RESULTS))
-    ap.add_argument("--minilm-train", type=int, default=2000, help="SST-2 training subsample")
+    ap.add_argument("--minilm-train", type=int, default=1000, help="SST-2 training subsample")
+    ap.add_argument("--minilm-eval", type=int, default=400, help="SST-2 dev subsample (872 = all)")
+    ap.add_argument("--merge", default=None, metavar="FILE",
+                    help="only merge the rows/configs of another results file (e.g. a separate minilm run) into --results")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(Path(args.results), Path(args.merge))
     torch.set_num_threads(1)
     os.environ.setdefault("PRUNEKIT_NO_PROGRESS", "1")
     out_root = Path(args.out)
@@ -197,8 +229,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             if name == "minilm":
-                budget = {"train": 200 if args.quick else args.minilm_train, "eval": 200 if args.quick else 872,
-                          "max_length": 64}
+                budget = {"train": 200 if args.quick else args.minilm_train, "eval": 200 if args.quick else args.minilm_eval,
+                          "max_length": 64, "dense_epochs": 2, "dense_lr": 1e-4, "retrain_epochs": 1, "level_epochs": 0.5}
                 rows, extra = run_minilm(args.quick, out_root, log, budget)
             else:
                 if name not in configs:

@@ -166,6 +166,10 @@ def test_targets_patterns_and_errors():
     assert list(t) == ["2.weight"]
     with pytest.raises(ValueError, match=r"'encoder\.\*' matches no.*candidates: \['0', '2'\]"):
         prunekit.find_targets(model, TargetSpec(include=["encoder.*"]))
+    t = prunekit.find_targets(model, TargetSpec(exclude=["2.weight"]))
+    assert list(t) == ["0.weight"]
+    with pytest.raises(ValueError, match=r"exclude pattern 'fc2' matches no"):
+        prunekit.find_targets(model, TargetSpec(exclude=["fc2"]))
     with pytest.raises(ValueError, match="unknown module type"):
         prunekit.find_targets(model, TargetSpec(types=["Dense"]))
 

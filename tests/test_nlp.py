@@ -16,7 +16,7 @@ from prunekit.nlp import (GlueTaskAdapter, coupled_groups, default_targets, enco
                           load_model, resolve_model_source)
 from prunekit.pruner import PruneSpec, compute_masks  # noqa: E402
 from prunekit.targets import TargetSpec, find_targets  # noqa: E402
-from prunekit.train import ClassificationTask, TrainContext, fit  # noqa: E402
+from prunekit.train import ClassificationTask, fit  # noqa: E402
 from prunekit.config import TrainConfig  # noqa: E402
 
 torch.set_num_threads(1)

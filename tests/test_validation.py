@@ -48,7 +48,7 @@ def _accepts_or_clear_error(fn, *args, **kw):
     # any other exception type propagates and fails the test with hypothesis' minimal example
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(recipes)
 def test_fuzz_parse_recipe(raw):
     r = _accepts_or_clear_error(parse_recipe, raw)

@@ -81,7 +81,7 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | Ma
     require_onnx()
     names, args, keyword = _normalise(example_inputs)
     model = model.eval()
-    wrapped = _TensorOutputs(model, names) if keyword else model
+    wrapped = (_TensorOutputs(model, names) if keyword else model).eval()
     dyn = None
     if dynamic_batch:
         dyn = {}

@@ -30,14 +30,12 @@ heads_neurons`` with ``params: {structure: heads|neurons|heads+neurons, head_spa
 """
 from __future__ import annotations
 
-import copy
 import importlib.util
-import math
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn

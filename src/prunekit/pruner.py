@@ -52,6 +52,10 @@ class PruneSpec:
 
     def __post_init__(self):
         self.structure = parse_structure(self.structure)
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise ValueError(f"prune.sparsity must be a number in [0, 1); got {self.sparsity!r}")
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"prune.overrides must be a mapping of name pattern → sparsity; got {self.overrides!r}")
         if not (0.0 <= float(self.sparsity) < 1.0):
             raise ValueError(f"prune.sparsity must be in [0, 1); got {self.sparsity}")
         if self.scope not in ("layer", "global"):
@@ -59,6 +63,8 @@ class PruneSpec:
         resolve_score(self.score)
         for pat, ov in self.overrides.items():
             s = ov.get("sparsity") if isinstance(ov, dict) else ov
+            if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float))):
+                raise ValueError(f"prune.overrides[{pat!r}] must be a sparsity number or {{sparsity, structure}}; got {ov!r}")
             if s is not None and not (0.0 <= float(s) < 1.0):
                 raise ValueError(f"prune.overrides[{pat!r}] sparsity must be in [0, 1); got {s}")
             if isinstance(ov, dict):

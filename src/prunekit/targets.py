@@ -3,7 +3,8 @@
 A :class:`TargetSpec` selects ``<module>.weight`` parameters of modules whose *type* is in ``types``
 and whose *qualified name* matches one of ``include`` (shell-style ``fnmatch`` patterns, or regular
 expressions written as ``re:...``) and none of ``exclude``.  Every include pattern must match at least
-one module; one that matches nothing is an error that lists the candidates.
+one module; one that matches nothing is an error that lists the candidates.  Exclude patterns may name
+the module (``fc2``) or its parameter (``fc2.weight``); one that matches nothing is an error too.
 """
 from __future__ import annotations
 
@@ -78,8 +79,12 @@ def find_targets(model: nn.Module, spec: TargetSpec | None = None) -> dict[str, 
             raise ValueError(f"target pattern {pat!r} matches no {'/'.join(spec.types)} module; "
                              f"candidates: {shown}{more}")
         for n in hits:
-            if not any(_match(x, n) for x in spec.exclude):
+            if not any(_match(x, n) or _match(x, f"{n}.weight") for x in spec.exclude):
                 out[f"{n}.weight" if n else "weight"] = candidates[n]
+    for pat in spec.exclude:
+        if not any(_match(pat, n) or _match(pat, f"{n}.weight") for n in candidates):
+            raise ValueError(f"exclude pattern {pat!r} matches no {'/'.join(spec.types)} module; "
+                             f"candidates: {list(candidates)[:20]}")
     if not out:
         raise ValueError(f"targets include={spec.include} exclude={spec.exclude} leave nothing to prune")
     # keep model order

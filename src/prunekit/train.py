@@ -318,7 +318,7 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
                 bar.update(1)
                 if ctx.step % 20 == 0:
                     bar.set_postfix(loss=f"{loss.item():.4f}")
-                if checkpoint_every and ctx.step % checkpoint_every == 0 and ctx.step < total:
+                if checkpoint_every and ctx.step % checkpoint_every == 0 and ctx.step < total and batch_i < steps_per_epoch:
                     checkpoint()
             ctx.epoch = epoch + 1
             batch_i = 0

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # subcommand modules, in help order
-SUBCOMMANDS = ["run", "report", "info", "sensitivity", "shared"]
+SUBCOMMANDS = ["run", "report", "info", "sensitivity", "shared", "compact", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 
 def add_parser(sub):
+    import argparse  # noqa: PLC0415
     p = sub.add_parser("sensitivity", help="prune each layer alone over a sparsity sweep; per-layer ratios for a budget",
-                       description=__doc__.split("\n\n", 1)[1])
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe YAML (model, data, structure, targets)")
     p.add_argument("--sparsities", default=None, help="comma-separated sweep, default 0.1,0.3,0.5,0.7,0.8,0.9,0.95")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -1,0 +1,103 @@
+"""``prunekit bench RUN_DIR`` — latency and size of a run: dense vs compacted vs sparse (CSR Linear).
+
+The run's model is rebuilt (see ``prunekit compact``); three variants are timed on the run's example
+input repeated to batch 1 and 32, at 1 and 2 threads: the *masked* model (dense kernels; zeros
+stored), the *compacted* model (``prunekit.compact``) and the masked model with Linear layers switched
+to CSR where measured faster (``prunekit.sparse_linear.sparsify_linears``).  Calls are interleaved,
+under ``torch.inference_mode`` after warm-up; medians are reported.  Sizes are the bytes of the
+three state dicts as safetensors-encoded tensors (sparse: ``storage.encode_state_dict``).
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any
+
+import torch
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="latency (batch 1/32, threads 1/2) and size table: dense vs compacted vs sparse")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="folder written by `prunekit run`")
+    p.add_argument("--repeats", type=int, default=9, help="timed calls per variant (default 9)")
+    p.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default 1,32)")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    p.set_defaults(func=run)
+
+
+def _batch(x: Any, n: int) -> Any:
+    if isinstance(x, dict):
+        return {k: _batch(v, n) for k, v in x.items()}
+    return x[:1].expand(n, *x.shape[1:]).contiguous()
+
+
+def _call(m, x):
+    return m(**x) if isinstance(x, dict) else m(x)
+
+
+def time_variants(models: dict[str, torch.nn.Module], x: Any, repeats: int, threads: int) -> dict[str, float]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    try:
+        with torch.inference_mode():
+            for m in models.values():
+                _call(m, x)
+            for i in range(repeats):
+                order = list(models.items()) if i % 2 == 0 else list(models.items())[::-1]
+                for k, m in order:
+                    t0 = time.perf_counter()
+                    _call(m, x)
+                    times[k].append(1e3 * (time.perf_counter() - t0))
+    finally:
+        torch.set_num_threads(old)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _bytes(sd: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def bench_run(run_dir, repeats: int = 9, batches=(1, 32), threads=(1, 2)) -> dict:
+    from prunekit.cli.compact import load_run  # noqa: PLC0415
+    from prunekit.compact import compact  # noqa: PLC0415
+    from prunekit.sparse_linear import sparsify_linears  # noqa: PLC0415
+    from prunekit.storage import encode_state_dict  # noqa: PLC0415
+
+    masked, masks, recipe, x0 = load_run(run_dir)
+    comp = copy.deepcopy(masked)
+    res = compact(comp)
+    sizes = {"dense": _bytes(masked.state_dict()), "compacted": _bytes(comp.state_dict()),
+             "sparse": _bytes(encode_state_dict(masked.state_dict(), "best")[0]),
+             "compacted+sparse": _bytes(encode_state_dict(comp.state_dict(), "best")[0])}
+    rows = []
+    for b in batches:
+        x = _batch(x0, b)
+        for t in threads:
+            sparse = copy.deepcopy(masked)
+            report = sparsify_linears(sparse, x, num_threads=t)
+            ms = time_variants({"dense": masked, "compacted": comp, "sparse": sparse}, x, repeats, t)
+            rows.append({"batch": b, "threads": t, **{f"{k}_ms": v for k, v in ms.items()},
+                         "compacted_speedup": ms["dense"] / ms["compacted"], "sparse_speedup": ms["dense"] / ms["sparse"],
+                         "csr_layers": sum(r["chosen"] == "csr" for r in report)})
+    return {"model": recipe.model.name, "params": {"before": res.params_before, "after": res.params_after},
+            "sizes": sizes, "latency": rows}
+
+
+def format_bench(r: dict) -> str:
+    d = r["sizes"]["dense"]
+    lines = [f"## {r['model']}: {r['params']['before']:,} → {r['params']['after']:,} parameters compacted", "",
+             "| storage | bytes | vs dense |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v:,} | {v / d:.3f} |" for k, v in r["sizes"].items()]
+    lines += ["", "| batch | threads | dense ms | compacted ms | sparse (CSR) ms | compacted × | sparse × | CSR layers |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {x['batch']} | {x['threads']} | {x['dense_ms']:.2f} | {x['compacted_ms']:.2f} | {x['sparse_ms']:.2f} | "
+              f"{x['compacted_speedup']:.2f} | {x['sparse_speedup']:.2f} | {x['csr_layers']} |" for x in r["latency"]]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())  # noqa: E731
+    print(format_bench(bench_run(args.run_dir, args.repeats, ints(args.batches), ints(args.threads))))
+    return 0
