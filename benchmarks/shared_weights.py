@@ -119,7 +119,7 @@ def run_lenet(name: str, cfg: dict, dense: str, out_root: Path, log) -> tuple[li
     return rows, extra
 
 
-def run_minilm(quick: bool, out_root: Path, log, budget: dict) -> tuple[list[dict], dict]:
+def run_minilm(quick: bool, out_root: Path, log, budget: dict, name: str = "minilm") -> tuple[list[dict], dict]:
     """MiniLM-L6 / SST-2: shared levels (sequential) + separately pruned counterparts at each sparsity."""
     from prunekit.config import parse_recipe
     from prunekit.runner import run_pipeline
@@ -138,19 +138,19 @@ def run_minilm(quick: bool, out_root: Path, log, budget: dict) -> tuple[list[dic
         shutil.copytree(out_root / "minilm_dense" / "dense", dense_dir, dirs_exist_ok=True)
         log(f"dense MiniLM: {r0['dense_score']:.2f}")
     ov2 = ov + [f"model.checkpoint={dense_dir}"]
-    res = run_shared(parse_recipe(raw, ov2), out_root / "minilm_shared", levels=levels, log=log)
+    res = run_shared(parse_recipe(raw, ov2), out_root / f"{name}_shared", levels=levels, log=log)
     sep = {}
     for s in levels:   # separately pruned counterparts: one-shot from the same dense model + the L0 retrain budget
         try:
             rs = run_pipeline(parse_recipe(raw, ov2 + [f"prune.sparsity={s}", f"name=minilm-sep-{s}"]),
-                              out_root / f"minilm_sep_{s}", log=log)
+                              out_root / f"{name}_sep_{s}", log=log)
             sep[s] = rs["score"]
         except Exception as e:  # keep the shared rows
             log(f"separate {s}: FAILED {type(e).__name__}: {e}")
     rows = []
     for r in res["levels"]:
         s = r["target_sparsity"]
-        rows.append({"model": "minilm-l6", "task": "sst2", "config": "minilm", "mode": res["mode"],
+        rows.append({"model": "minilm-l6", "task": "sst2", "config": name, "mode": res["mode"],
                      "algorithm": res["algorithm"], "structure": res["structure"], "level": r["level"],
                      "target_sparsity": s, "sparsity": round(r["sparsity"], 6), "metric": r["metric"],
                      "score": r["score"], "dense_score": res["dense_score"], "delta_vs_dense": r["score"] - res["dense_score"],
@@ -190,7 +190,8 @@ def yaml_load(p):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2000 training images, short budgets (smoke test)")
-    ap.add_argument("--configs", default="ref,joint,high", help="comma list of ref,joint,high,minilm")
+    ap.add_argument("--configs", default="ref,joint,high", help="comma list of ref,joint,high,high_long,minilm "
+                    "(any name starting with minilm runs MiniLM with --minilm-train/--minilm-eval)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "shared_bench"), help="run folders")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--minilm-train", type=int, default=1000, help="SST-2 training subsample")
@@ -228,10 +229,10 @@ def main(argv=None) -> int:
     for name in wanted:
         t0 = time.perf_counter()
         try:
-            if name == "minilm":
+            if name.startswith("minilm"):
                 budget = {"train": 200 if args.quick else args.minilm_train, "eval": 200 if args.quick else args.minilm_eval,
                           "max_length": 64, "dense_epochs": 2, "dense_lr": 1e-4, "retrain_epochs": 1, "level_epochs": 0.5}
-                rows, extra = run_minilm(args.quick, out_root, log, budget)
+                rows, extra = run_minilm(args.quick, out_root, log, budget, name)
             else:
                 if name not in configs:
                     raise ValueError(f"unknown config {name!r}; valid: {sorted(configs) + ['minilm']}")

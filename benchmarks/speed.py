@@ -70,24 +70,36 @@ def inputs(batch: int, seq: int) -> dict:
             "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
 
 
-def interleaved(fa, fb, x: dict, repeats: int, warmup: int, threads: int) -> dict:
-    """Median ms of fa and fb called alternately (a, b, a, b ...) + relative IQR noise."""
+def _stats(ts: list[float]) -> tuple[float, float]:
+    """Median and relative IQR (interquartile range / median) of a list of timings."""
+    q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+    med = statistics.median(ts)
+    return med, (q[2] - q[0]) / med
+
+
+def interleaved_many(models: dict, x: dict, repeats: int, warmup: int, threads: int) -> dict:
+    """Time several models called in a rotating order within each round (a b c, b c a, c a b ...),
+    so that load from other jobs hits all of them alike.  Returns per model the list of ms."""
     torch.set_num_threads(threads)
-    ta, tb = [], []
+    items = list(models.items())
+    ts = {k: [] for k in models}
     with torch.inference_mode():
         for _ in range(warmup):
-            fa(**x), fb(**x)
+            for _, f in items:
+                f(**x)
         for i in range(repeats):
-            for f, ts in ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta)):
+            k0 = i % len(items)
+            for k, f in items[k0:] + items[:k0]:
                 t0 = time.perf_counter()
                 f(**x)
-                ts.append(1e3 * (time.perf_counter() - t0))
+                ts[k].append(1e3 * (time.perf_counter() - t0))
+    return ts
 
-    def stats(ts):
-        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-        med = statistics.median(ts)
-        return med, (q[2] - q[0]) / med
-    (ma, na), (mb, nb) = stats(ta), stats(tb)
+
+def interleaved(fa, fb, x: dict, repeats: int, warmup: int, threads: int) -> dict:
+    """Median ms of fa and fb called alternately (a, b, b, a ...) + relative IQR noise."""
+    ts = interleaved_many({"a": fa, "b": fb}, x, repeats, warmup, threads)
+    (ma, na), (mb, nb) = _stats(ts["a"]), _stats(ts["b"])
     return {"latency_ms_dense": ma, "latency_ms": mb, "speedup": ma / mb, "noise_dense": na, "noise": nb,
             "repeats": repeats}
 
@@ -159,7 +171,7 @@ def torch_pruning_peer(layers: int, target_params: int, seq: int) -> tuple[nn.Mo
         return None, f"torch-pruning failed: {type(e).__name__}: {str(e)[:300]}"
 
 
-def part_a(args, rows, notes):
+def part_a(args, rows, notes, save=lambda: None):
     seq = 128
     for batch, layers in ((1, args.layers), (32, args.layers_b32)):
         dense = bert(layers)
@@ -167,10 +179,14 @@ def part_a(args, rows, notes):
         mask_heads_ffn(masked, 0.5)
         comp = copy.deepcopy(masked)
         res = compact(comp)
+        del masked
         x = inputs(batch, seq)
         with torch.inference_mode():
             xs = inputs(2, 16)
-            diff = float((comp(**xs).last_hidden_state - masked(**xs).last_hidden_state).abs().max())
+            ref = copy.deepcopy(dense)
+            mask_heads_ffn(ref, 0.5)
+            diff = float((comp(**xs).last_hidden_state - ref(**xs).last_hidden_state).abs().max())
+            del ref
         fr = linear_flops(dense, seq) / linear_flops(comp, seq)
         enc = [p for n, p in dense.named_parameters() if n.startswith("encoder.") and p.dim() == 2]
         sparsity = 1 - (sum(p.numel() for n, p in comp.named_parameters() if n.startswith("encoder.") and p.dim() == 2)
@@ -180,27 +196,38 @@ def part_a(args, rows, notes):
         notes.setdefault("torch_pruning", {})[f"b{batch}"] = tp_note
         print(f"[a] batch {batch} layers {layers}: params {res.params_before} -> {res.params_after}, "
               f"linear FLOP reduction {fr:.3f}, diff {diff:.2e}; {tp_note}", flush=True)
+        models = {"dense": dense, "prunekit": comp}
+        if tp_model is not None:
+            models["torch_pruning"] = tp_model
+        reps = args.repeats if batch == 1 else args.repeats_b32
         for threads in (1, 2):
-            m = interleaved(dense, comp, x, args.repeats if batch == 1 else args.repeats_b32, 2 if batch == 1 else 1,
-                            threads)
-            row = {"model": f"bert-base-shaped ({layers} layers)", "structure": "heads 50% + ffn 50% (prunekit compact)",
-                   "sparsity": sparsity, "flop_reduction": fr, **m, "batch": batch, "seq_len": seq,
-                   "threads": threads, "bytes": sum(p.numel() * p.element_size() for p in comp.parameters()),
-                   "bytes_dense": sum(p.numel() * p.element_size() for p in dense.parameters()),
-                   "target_met": m["speedup"] >= 0.85 * fr}
-            rows.append(row)
-            print(f"    threads {threads}: dense {m['latency_ms_dense']:.1f} ms, compact {m['latency_ms']:.1f} ms, "
-                  f"speedup {m['speedup']:.2f} (target {0.85 * fr:.2f})", flush=True)
-            if tp_model is not None:
-                t = interleaved(dense, tp_model, x, args.repeats if batch == 1 else args.repeats_b32,
-                                2 if batch == 1 else 1, threads)
-                tfr = linear_flops(dense, seq) / linear_flops(tp_model, seq)
-                rows.append({**row, "structure": "heads 50% + ffn 50% (torch-pruning peer)", "flop_reduction": tfr,
-                             **t, "bytes": sum(p.numel() * p.element_size() for p in tp_model.parameters()),
-                             "target_met": t["speedup"] >= 0.85 * tfr,
-                             "ratio_prunekit_over_peer": m["speedup"] / t["speedup"]})
-                print(f"    threads {threads}: torch-pruning speedup {t['speedup']:.2f}", flush=True)
-        del dense, masked, comp, tp_model
+            # dense, prunekit and the peer in ONE rotating loop: their ratios come from the same time window
+            ts = interleaved_many(models, x, reps, 2 if batch == 1 else 1, threads)
+            md, nd = _stats(ts["dense"])
+            for key, label, m in (("prunekit", "prunekit compact", comp), ("torch_pruning", "torch-pruning peer", tp_model)):
+                if key not in ts:
+                    continue
+                mm, nm = _stats(ts[key])
+                f = linear_flops(dense, seq) / linear_flops(m, seq)
+                row = {"model": f"bert-base-shaped ({layers} layers)", "structure": f"heads 50% + ffn 50% ({label})",
+                       "sparsity": sparsity, "flop_reduction": f, "latency_ms_dense": md, "latency_ms": mm,
+                       "speedup": md / mm, "noise_dense": nd, "noise": nm, "repeats": reps, "batch": batch,
+                       "seq_len": seq, "threads": threads,
+                       "bytes": sum(p.numel() * p.element_size() for p in m.parameters()),
+                       "bytes_dense": sum(p.numel() * p.element_size() for p in dense.parameters()),
+                       "params": sum(p.numel() for p in m.parameters()),
+                       "target_speedup": 0.85 * f, "target_met": md / mm >= 0.85 * f}
+                if key == "prunekit" and "torch_pruning" in ts:
+                    paired = [b / a for a, b in zip(ts["prunekit"], ts["torch_pruning"])]
+                    pm, pn = _stats(paired)
+                    row["ratio_prunekit_over_peer"] = (md / mm) / (md / _stats(ts["torch_pruning"])[0])
+                    row["paired_peer_ms_over_prunekit_ms"] = {"median": pm, "iqr_rel": pn,
+                                                              "min": min(paired), "max": max(paired)}
+                rows.append(row)
+                print(f"    threads {threads} {label}: dense {md:.1f} ms (iqr {nd:.2f}), {mm:.1f} ms (iqr {nm:.2f}), "
+                      f"speedup {md / mm:.2f} (target {0.85 * f:.2f})", flush=True)
+            save()
+        del dense, comp, tp_model, models
 
 
 @torch.no_grad()
@@ -211,7 +238,7 @@ def magnitude_unstructured(model: nn.Module, sparsity: float) -> None:
             m.weight.mul_(st.mask(m.weight, sparsity, "l1").to(m.weight.dtype))
 
 
-def part_b(args, rows, notes):
+def part_b(args, rows, notes, save=lambda: None):
     seq, batch = 128, 1
     dense = bert(args.layers)
     x = inputs(batch, seq)
@@ -233,10 +260,11 @@ def part_b(args, rows, notes):
             rows.append(row)
             print(f"[b] {sp:.0%} threads {threads}: {n_csr}/{len(report)} CSR, dense {m['latency_ms_dense']:.1f} ms, "
                   f"csr {m['latency_ms']:.1f} ms, speedup {m['speedup']:.2f}, diff {diff:.1e}", flush=True)
+            save()
             del sparse, ref
 
 
-def part_c(args, rows, notes):
+def part_c(args, rows, notes, save=lambda: None):
     dense = bert(args.size_layers)
     base = {n: p.detach().clone() for n, p in dense.named_parameters()
             if n.startswith("encoder.") and p.dim() == 2}
@@ -260,6 +288,7 @@ def part_c(args, rows, notes):
                      "theoretical_min_ratio": tmin / dense_bytes, "encodings": chosen})
         print(f"[c] {structure} {real:.3f}: {nbytes / dense_bytes:.3f} of dense (min {tmin / dense_bytes:.3f}) "
               f"{chosen} [{time.perf_counter() - t0:.0f}s]", flush=True)
+        save()
 
 
 def main(argv=None):
@@ -269,7 +298,7 @@ def main(argv=None):
     ap.add_argument("--layers-b32", type=int, default=2)
     ap.add_argument("--size-layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=11)
-    ap.add_argument("--repeats-b32", type=int, default=5)
+    ap.add_argument("--repeats-b32", type=int, default=7)
     ap.add_argument("--parts", default="abc")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
     args = ap.parse_args(argv)
@@ -277,21 +306,34 @@ def main(argv=None):
         args.layers, args.layers_b32, args.size_layers, args.repeats, args.repeats_b32 = 2, 1, 2, 3, 2
     rows, notes = [], {}
     t0 = time.time()
+    part_seconds: dict[str, float] = {}
+
+    def save(final: bool = False) -> None:
+        """Write the JSON now (after every measurement), so a killed run keeps what it measured."""
+        out = {"command": " ".join(["python"] + sys.argv), "machine": machine(),
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": time.time() - t0,
+               "complete": final, "part_seconds": part_seconds,
+               "settings": {k: v for k, v in vars(args).items() if k != "out"},
+               "notes": {**notes, "timing": "medians of interleaved calls (dense, prunekit, peer in one rotating "
+                                            "loop) under torch.inference_mode after warm-up; noise = interquartile "
+                                            "range / median; the 2-core CPU was shared with other engineers' jobs "
+                                            "during the run"},
+               "rows": rows}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.out).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(out, indent=2, default=str) + "\n")
+        tmp.replace(args.out)
+
     for part in args.parts:
+        tp0 = time.time()
         try:
-            {"a": part_a, "b": part_b, "c": part_c}[part](args, rows, notes)
+            {"a": part_a, "b": part_b, "c": part_c}[part](args, rows, notes, save)
         except Exception:
             notes[f"part_{part}_error"] = traceback.format_exc()[-2000:]
             print(notes[f"part_{part}_error"], flush=True)
-    out = {"command": " ".join(["python"] + sys.argv), "machine": machine(),
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": time.time() - t0,
-           "settings": {k: v for k, v in vars(args).items() if k != "out"},
-           "notes": {**notes, "timing": "medians of interleaved dense/pruned calls under torch.inference_mode after "
-                                        "warm-up; noise = interquartile range / median; the 2-core CPU was shared "
-                                        "with other engineers' jobs during the run"},
-           "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+        part_seconds[part] = time.time() - tp0
+        save()
+    save(final=True)
     print(f"wrote {args.out} ({len(rows)} rows, {time.time() - t0:.0f} s)")
 
 

@@ -139,16 +139,21 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, masks: MaskS
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / MANIFEST_FILE
+    return _read_json_doc(Path(directory) / MANIFEST_FILE, "checkpoint manifest", FORMAT)
+
+
+def _read_json_doc(path: Path, what: str, fmt: str) -> dict:
+    """Read a JSON document of format ``fmt``; CheckpointError naming ``path`` if absent/corrupt/foreign."""
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint manifest at {path}")
+        raise CheckpointError(f"no {what} at {path}")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint manifest {path} is corrupt: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a prunekit checkpoint manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r})")
-    return manifest
+        raise CheckpointError(f"{what} {path} is corrupt: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        found = doc.get("format") if isinstance(doc, dict) else None
+        raise CheckpointError(f"{path} is not a prunekit {what} (format {found!r}, expected {fmt!r})")
+    return doc
 
 
 def _verify(d: Path, manifest: dict, name: str) -> None:
@@ -292,15 +297,7 @@ def save_state(directory: str | os.PathLike, obj: Any, meta: dict | None = None)
 def load_state(directory: str | os.PathLike) -> tuple[Any, dict]:
     """Verify (sha256) and read a state written by :func:`save_state`; returns ``(obj, meta)``."""
     d = Path(directory)
-    path = d / STATE_JSON
-    if not path.is_file():
-        raise CheckpointError(f"no run state at {path}")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"run state {path} is corrupt: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{path} is not a prunekit run state (expected format {STATE_FORMAT!r})")
+    doc = _read_json_doc(d / STATE_JSON, "run state", STATE_FORMAT)
     _verify(d, doc, STATE_TENSORS)
     try:
         tensors = load_file(str(d / STATE_TENSORS))
