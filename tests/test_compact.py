@@ -151,6 +151,26 @@ def test_tiny_bert_heads_and_ffn():
         torch.testing.assert_close(m(input_ids=ids, attention_mask=am).logits, ref, atol=1e-5, rtol=0)
 
 
+def test_compacted_layout_is_what_a_fresh_smaller_model_has():
+    """Issue #6 speed finding: the compacted model must run the same kernels as a model *built* at the
+    smaller size (what Torch-Pruning yields): contiguous row-major weights, same dtype, the same
+    attention implementation (SDPA), head size and scaling unchanged, no hooks or parametrizations."""
+    m, cfg = _tiny_bert_zeroed()
+    impl = m.config._attn_implementation
+    compact(m)
+    assert m.config._attn_implementation == impl
+    for name, mod in m.named_modules():
+        assert not mod._forward_hooks and not mod._forward_pre_hooks, name
+        assert not hasattr(mod, "parametrizations"), name
+        if isinstance(mod, nn.Linear):
+            fresh = nn.Linear(mod.in_features, mod.out_features)
+            assert mod.weight.is_contiguous() and mod.weight.stride() == fresh.weight.stride(), name
+            assert mod.weight.dtype == fresh.weight.dtype and mod.weight.data_ptr() % 64 == 0, name
+            assert mod.bias is None or mod.bias.is_contiguous(), name
+    sa = m.bert.encoder.layer[1].attention.self
+    assert (sa.num_attention_heads, sa.attention_head_size, sa.all_head_size, sa.scaling) == (1, 8, 8, 8 ** -0.5)
+
+
 def test_save_rebuild_roundtrip_strict(tmp_path):
     m, cfg = _tiny_bert_zeroed()
     res = compact(m)

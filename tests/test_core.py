@@ -290,3 +290,19 @@ def test_recipe_unknown_key_and_bad_values():
         parse_recipe({"algorithm": {"name": "admn"}})
     r = parse_recipe({"train": {"epochs": 3}, "retrain": {"lr": 0.5}}, ["train.epochs=1", "data.limit=100"])
     assert r.phase("retrain").epochs == 1 and r.phase("retrain").lr == 0.5 and r.data.limit == 100
+
+
+def test_global_scope_equal_and_unequal_group_sizes_agree_with_sorting():
+    from prunekit.scoring import select_keep_global
+    torch.manual_seed(3)
+    scores = [torch.rand(50), torch.rand(70)]
+    # equal sizes: fast threshold path; reference = prune the lowest round(s*N) of the concatenation
+    keeps = select_keep_global(scores, [torch.ones(50), torch.ones(70)], 0.4)
+    flat = torch.cat(scores)
+    ref = flat > flat.sort().values[47]
+    assert torch.equal(torch.cat(keeps), ref) and int((~ref).sum()) == 48
+    # unequal sizes: whole groups pruned in score order while the pruned weight count stays <= target
+    sizes = [torch.full((50,), 2), torch.full((70,), 3)]
+    keeps = select_keep_global(scores, sizes, 0.5)
+    pruned = sum(int(((~k) * z).sum()) for k, z in zip(keeps, sizes))
+    assert pruned <= round(0.5 * 310) and pruned > round(0.5 * 310) - 3

@@ -33,6 +33,11 @@ function unchanged, slicing all coupled tensors at once:
   ``BertSelfAttention.forward`` infers the head count from the tensor, ``scaling`` stays
   ``head_size**-0.5``).  ``model.config`` is left as is; per-layer sizes live in the shape manifest.
 
+  Speed: every sliced weight is a fresh contiguous row-major copy (``_new_param``), so a compacted
+  layer runs exactly the kernels of a layer *built* at the smaller size — measured module by module
+  against Torch-Pruning's pruned BERT (same shapes, strides, SDPA attention, no hooks): equal within
+  noise (docs/speed.md).
+
 Limits (documented, checked): channels coupled through a residual add (ResNet ``conv2``/``bn2``
 outputs, the stem, downsample branches) and the transformer hidden size are **not** compacted —
 they would have to be empty in every coupled tensor; grouped/depthwise convolutions, cross-attention
@@ -331,10 +336,10 @@ def _compact_heads(ledger: _Ledger, layer: str) -> int:
 
 
 def _set_head_attrs(sa: nn.Module, kept: int) -> None:
+    """Head count of a compacted attention module; ``attention_head_size``, ``scaling`` and the
+    attention implementation (``config._attn_implementation``, SDPA by default) stay as they are."""
     sa.num_attention_heads = kept
     sa.all_head_size = kept * int(sa.attention_head_size)
-    if hasattr(sa, "num_key_value_groups"):  # not in BERT, harmless elsewhere
-        pass
 
 
 # ------------------------------------------------------------------------------------------------

@@ -65,19 +65,22 @@ def select_keep(scores: Tensor, sparsity: float) -> Tensor:
 
     Linear time: the k-th smallest score is found with ``torch.kthvalue``; everything below it is
     pruned, and among scores equal to it the lowest indices are pruned first (deterministic ties)."""
-    flat = scores.reshape(-1)
+    return _prune_lowest(scores.reshape(-1), num_to_prune(sparsity, scores.numel())).reshape(scores.shape)
+
+
+def _prune_lowest(flat: Tensor, k: int) -> Tensor:
+    """Keep-mask of a 1-D tensor with its ``k`` lowest entries pruned (lowest index first on ties)."""
     n = flat.numel()
-    k = num_to_prune(sparsity, n)
-    if k == 0:
-        return torch.ones(scores.shape, dtype=torch.bool)
+    if k <= 0:
+        return torch.ones(n, dtype=torch.bool)
     if k >= n:
-        return torch.zeros(scores.shape, dtype=torch.bool)
+        return torch.zeros(n, dtype=torch.bool)
     thr = torch.kthvalue(flat, k).values
     keep = flat > thr
     eq = (flat == thr).nonzero().squeeze(1)
     need = k - int((flat < thr).sum())
     keep[eq[need:]] = True
-    return keep.reshape(scores.shape)
+    return keep
 
 
 def select_keep_global(scores: list[Tensor], sizes: list[Tensor], sparsity: float) -> list[Tensor]:
@@ -90,11 +93,15 @@ def select_keep_global(scores: list[Tensor], sizes: list[Tensor], sparsity: floa
     flat = torch.cat([s.reshape(-1).float() for s in scores])
     sz = torch.cat([z.reshape(-1).long() for z in sizes])
     target = num_to_prune(sparsity, int(sz.sum()))
-    order = torch.argsort(flat, stable=True)
-    cum = torch.cumsum(sz[order], 0)
-    n = int(torch.searchsorted(cum, torch.tensor(target), right=True).item())
-    keep = torch.ones_like(flat, dtype=torch.bool)
-    keep[order[:n]] = False
+    if sz.numel() and bool((sz == sz[0]).all()):
+        # equal group sizes (unstructured, or one block shape that divides every layer): linear-time threshold
+        keep = _prune_lowest(flat, target // max(int(sz[0]), 1))
+    else:
+        order = torch.argsort(flat, stable=True)
+        cum = torch.cumsum(sz[order], 0)
+        n = int(torch.searchsorted(cum, torch.tensor(target), right=True).item())
+        keep = torch.ones_like(flat, dtype=torch.bool)
+        keep[order[:n]] = False
     out, i = [], 0
     for s in scores:
         out.append(keep[i:i + s.numel()].reshape(s.shape))
