@@ -226,7 +226,7 @@ def main(argv=None) -> dict:
                "search_epochs": a.search_epochs * (1.5 if method == "admm_progressive" else 1) if method != "oneshot" else 0,
                "retrain_epochs": a.retrain_epochs, "layer_density": layers,
                "algorithm_params": rd["algorithm"].get("params", {})}
-        key = ("part", "method", "structure", "rate")
+        key = ("part", "method", "structure", "rate", "train_images", "search_epochs", "retrain_epochs")
         res["rows"] = [r for r in res["rows"] if any(r.get(k) != row[k] for k in key)] + [row]
         atomic_write_json(out_path, res)
         log(json.dumps({k: v for k, v in row.items() if k not in ("layer_density", "algorithm_params")}))
@@ -245,7 +245,8 @@ def main(argv=None) -> dict:
             prev = res["best_within_tolerance"].get(m)
             if best is not None and (prev is None or best["rate"] >= prev.get("rate", 0)):
                 res["best_within_tolerance"][m] = {k: best[k] for k in (
-                    "rate", "targeted_compression_rate", "compression_rate", "accuracy", "accuracy_after_hard_prune")}
+                    "rate", "targeted_compression_rate", "compression_rate", "accuracy", "accuracy_after_hard_prune",
+                    "search_epochs", "retrain_epochs")}
             elif best is None and prev is None:
                 res["best_within_tolerance"][m] = None
             atomic_write_json(out_path, res)

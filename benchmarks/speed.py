@@ -1,6 +1,7 @@
 """Real size and speed on CPU (issue #6): compaction, CSR sparse Linear, compressed file size.
 
-Command (full run, ~15-25 min on the shared 2-core box)::
+Command (full run, ~20 min on the shared 2-core box; defaults: 12 layers at batch 1, 2 layers at
+batch 32, 4 layers for file sizes, 11 / 7 repeats)::
 
     python benchmarks/speed.py            # writes benchmarks/results/speed.json
     python benchmarks/speed.py --quick    # 2-layer encoder, few repeats: a smoke run
@@ -23,8 +24,11 @@ latency_ms_dense, latency_ms, speedup, batch, seq_len, threads, bytes):
     at 90 %, nm:2:4, plus ``storage.theoretical_min_bytes``.
 
 Latency: ``torch.inference_mode()``, warm-up, then dense and pruned calls *interleaved* (the CPU is
-shared with other jobs, so load hits both alike); medians reported, with the relative interquartile
-range (``noise_dense``, ``noise``) as the noise record.
+shared with other jobs, so load hits both alike); in (a) dense, prunekit and Torch-Pruning are timed in
+ONE rotating loop (a b c, b c a, c a b ...), so the prunekit/peer ratio comes from the same time window
+(``paired_peer_ms_over_prunekit_ms``: per-round peer ms / prunekit ms).  Medians reported, with the
+relative interquartile range (``noise_dense``, ``noise``) as the noise record.  The JSON is rewritten
+after every measurement (``complete: false`` until the end), so a killed run keeps what it measured.
 """
 from __future__ import annotations
 
