@@ -1,14 +1,17 @@
 """LeNet-5 (ADMM-paper variant, 431k params) on MNIST: every pruning algorithm × structure.
 
-Commands (the ones behind ``benchmarks/results/lenet5_mnist.json``; 1 thread each, run one after another)::
+Commands (the ones behind ``benchmarks/results/lenet5_mnist.json``; 1 thread, run one after another;
+the JSON's ``commands`` lists every invocation in order)::
 
-    # unstructured ladders, full MNIST (60k train / 10k test), per-layer ADMM-paper budget:
-    python benchmarks/lenet5_mnist.py --part unstructured --methods admm --ladder 70 150 250
-    python benchmarks/lenet5_mnist.py --part unstructured --methods admm_progressive --ladder 150 250
-    python benchmarks/lenet5_mnist.py --part unstructured --methods slr --ladder 70 150 250
+    # unstructured, full MNIST (60k train / 10k test), per-layer ADMM-paper budget, 1 + 1 epochs;
+    # one invocation per (method, rate) — the ladder is climbed (or descended after a first failure)
+    # one rung at a time, e.g.
+    python benchmarks/lenet5_mnist.py --part unstructured --methods admm --ladder 70
+    python benchmarks/lenet5_mnist.py --part unstructured --methods admm_progressive --ladder 150
     python benchmarks/lenet5_mnist.py --part unstructured --methods oneshot gradual --ladder 20 50 100
-    # structured grid, modest budget (10k train images, 0.5 + 0.5 epochs):
-    python benchmarks/lenet5_mnist.py --part structured --train-limit 10000 --search-epochs 0.5 --retrain-epochs 0.5
+    # structured grid, modest budget (5k train / 2k test images, 0.5 + 0.5 epochs):
+    python benchmarks/lenet5_mnist.py --part structured --train-limit 5000 --eval-limit 2000 \
+        --search-epochs 0.5 --retrain-epochs 0.5
 
     python benchmarks/lenet5_mnist.py --quick          # smoke test: 6k / 2k images, short phases
 

@@ -175,6 +175,9 @@ def merge(main: Path, other: Path) -> int:
     a["commands"] = cmds + [b["command"]]
     a["command"] = " && ".join(a["commands"])
     a.setdefault("machine", b.get("machine"))
+    note = "configs run as separate processes were merged with: python benchmarks/shared_weights.py --merge FILE"
+    if note not in a.setdefault("notes", []):
+        a["notes"].append(note)
     tmp = main.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(a, indent=2) + "\n")
     os.replace(tmp, main)

@@ -64,7 +64,7 @@ from .checkpoint import CheckpointError, _atomic_replace, state_dict_for_save
 from .masks import MaskSet
 from .pruner import PruneSpec
 from .scoring import select_keep, select_keep_global
-from .structures import NM, Pattern, Structure, parse_structure
+from .structures import NM, Pattern, Structure, connectivity_prune, parse_structure
 from .targets import find_targets
 from .train import Hook, TrainContext, fit
 
@@ -230,21 +230,7 @@ def _nested_pattern(st: Pattern, w: Tensor, sparsity: float, base: Tensor) -> Te
         fb = torch.zeros_like(b[rows]).scatter_(1, order, True) & valid[rows]
         km[rows] = fb
     if st.conn or st.keep is None:
-        base_tile = b.any(1)
-        total = int(valid.sum())
-        target_kept = total - int(round(sparsity * total))
-        kept_per_tile = km.sum(1)
-        tile_energy = (g2 * km).sum(1).masked_fill(base_tile, math.inf)  # never drop a base tile
-        order = torch.argsort(tile_energy, stable=True)
-        cum = torch.cumsum(kept_per_tile[order], 0)
-        excess = int(kept_per_tile.sum()) - target_kept
-        if excess > 0:
-            n_drop = int(torch.searchsorted(cum, torch.tensor(excess)).item()) + 1
-            if n_drop > 1 and abs(int(cum[n_drop - 2]) - excess) <= abs(int(cum[n_drop - 1]) - excess):
-                n_drop -= 1
-            drop = order[:n_drop]
-            drop = drop[~base_tile[drop]]
-            km[drop] = False
+        connectivity_prune(km, g2, valid, sparsity, protected=b.any(1))  # never drop a base tile
     return st.unpartition(km, w.shape).bool()
 
 

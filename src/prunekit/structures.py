@@ -436,20 +436,7 @@ class Pattern(Structure):
         best = torch.argmax(energy, dim=1)
         keep_mask = pats.bool()[best] & valid
         if self.conn or self.keep is None:
-            # connectivity pruning: drop whole tiles (lowest kept energy) to reach the element target
-            total = int(valid.sum())
-            target_kept = total - int(round(s * total))
-            kept_per_tile = keep_mask.sum(1)
-            tile_energy = (g2 * keep_mask).sum(1)
-            order = torch.argsort(tile_energy, stable=True)
-            cum = torch.cumsum(kept_per_tile[order], 0)
-            excess = int(kept_per_tile.sum()) - target_kept
-            if excess > 0:
-                n_drop = int(torch.searchsorted(cum, torch.tensor(excess)).item()) + 1
-                # drop the tile count whose removal lands nearest the target
-                if n_drop > 1 and abs(int(cum[n_drop - 2]) - excess) <= abs(int(cum[n_drop - 1]) - excess):
-                    n_drop -= 1
-                keep_mask[order[:n_drop]] = False
+            connectivity_prune(keep_mask, g2, valid, s)
         return self.unpartition(keep_mask, w.shape).bool()
 
     def project(self, w: Tensor, sparsity: float) -> Tensor:
@@ -457,6 +444,32 @@ class Pattern(Structure):
 
     def group_mask(self, w, sparsity, score="l2"):
         raise TypeError(f"{self.name} selects a pattern per tile, not whole groups; use mask()")
+
+
+def connectivity_prune(keep_mask: Tensor, g2: Tensor, valid: Tensor, sparsity: float,
+                       protected: Tensor | None = None) -> Tensor:
+    """Connectivity pruning (PatDNN): drop whole tiles, lowest kept energy first, until the element
+    sparsity over ``valid`` entries is nearest ``sparsity``.  ``keep_mask`` ``(G, T)`` is changed in place;
+    tiles flagged in ``protected`` ``(G,)`` are never dropped (nested shared-weight levels)."""
+    total = int(valid.sum())
+    target_kept = total - int(round(sparsity * total))
+    kept_per_tile = keep_mask.sum(1)
+    tile_energy = (g2 * keep_mask).sum(1)
+    if protected is not None:
+        tile_energy = tile_energy.masked_fill(protected, math.inf)
+    order = torch.argsort(tile_energy, stable=True)
+    cum = torch.cumsum(kept_per_tile[order], 0)
+    excess = int(kept_per_tile.sum()) - target_kept
+    if excess > 0:
+        n_drop = int(torch.searchsorted(cum, torch.tensor(excess)).item()) + 1
+        # drop the tile count whose removal lands nearest the target
+        if n_drop > 1 and abs(int(cum[n_drop - 2]) - excess) <= abs(int(cum[n_drop - 1]) - excess):
+            n_drop -= 1
+        drop = order[:n_drop]
+        if protected is not None:
+            drop = drop[~protected[drop]]
+        keep_mask[drop] = False
+    return keep_mask
 
 
 _BLOCK_RE = re.compile(r"^block:(\d+)x(\d+)$")
