@@ -243,11 +243,9 @@ def _compact_chain(ledger: _Ledger, ch: Chain) -> int:
         foldable = unpadded and C.bias is not None
     unused = (slices == 0).all(2).all(0)
     constant = _zero_rows(P.weight)
-    removable = unused | (constant & ((const == 0) | foldable))
-    keep_mask = _keep_at_least_one(removable)
+    keep_mask, fold = _removal(unused, constant, const, foldable)
     if keep_mask.all():
         return 0
-    fold = ~keep_mask & ~unused & (const != 0)
     if fold.any():
         C.bias.add_((col_sum[:, fold] * const[fold]).sum(1))
         ledger.folded[ch.consumer] = ledger.folded.get(ch.consumer, 0) + int(fold.sum())
@@ -258,6 +256,15 @@ def _compact_chain(ledger: _Ledger, ch: Chain) -> int:
             ledger.slice_out(b, keep)
     ledger.slice_in(ch.consumer, _columns(keep, ch.spatial), n * ch.spatial)
     return int(n - keep.numel())
+
+
+def _removal(unused: torch.Tensor, constant: torch.Tensor, const: torch.Tensor, foldable: bool):
+    """Which units go: those nobody reads (``unused``), and those whose producer row is zero (``constant``)
+    when the constant they carry is 0 or can be folded into the consumer's bias.  Returns
+    ``(keep_mask, fold)``; ``fold`` marks removed units whose constant must be added to the consumer bias."""
+    removable = unused | (constant & ((const == 0) | foldable))
+    keep_mask = _keep_at_least_one(removable)
+    return keep_mask, ~keep_mask & ~unused & (const != 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,11 +295,9 @@ def _compact_ffn(ledger: _Ledger, layer: str) -> int:
     b1 = W1.bias if W1.bias is not None else torch.zeros(n, dtype=W1.weight.dtype)
     const = L.intermediate.intermediate_act_fn(b1.detach().clone())
     foldable = W2.bias is not None
-    removable = unused | (constant & ((const == 0) | foldable))
-    keep_mask = _keep_at_least_one(removable)
+    keep_mask, fold = _removal(unused, constant, const, foldable)
     if keep_mask.all():
         return 0
-    fold = ~keep_mask & ~unused & (const != 0)
     if fold.any():
         W2.bias.add_(W2.weight[:, fold] @ const[fold])
         ledger.folded[f"{layer}.output.dense"] = ledger.folded.get(f"{layer}.output.dense", 0) + int(fold.sum())
