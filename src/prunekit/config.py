@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .pruner import validate_overrides
 from .structures import parse_structure
 
 __all__ = ["RecipeError", "Recipe", "TrainConfig", "ModelConfig", "DataConfig", "PruneConfig", "TargetsConfig",
@@ -113,23 +114,10 @@ class PruneConfig:
             raise RecipeError(f"structure: {e}") from None
         _range("sparsity", self.sparsity, 0, 1, hi_open=True)
         _choice("scope", self.scope, ("layer", "global"))
-        for pat, ov in self.overrides.items():
-            key = f"overrides[{pat!r}]"
-            if not isinstance(pat, str):
-                raise RecipeError(f"{key}: the pattern must be a string")
-            if isinstance(ov, dict):
-                bad = set(ov) - {"sparsity", "structure"}
-                if bad:
-                    raise RecipeError(f"{key}: unknown keys {sorted(map(str, bad))}; valid: sparsity, structure")
-                if "sparsity" in ov:
-                    _range(f"{key}.sparsity", ov["sparsity"], 0, 1, hi_open=True)
-                if "structure" in ov:
-                    try:
-                        parse_structure(ov["structure"])
-                    except ValueError as e:
-                        raise RecipeError(f"{key}.structure: {e}") from None
-            else:
-                _range(key, ov, 0, 1, hi_open=True)
+        try:
+            validate_overrides(self.overrides)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
 
 
 @dataclass

@@ -8,6 +8,7 @@ tensor([[False,  True,  True, False]])
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,7 +20,7 @@ from .scoring import resolve_score, select_keep_global
 from .structures import NM, Pattern, Structure, parse_structure
 from .targets import TargetSpec, find_targets
 
-__all__ = ["mask_for", "PruneSpec", "compute_masks", "prune"]
+__all__ = ["mask_for", "PruneSpec", "compute_masks", "prune", "validate_overrides"]
 
 
 def mask_for(weight: Tensor, structure: "str | Structure", sparsity: float, score="l2") -> Tensor:
@@ -29,6 +30,40 @@ def mask_for(weight: Tensor, structure: "str | Structure", sparsity: float, scor
     element-wise importance tensor of the weight's shape.  For ``unstructured`` every score is |w|."""
     st = parse_structure(structure)
     return st.mask(weight.detach(), sparsity, score)
+
+
+def _check_fraction(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{key}: {value} is not a finite number")
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{key}: {value} is out of range (must be >= 0 and < 1)")
+
+
+def validate_overrides(overrides: dict) -> None:
+    """Check ``{pattern: sparsity | {sparsity, structure}}``; ``ValueError`` naming ``overrides[pattern]...``.
+
+    The one validator for per-layer overrides: recipes (:mod:`prunekit.config`) and :class:`PruneSpec` use it."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"overrides: expected a mapping of name pattern → sparsity, got {overrides!r}")
+    for pat, ov in overrides.items():
+        key = f"overrides[{pat!r}]"
+        if not isinstance(pat, str):
+            raise ValueError(f"{key}: the pattern must be a string")
+        if isinstance(ov, dict):
+            bad = set(ov) - {"sparsity", "structure"}
+            if bad:
+                raise ValueError(f"{key}: unknown keys {sorted(map(str, bad))}; valid: sparsity, structure")
+            if "sparsity" in ov:
+                _check_fraction(f"{key}.sparsity", ov["sparsity"])
+            if "structure" in ov:
+                try:
+                    parse_structure(ov["structure"])
+                except ValueError as e:
+                    raise ValueError(f"{key}.structure: {e}") from None
+        else:
+            _check_fraction(key, ov)
 
 
 @dataclass
@@ -54,25 +89,15 @@ class PruneSpec:
         self.structure = parse_structure(self.structure)
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
             raise ValueError(f"prune.sparsity must be a number in [0, 1); got {self.sparsity!r}")
-        if not isinstance(self.overrides, dict):
-            raise ValueError(f"prune.overrides must be a mapping of name pattern → sparsity; got {self.overrides!r}")
         if not (0.0 <= float(self.sparsity) < 1.0):
             raise ValueError(f"prune.sparsity must be in [0, 1); got {self.sparsity}")
         if self.scope not in ("layer", "global"):
             raise ValueError(f"prune.scope must be 'layer' or 'global'; got {self.scope!r}")
         resolve_score(self.score)
-        for pat, ov in self.overrides.items():
-            s = ov.get("sparsity") if isinstance(ov, dict) else ov
-            if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float))):
-                raise ValueError(f"prune.overrides[{pat!r}] must be a sparsity number or {{sparsity, structure}}; got {ov!r}")
-            if s is not None and not (0.0 <= float(s) < 1.0):
-                raise ValueError(f"prune.overrides[{pat!r}] sparsity must be in [0, 1); got {s}")
-            if isinstance(ov, dict):
-                bad = set(ov) - {"sparsity", "structure"}
-                if bad:
-                    raise ValueError(f"prune.overrides[{pat!r}] has unknown keys {sorted(bad)}; valid: sparsity, structure")
-                if "structure" in ov:
-                    parse_structure(ov["structure"])
+        try:
+            validate_overrides(self.overrides)
+        except ValueError as e:
+            raise ValueError(f"prune.{e}") from None
 
     def layer_plan(self, names) -> dict[str, tuple[Structure, float]]:
         """``{param_name: (structure, sparsity)}`` after overrides."""
