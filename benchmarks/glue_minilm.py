@@ -40,7 +40,6 @@ from prunekit.runner import run_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "glue_minilm.json"
 PREV = ROOT / "benchmarks" / "results" / "glue_minilm_starved.json"   # not written; see previous_starved_run
-METRIC_NAME = {"sst2": "accuracy", "mrpc": "f1"}
 # priority order: P1 dense (inside the first row of each task), P2 30% structures, P3 distillation
 DEFAULT_ROWS = ("sst2:unstructured:0.3,mrpc:unstructured:0.3,"
                 "sst2:row:0.3,sst2:column:0.3,sst2:block:4x4:0.3,mrpc:row:0.3,mrpc:column:0.3,mrpc:block:4x4:0.3,"
@@ -67,11 +66,19 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default=os.environ.get("PRUNEKIT_GLUE_RUNS", "/tmp/prunekit_glue_runs"))
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--previous", default=None, help="earlier (starved) results JSON kept as previous_starved_run")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra recipe override for every row (repeatable), e.g. retrain.epochs=3")
+    ap.add_argument("--tag", default="", help="suffix of the row's method and run folder for a --set variant")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                    help="run nothing: merge the rows of these result files into --out (a later file's row replaces "
+                         "an earlier one with the same task/method/structure/sparsity)")
     a = ap.parse_args(argv)
+    if a.merge:
+        return merge(Path(a.out), [Path(f) for f in a.merge])
     torch.set_num_threads(1)
     os.environ.setdefault("PRUNEKIT_NO_PROGRESS", "1")
     rows = [parse_row(r) for r in a.rows.split(",")]
-    extra: list[str] = []
+    extra: list[str] = list(a.sets)
     if a.quick:
         rows, extra = [("sst2", "unstructured", 0.3)], ["data.limit=256", "dense.epochs=1", "retrain.epochs=0.5"]
     runs = Path(a.runs)
@@ -79,7 +86,8 @@ def main(argv=None) -> int:
     result = {"command": " ".join([sys.executable.rsplit("/", 1)[-1], *map(shlex.quote, sys.argv)]),
               "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "notes": ("score/dense_score in points (metric x 100) on the FULL dev sets (SST-2 accuracy, 872; "
-                        "MRPC F1, 408). compression_rate = dense/nonzero weights of the 36 targeted encoder "
+                        "MRPC F1, 408; STS-B mean of Pearson and Spearman ('combined'; both are in all_metrics), "
+                        "1500; RTE accuracy, 277; CoLA Matthews correlation, 1043). compression_rate = dense/nonzero weights of the 36 targeted encoder "
                         "matrices; model_compression_rate counts every parameter (embeddings, classifier). "
                         "seconds = prune+search+retrain of the row (dense fine-tuning reported under dense). "
                         "Each row's exact command is in its `command` field."),
@@ -95,7 +103,7 @@ def main(argv=None) -> int:
         distill = structure == "distill"
         recipe_path = f"recipes/glue_{task}_bench{'_distill' if distill else ''}.yaml"
         dense_dir = runs / f"{task}_unstructured_0.3" / "dense"
-        label = f"{task}_{structure.replace(':', '')}_{sparsity:g}"
+        label = f"{task}_{structure.replace(':', '')}_{sparsity:g}" + (f"_{a.tag}" if a.tag else "")
         sets = [f"prune.structure={'unstructured' if distill else structure}", f"prune.sparsity={sparsity}"]
         if distill:
             sets.append(f"algorithm.params.end=0.8")
@@ -116,7 +124,8 @@ def main(argv=None) -> int:
                                      "checkpoint": str(dense_dir), "epochs": recipe.phase("dense").epochs,
                                      "lr": recipe.phase("dense").lr, "train_examples": info["train_examples"]}
         rcfg, scfg = recipe.phase("retrain"), recipe.phase("search")
-        row = {"task": task, "method": "progressive_distill" if distill else "oneshot+retrain",
+        method = "progressive_distill" if distill else "oneshot+retrain"
+        row = {"task": task, "method": method + (f"+{a.tag}" if a.tag else ""), "overrides": extra,
                "structure": "unstructured" if distill else structure,
                "sparsity": round(res["targeted_sparsity"] if "targeted_sparsity" in res else res["sparsity"], 4),
                "compression_rate": round(res["targeted_compression_rate"], 3),
@@ -138,6 +147,33 @@ def main(argv=None) -> int:
         atomic_write_json(out, result)
         print(json.dumps({k: row[k] for k in ("task", "structure", "sparsity", "score", "dense_score", "seconds")}),
               flush=True)
+    return 0
+
+
+def _key(row: dict) -> tuple:
+    return row["task"], row["method"], row["structure"], row["sparsity"]
+
+
+def merge(out: Path, files: list[Path]) -> int:
+    """One result file from several runs of this script (e.g. one per core): rows, dense models, commands."""
+    merged = json.loads(out.read_text()) if out.is_file() else {"dense": {}, "rows": []}
+    sources = [*merged.get("sources", [])] or ([{k: merged[k] for k in ("command", "date", "machine") if k in merged}]
+                                                if merged.get("rows") else [])
+    rows = {_key(r): r for r in merged.get("rows", [])}
+    for f in files:
+        d = json.loads(f.read_text())
+        for task, dense in d.get("dense", {}).items():
+            merged["dense"].setdefault(task, dense)
+        for r in d.get("rows", []):
+            rows[_key(r)] = r
+        sources.append({"file": f.name, **{k: d.get(k) for k in ("command", "date", "machine", "missing")}})
+    order = {t: i for i, t in enumerate(("sst2", "mrpc", "stsb", "rte", "cola"))}
+    merged["rows"] = sorted(rows.values(), key=lambda r: (order.get(r["task"], 9), r["method"], r["structure"],
+                                                          r["sparsity"]))
+    merged["sources"] = sources
+    merged["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    atomic_write_json(out, merged)
+    print(f"{out}: {len(merged['rows'])} rows from {len(files)} file(s)")
     return 0
 
 

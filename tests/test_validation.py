@@ -169,3 +169,13 @@ def test_no_unpickling_anywhere_in_the_source():
                 bad.append(f"{f.relative_to(SRC)}: {call}")
     assert not bad, "unpickling code found:\n" + "\n".join(bad)
     assert len(list(SRC.rglob("*.py"))) > 20          # the grep really saw the package
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    """YAML 1.1 reads ``1e-4`` as a string; a recipe / --set value like that means the number."""
+    from prunekit.config import apply_overrides
+    raw = {"model": {"name": "lenet5"}, "data": {"name": "mnist"}, "train": {"lr": "5E-3"}}
+    r = parse_recipe(apply_overrides(raw, ["retrain.lr=1e-4", "prune.sparsity=3e-1"]))
+    assert r.train.lr == 5e-3 and r.phase("retrain").lr == 1e-4 and r.prune.sparsity == 0.3
+    with pytest.raises(RecipeError, match=r"retrain\.lr: expected a number, got '1e-4x'"):
+        parse_recipe(apply_overrides(raw, ["retrain.lr=1e-4x"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -178,6 +179,9 @@ def _range(key, value, lo, hi, lo_open=False, hi_open=False):
         raise RecipeError(f"{key}: {value} is out of range (must be {'<' if hi_open else '<='} {hi})")
 
 
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(tp, value, key):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -217,6 +221,8 @@ def _coerce(tp, value, key):
             raise RecipeError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            value = float(value)   # YAML 1.1 reads "1e-4" (no dot) as a string; users mean the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
         return float(value)
