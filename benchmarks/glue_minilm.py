@@ -72,7 +72,11 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                     help="run nothing: merge the rows of these result files into --out (a later file's row replaces "
                          "an earlier one with the same task/method/structure/sparsity)")
+    ap.add_argument("--table", action="store_true", help="run nothing: print --out's rows as a markdown table")
     a = ap.parse_args(argv)
+    if a.table:
+        print(table(json.loads(Path(a.out).read_text())))
+        return 0
     if a.merge:
         return merge(Path(a.out), [Path(f) for f in a.merge])
     torch.set_num_threads(1)
@@ -148,6 +152,22 @@ def main(argv=None) -> int:
         print(json.dumps({k: row[k] for k in ("task", "structure", "sparsity", "score", "dense_score", "seconds")}),
               flush=True)
     return 0
+
+
+TASK_LABEL = {"sst2": "SST-2 (acc)", "mrpc": "MRPC (F1)", "stsb": "STS-B (P/S mean)", "rte": "RTE (acc)",
+              "cola": "CoLA (MCC)"}
+
+
+def table(result: dict) -> str:
+    """Markdown table of a result file's rows (the one in docs/nlp.md)."""
+    lines = ["| task | method | structure | sparsity | compression (encoder / model) | score | dense | Δ "
+             "| after prune | epochs (search+retrain) | seconds |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {TASK_LABEL.get(r['task'], r['task'])} | {r['method']} | {r['structure']} | {r['sparsity']:.3f} "
+                     f"| {r['compression_rate']:.2f}× / {r['model_compression_rate']:.2f}× | {r['score']:.2f} "
+                     f"| {r['dense_score']:.2f} | {r['delta']:+.2f} | {r['score_after_hard_prune']:.2f} "
+                     f"| {r['search_epochs']:g}+{r['retrain_epochs']:g} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
 
 
 def _key(row: dict) -> tuple:

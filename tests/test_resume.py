@@ -190,3 +190,13 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     state, meta = load_state(cks[-1])
     assert meta["stage"] == "dense" and meta["step"] >= 1
     assert all(bool(torch.isfinite(v).all()) for v in state["fit"]["model"].values())
+
+
+def test_fit_without_a_bar_prints_one_line_per_evaluation(monkeypatch, capsys):
+    """Log files / CI have no progress bar; the per-epoch dev metrics must still reach stderr."""
+    monkeypatch.setenv("PRUNEKIT_NO_PROGRESS", "1")
+    model, loader, masks = _setup("dataloader")
+    r = fit(model, ClassificationTask(), loader, loader, TrainConfig(epochs=2, lr=0.01), masks=masks, desc="dense")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[dense] epoch")]
+    assert [ln.split(":")[0] for ln in lines] == ["[dense] epoch 1", "[dense] epoch 2"]
+    assert f"accuracy={r['history'][1]['accuracy']:.4f}" in lines[1]

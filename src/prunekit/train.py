@@ -338,8 +338,12 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
                         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 else:
                     bad_evals += 1
-                bar.write(f"[{desc}] epoch {ctx.epoch}: " + ", ".join(
-                    f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))) if not _progress_disabled() else None
+                line = f"[{desc}] epoch {ctx.epoch:g}: " + ", ".join(
+                    f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                if _progress_disabled():   # no bar (log file, CI): still one line per evaluation
+                    print(line, file=sys.stderr, flush=True)
+                else:
+                    bar.write(line)
             if on_epoch_end is not None:
                 on_epoch_end(ctx, metrics)
             stopped = bool(cfg.patience and bad_evals >= cfg.patience)
