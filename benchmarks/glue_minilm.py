@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: SST-2, 256 examples, unstructured only")
     ap.add_argument("--rows", default=DEFAULT_ROWS, help="comma list of task:structure:sparsity (structure "
-                                                       "'distill' = unstructured by progressive distillation)")
+                                                       "'distill' = unstructured by progressive distillation, "
+                                                       "'distill@row' etc. = that structure by it)")
     ap.add_argument("--runs", default=os.environ.get("PRUNEKIT_GLUE_RUNS", "/tmp/prunekit_glue_runs"))
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--previous", default=None, help="earlier (starved) results JSON kept as previous_starved_run")
@@ -104,11 +105,12 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
     for task, structure, sparsity in rows:
-        distill = structure == "distill"
+        distill = structure == "distill" or structure.startswith("distill@")
+        pruned = structure.split("@", 1)[1] if "@" in structure else ("unstructured" if distill else structure)
         recipe_path = f"recipes/glue_{task}_bench{'_distill' if distill else ''}.yaml"
         dense_dir = runs / f"{task}_unstructured_0.3" / "dense"
-        label = f"{task}_{structure.replace(':', '')}_{sparsity:g}" + (f"_{a.tag}" if a.tag else "")
-        sets = [f"prune.structure={'unstructured' if distill else structure}", f"prune.sparsity={sparsity}"]
+        label = f"{task}_{structure.replace(':', '').replace('@', '_')}_{sparsity:g}" + (f"_{a.tag}" if a.tag else "")
+        sets = [f"prune.structure={pruned}", f"prune.sparsity={sparsity}"]
         if distill:
             sets.append(f"algorithm.params.end=0.8")
         if (dense_dir / "manifest.json").is_file() and label != f"{task}_unstructured_0.3":
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
         rcfg, scfg = recipe.phase("retrain"), recipe.phase("search")
         method = "progressive_distill" if distill else "oneshot+retrain"
         row = {"task": task, "method": method + (f"+{a.tag}" if a.tag else ""), "overrides": extra,
-               "structure": "unstructured" if distill else structure,
+               "structure": pruned,
                "sparsity": round(res["targeted_sparsity"] if "targeted_sparsity" in res else res["sparsity"], 4),
                "compression_rate": round(res["targeted_compression_rate"], 3),
                "compression_scope": "targeted encoder matrices (36)",
