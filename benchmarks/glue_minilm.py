@@ -166,13 +166,31 @@ TASK_LABEL = {"sst2": "SST-2 (acc)", "mrpc": "MRPC (F1)", "stsb": "STS-B (P/S me
               "cola": "CoLA (MCC)"}
 
 
+def constant_baseline(task: str) -> float:
+    """Best dev score (points) of a model that predicts one class for every example: a row at or below it has
+    collapsed to the constant predictor (MRPC: all "equivalent" gives F1 81.2).  STS-B: 0 (no correlation)."""
+    import numpy as np  # noqa: PLC0415
+
+    from prunekit.data.glue import get_task, load_glue  # noqa: PLC0415
+    from prunekit.data.metrics import glue_metrics  # noqa: PLC0415
+    spec = get_task(task)
+    if not spec.label_names:
+        return 0.0
+    dev = load_glue(task, split="dev")
+    y = np.array([e.label for e in dev.examples])
+    return round(100 * max(glue_metrics(task, np.full_like(y, c), y)[spec.primary_metric]
+                           for c in range(len(spec.label_names))), 2)
+
+
 def table(result: dict) -> str:
-    """Markdown table of a result file's rows (the one in docs/nlp.md)."""
+    """Markdown table of a result file's rows (the one in docs/nlp.md); † = not above the constant predictor."""
+    const = result.get("constant_baseline", {})
     lines = ["| task | method | structure | sparsity | compression (encoder / model) | score | dense | Δ "
              "| after prune | epochs (search+retrain) | seconds |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {TASK_LABEL.get(r['task'], r['task'])} | {r['method']} | {r['structure']} | {r['sparsity']:.3f} "
-                     f"| {r['compression_rate']:.2f}× / {r['model_compression_rate']:.2f}× | {r['score']:.2f} "
+                     f"| {r['compression_rate']:.2f}× / {r['model_compression_rate']:.2f}× | {r['score']:.2f}"
+                     f"{'†' if r['score'] <= const.get(r['task'], -1e9) + 0.5 else ''} "
                      f"| {r['dense_score']:.2f} | {r['delta']:+.2f} | {r['score_after_hard_prune']:.2f} "
                      f"| {r['search_epochs']:g}+{r['retrain_epochs']:g} | {r['seconds']:.0f} |")
     return "\n".join(lines)
@@ -200,6 +218,8 @@ def merge(out: Path, files: list[Path]) -> int:
     merged["rows"] = sorted(rows.values(), key=lambda r: (order.get(r["task"], 9), round(r["sparsity"], 2),
                                                           kinds.get(r["structure"], 9), r["method"]))
     merged["sources"] = sources
+    merged["constant_baseline"] = {t: constant_baseline(t) for t in sorted({r["task"] for r in rows.values()},
+                                                                             key=lambda t: order.get(t, 9))}
     merged["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     atomic_write_json(out, merged)
     print(f"{out}: {len(merged['rows'])} rows from {len(files)} file(s)")
