@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--previous", default=None, help="earlier (starved) results JSON kept as previous_starved_run")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="extra recipe override for every row (repeatable), e.g. retrain.epochs=3")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue a row whose run folder holds an unfinished (killed) run; its seconds then "
+                         "count only this process's part and the row says resumed: true")
     ap.add_argument("--tag", default="", help="suffix of the row's method and run folder for a --set variant")
     ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                     help="run nothing: merge the rows of these result files into --out (a later file's row replaces "
@@ -126,7 +129,9 @@ def main(argv=None) -> int:
         print(f"== {cmd}", flush=True)
         recipe = load_recipe(ROOT / recipe_path, sets)
         t0 = time.perf_counter()
-        res = run_pipeline(recipe, runs / label, log=lambda m: print(f"  [{label}] {m}", flush=True))
+        unfinished = (runs / label / "state").is_dir() and not (runs / label / "results.json").is_file()
+        res = run_pipeline(recipe, runs / label, log=lambda m: print(f"  [{label}] {m}", flush=True),
+                           resume=a.resume)
         wall = time.perf_counter() - t0
         metric = res["metric"]
         info = res["workload"]
@@ -153,7 +158,8 @@ def main(argv=None) -> int:
                "train_examples": info["train_examples"], "eval_examples": info["eval_examples"],
                "max_length": info["max_length"], "batch_size": recipe.data.batch_size,
                "search_epochs": scfg.epochs if distill else 0, "retrain_epochs": rcfg.epochs,
-               "retrain_lr": rcfg.lr, "threads": torch.get_num_threads(), "command": cmd}
+               "retrain_lr": rcfg.lr, "threads": torch.get_num_threads(),
+               "command": cmd + (" --resume" if unfinished and a.resume else ""), "resumed": unfinished and a.resume}
         result["rows"].append(row)
         result["missing"].remove(f"{task} {structure} {sparsity}")
         atomic_write_json(out, result)
