@@ -152,6 +152,7 @@ def main(argv=None) -> int:
                "dense_score": round(100 * res["dense_score"], 2),
                "delta": round(100 * (res["score"] - res["dense_score"]), 2),
                "score_after_hard_prune": round(100 * res["score_after_hard_prune"], 2),
+               "retrain_selection": res.get("retrain_selection", "best retraining epoch (dev metric)"),
                "all_metrics": res["metrics"]["final"],
                "seconds": round(res["seconds"].get("search", 0) + res["seconds"]["retrain"], 1),
                "wall_seconds": round(wall, 1),

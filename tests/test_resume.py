@@ -200,3 +200,21 @@ def test_fit_without_a_bar_prints_one_line_per_evaluation(monkeypatch, capsys):
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[dense] epoch")]
     assert [ln.split(":")[0] for ln in lines] == ["[dense] epoch 1", "[dense] epoch 2"]
     assert f"accuracy={r['history'][1]['accuracy']:.4f}" in lines[1]
+
+
+def test_retraining_that_never_beats_the_entry_weights_gives_them_back():
+    """``baseline`` = metrics of the entering weights: with restore_best they compete as epoch 0."""
+    model, loader, masks = _setup("dataloader")
+    task = ClassificationTask()
+    masks.apply(model)                             # fit's hard-prune would apply it on entry anyway
+    entry = {k: v.clone() for k, v in model.state_dict().items()}
+    base = task.evaluate(model, loader)
+    unbeatable = {**base, "accuracy": 101.0}      # no epoch can beat it -> entry weights restored, patience 1 stops
+    r = fit(model, task, loader, loader, TrainConfig(epochs=3, lr=0.05, patience=1), masks=masks,
+            restore_best=True, baseline=unbeatable)
+    assert len(r["history"]) == 1 and r["best"]["epoch"] == 0
+    assert all(torch.equal(v, entry[k]) for k, v in model.state_dict().items())
+    model2, loader2, masks2 = _setup("dataloader")
+    r2 = fit(model2, task, loader2, loader2, TrainConfig(epochs=2, lr=0.05), masks=masks2, restore_best=True,
+             baseline={**base, "accuracy": -1.0})   # beaten at once: the best epoch's weights, as before
+    assert r2["best"]["epoch"] >= 1 and r2["best"]["accuracy"] == max(h["accuracy"] for h in r2["history"])

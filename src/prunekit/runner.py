@@ -340,6 +340,7 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
                 getattr(h, "set_stage", lambda *_: None)("retrain")
             r = fit(model, task, wl.train_loader, wl.eval_loader, retrain_cfg, hooks=[*extra_hooks, *test_hooks],
                     masks=masks, desc="retrain", restore_best=True, resume=fit_resume("retrain"),
+                    baseline=results["metrics"]["after_hard_prune"],
                     checkpoint_every=every, on_checkpoint=saver("retrain", offsets["retrain"]))
             results["history"]["retrain"] = r["history"]
     except NonFiniteLoss as e:
@@ -361,6 +362,7 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
     results["score"] = final[metric]
     results["dense_score"] = results["metrics"]["dense"][metric]
     results["score_after_hard_prune"] = results["metrics"]["after_hard_prune"][metric]
+    results["retrain_selection"] = "best of the hard-pruned entry weights and each retraining epoch (dev metric)"
     results["algorithm"] = recipe.algorithm.name
     results["structure"] = recipe.prune.structure
     results["target_sparsity"] = recipe.prune.sparsity

@@ -198,13 +198,15 @@ def _params_finite(model: nn.Module) -> bool:
 def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | None, cfg: TrainConfig, *,
         hooks: list[Hook] = (), masks: MaskSet | None = None, desc: str = "train",
         on_epoch_end: Callable[[TrainContext, dict], None] | None = None,
-        restore_best: bool = False, resume: dict | None = None, checkpoint_every: int = 0,
+        restore_best: bool = False, baseline: dict | None = None, resume: dict | None = None, checkpoint_every: int = 0,
         on_checkpoint: Callable[[Callable[[], dict]], None] | None = None) -> dict:
     """Train ``model`` per ``cfg``; returns ``{"history": [...], "best": metrics, "steps": n, "seconds": s}``.
 
     With ``masks``, training is hard-pruned (weights, gradients, and weights after each step).
     With ``cfg.patience``, training stops when the metric has not improved for that many evaluations;
-    with ``restore_best`` the best evaluated weights are restored at the end.
+    with ``restore_best`` the best evaluated weights are restored at the end.  ``baseline`` = the metrics of the
+    weights as they enter (already evaluated, e.g. right after hard-pruning): they compete as "epoch 0", so with
+    ``restore_best`` training that never beats them gives the entering weights back, and patience counts from them.
 
     Resume: ``on_checkpoint(make_snapshot)`` is called after every ``checkpoint_every`` optimizer steps
     and after every epoch; ``make_snapshot()`` returns a plain dict of tensors/numbers (model, masks,
@@ -234,6 +236,10 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
     bad_evals = 0
     stopped = False
     start_epoch, skip = 0, 0
+    if baseline is not None and task.metric in baseline:
+        best = {**baseline, "epoch": 0}
+        if restore_best:
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if resume is not None:   # begin() may have (re)initialised things: restore over it
         _load_hook_states(hooks, resume["hooks"])
         if masks is not None and resume.get("masks") is not None:
