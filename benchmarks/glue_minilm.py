@@ -225,6 +225,13 @@ def merge(out: Path, files: list[Path]) -> int:
     merged["rows"] = sorted(rows.values(), key=lambda r: (order.get(r["task"], 9), round(r["sparsity"], 2),
                                                           kinds.get(r["structure"], 9), r["method"]))
     merged["sources"] = sources
+
+    def done(entry: str) -> bool:
+        t, st, sp = entry.split(" ")
+        pruned = st.split("@", 1)[1] if "@" in st else ("unstructured" if st == "distill" else st)
+        return any(r["task"] == t and r["structure"] == pruned and round(r["sparsity"], 2) == round(float(sp), 2)
+                   and r["method"].startswith("progressive_distill") == st.startswith("distill") for r in rows.values())
+    merged["missing"] = sorted({m for src in [merged, *sources] for m in (src.get("missing") or []) if not done(m)})
     merged["constant_baseline"] = {t: constant_baseline(t) for t in sorted({r["task"] for r in rows.values()},
                                                                              key=lambda t: order.get(t, 9))}
     merged["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
