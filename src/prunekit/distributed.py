@@ -13,6 +13,7 @@ runner checks that at the end with a digest all-gather.  Only rank 0 writes file
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 from typing import Iterable, Iterator
@@ -51,7 +52,14 @@ def init_from_env() -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
+    atexit.register(shutdown)   # gloo's threads can abort ("terminate called ...") if the group outlives main
     return True
+
+
+def shutdown() -> None:
+    """Tear the default process group down (registered at exit by :func:`init_from_env`)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
