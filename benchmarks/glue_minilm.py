@@ -58,6 +58,11 @@ def machine() -> dict:
             "load_average_at_start": os.getloadavg()}
 
 
+def pruned_structure(structure: str) -> str:
+    """The structure a row prunes: ``distill`` = unstructured, ``distill@row`` = row, else itself."""
+    return structure.split("@", 1)[1] if "@" in structure else ("unstructured" if structure == "distill" else structure)
+
+
 def parse_row(s: str) -> tuple[str, str, float]:
     task, rest = s.split(":", 1)
     structure, sp = rest.rsplit(":", 1)
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
     atomic_write_json(out, result)
     for task, structure, sparsity in rows:
         distill = structure == "distill" or structure.startswith("distill@")
-        pruned = structure.split("@", 1)[1] if "@" in structure else ("unstructured" if distill else structure)
+        pruned = pruned_structure(structure)
         recipe_path = f"recipes/glue_{task}_bench{'_distill' if distill else ''}.yaml"
         dense_dir = runs / f"{task}_unstructured_0.3" / "dense"
         label = f"{task}_{structure.replace(':', '').replace('@', '_')}_{sparsity:g}" + (f"_{a.tag}" if a.tag else "")
@@ -228,8 +233,7 @@ def merge(out: Path, files: list[Path]) -> int:
 
     def done(entry: str) -> bool:
         t, st, sp = entry.split(" ")
-        pruned = st.split("@", 1)[1] if "@" in st else ("unstructured" if st == "distill" else st)
-        return any(r["task"] == t and r["structure"] == pruned and round(r["sparsity"], 2) == round(float(sp), 2)
+        return any(r["task"] == t and r["structure"] == pruned_structure(st) and round(r["sparsity"], 2) == round(float(sp), 2)
                    and r["method"].startswith("progressive_distill") == st.startswith("distill") for r in rows.values())
     merged["missing"] = sorted({m for src in [merged, *sources] for m in (src.get("missing") or []) if not done(m)})
     merged["constant_baseline"] = {t: constant_baseline(t) for t in sorted({r["task"] for r in rows.values()},

@@ -236,10 +236,14 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
     bad_evals = 0
     stopped = False
     start_epoch, skip = 0, 0
-    if baseline is not None and task.metric in baseline:
+
+    def weights_copy() -> dict:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    if resume is None and baseline is not None and task.metric in baseline:   # a resume brings its own best
         best = {**baseline, "epoch": 0}
         if restore_best:
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = weights_copy()
     if resume is not None:   # begin() may have (re)initialised things: restore over it
         _load_hook_states(hooks, resume["hooks"])
         if masks is not None and resume.get("masks") is not None:
@@ -341,7 +345,7 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
                 if best is None or score > best[task.metric]:
                     best, bad_evals = dict(metrics), 0
                     if restore_best:
-                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        best_state = weights_copy()
                 else:
                     bad_evals += 1
                 line = f"[{desc}] epoch {ctx.epoch:g}: " + ", ".join(
