@@ -64,9 +64,15 @@ def pruned_structure(structure: str) -> str:
 
 
 def parse_row(s: str) -> tuple[str, str, float]:
-    task, rest = s.split(":", 1)
-    structure, sp = rest.rsplit(":", 1)
-    return task, structure, float(sp)
+    """``task:structure:sparsity`` (the structure may contain ``:``, e.g. ``block:4x4``)."""
+    parts = s.split(":", 1)
+    rest = parts[1].rsplit(":", 1) if len(parts) == 2 else []
+    try:
+        if len(rest) != 2 or not parts[0] or not rest[0]:
+            raise ValueError
+        return parts[0], rest[0], float(rest[1])
+    except ValueError:
+        raise ValueError(f"--rows entry {s!r}: expected task:structure:sparsity, e.g. mrpc:block:4x4:0.3") from None
 
 
 def main(argv=None) -> int:
@@ -96,7 +102,10 @@ def main(argv=None) -> int:
         return merge(Path(a.out), [Path(f) for f in a.merge])
     torch.set_num_threads(1)
     os.environ.setdefault("PRUNEKIT_NO_PROGRESS", "1")
-    rows = [parse_row(r) for r in a.rows.split(",")]
+    try:
+        rows = [parse_row(r) for r in a.rows.split(",")]
+    except ValueError as e:
+        ap.error(str(e))
     extra: list[str] = list(a.sets)
     if a.quick:
         rows, extra = [("sst2", "unstructured", 0.3)], ["data.limit=256", "dense.epochs=1", "retrain.epochs=0.5"]
