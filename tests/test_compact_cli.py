@@ -11,7 +11,7 @@ import torch
 
 from prunekit.cli.compact import load_run
 from prunekit.cli.main import main
-from prunekit.compact import load_compacted
+from prunekit.deploy.compact import load_compacted
 from prunekit.models.registry import get_model
 
 

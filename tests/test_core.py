@@ -11,10 +11,11 @@ from torch.nn.utils import prune as tprune
 
 import prunekit
 from prunekit import MaskSet, PruneSpec, TargetSpec, compute_masks, mask_for, parse_structure
-from prunekit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from prunekit.config import RecipeError, parse_recipe
-from prunekit.report import count_flops, model_summary
-from prunekit.structures import NM, Block, Pattern
+from prunekit.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from prunekit.core.errors import RecipeError
+from prunekit.pipelines.recipe import parse_recipe
+from prunekit.core.stats import count_flops, model_summary
+from prunekit.core.structures import NM, Block, Pattern
 
 ALL_STRUCTURES = ["unstructured", "row", "column", "block:4x4", "block:3x5", "nm:2:4", "nm:1:3",
                   "pattern:4", "pattern:4:8", "pattern+conn"]
@@ -293,7 +294,7 @@ def test_recipe_unknown_key_and_bad_values():
 
 
 def test_global_scope_equal_and_unequal_group_sizes_agree_with_sorting():
-    from prunekit.scoring import select_keep_global
+    from prunekit.core.scoring import select_keep_global
     torch.manual_seed(3)
     scores = [torch.rand(50), torch.rand(70)]
     # equal sizes: fast threshold path; reference = prune the lowest round(s*N) of the concatenation

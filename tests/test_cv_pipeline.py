@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunekit.checkpoint import load_checkpoint
-from prunekit.config import parse_recipe
+from prunekit.io.checkpoint import load_checkpoint
+from prunekit.pipelines.recipe import parse_recipe
 from prunekit.models.registry import get_model
-from prunekit.paths import resolve_data_root
-from prunekit.runner import run_pipeline
-from prunekit.structures import as_matrix
+from prunekit.data.paths import resolve_data_root
+from prunekit.pipelines.runner import run_pipeline
+from prunekit.core.structures import as_matrix
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ACC_BAR = 60.0
@@ -115,7 +115,7 @@ def test_structured_admm_row(dense, tmp_path):
 
 @pytest.mark.parametrize("name", ["gradual", "admm", "admm_progressive", "slr", "group_lasso"])
 def test_recipes_parse(name):
-    from prunekit.config import load_recipe
+    from prunekit.pipelines.recipe import load_recipe
     r = load_recipe(RECIPES / f"lenet5_{name}.yaml", ["data.limit=100"])
     assert r.algorithm.name == name and r.data.limit == 100
     r = load_recipe(RECIPES / "resnet18_cifar10.yaml", ["train.epochs=0.1"])

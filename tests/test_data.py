@@ -15,10 +15,9 @@ import torch
 
 from prunekit.data import DataError, ImageDataset, get_dataset, list_datasets
 from prunekit.data.cifar10 import MEAN as C_MEAN, STD as C_STD, load_cifar10, random_crop_flip
-from prunekit.data.glue import (BucketBatchSampler, GlueExample, encode_examples, get_task, load_glue,
-                                make_loader, read_glue_tsv)
+from prunekit.data.glue import (BucketBatchSampler, GlueExample, encode_examples, get_task, load_glue, make_loader, read_glue_tsv)
 from prunekit.data.mnist import load_mnist, read_idx
-from prunekit.paths import resolve_data_root
+from prunekit.data.paths import resolve_data_root
 
 ROOT = resolve_data_root()  # FileNotFoundError here = the shared data is missing: fail, do not skip
 

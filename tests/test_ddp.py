@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prunekit.checkpoint import load_checkpoint
-from prunekit.distributed import ResumableSampler
+from prunekit.io.checkpoint import load_checkpoint
+from prunekit.training.distributed import ResumableSampler
 from test_resume import RECIPE
 
 

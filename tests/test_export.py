@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from prunekit.compact import compact
-from prunekit.export import check_onnx, export_onnx
+from prunekit.deploy.compact import compact
+from prunekit.deploy.export import check_onnx, export_onnx
 from prunekit.models.lenet import lenet5
 
 

@@ -11,13 +11,15 @@ transformers = pytest.importorskip("transformers")
 
 from prunekit.algorithms import get_algorithm_class  # noqa: E402
 from prunekit.algorithms.distill import DistillConfig, Distiller, ProgressiveDistill, kd_loss, make_distiller  # noqa: E402
-from prunekit.config import RecipeError, parse_recipe  # noqa: E402
-from prunekit.nlp import (GlueTaskAdapter, coupled_groups, default_targets, encoder_family, head_neuron_masks,  # noqa: E402
-                          load_model, resolve_model_source)
-from prunekit.pruner import PruneSpec, compute_masks  # noqa: E402
-from prunekit.targets import TargetSpec, find_targets  # noqa: E402
-from prunekit.train import ClassificationTask, fit  # noqa: E402
-from prunekit.config import TrainConfig  # noqa: E402
+from prunekit.core.errors import RecipeError  # noqa: E402
+from prunekit.pipelines.recipe import parse_recipe  # noqa: E402
+from prunekit.adapters.hf import GlueTaskAdapter, load_model, resolve_model_source
+from prunekit.graph.families import coupled_groups, default_targets, encoder_family, head_neuron_masks
+from prunekit.core.plan import PruneSpec, compute_masks  # noqa: E402
+from prunekit.core.targets import TargetSpec, find_targets  # noqa: E402
+from prunekit.training.tasks import ClassificationTask  # noqa: E402
+from prunekit.training.loop import fit  # noqa: E402
+from prunekit.training.config import TrainConfig  # noqa: E402
 
 torch.set_num_threads(1)
 BERT_MATS = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -278,7 +280,7 @@ def test_progressive_distill_reaches_target_and_keeps_teacher():
 # ------------------------------------------------------------------------------------ pipeline
 def test_glue_pipeline_tiny_random_bert(tmp_path):
     """task: glue end to end: default targets (6 per layer), distillation hook, official metric, results."""
-    from prunekit.runner import run_pipeline  # noqa: PLC0415
+    from prunekit.pipelines.runner import run_pipeline  # noqa: PLC0415
     r = parse_recipe({
         "name": "tiny-glue", "task": "glue",
         "model": {"name": "bert-base-config", "args": {"hidden_size": 16, "num_hidden_layers": 2,
@@ -304,7 +306,7 @@ def test_glue_pipeline_tiny_random_bert(tmp_path):
 def test_glue_workload_pairs_for_distilbert_and_roberta(name, args):
     """Sentence pairs: DistilBERT gets no token types (its forward takes none); default targets are
     rewritten into the recipe."""
-    from prunekit.nlp import build_glue_workload  # noqa: PLC0415
+    from prunekit.pipelines.workloads import build_glue_workload  # noqa: PLC0415
     r = parse_recipe({"task": "glue", "model": {"name": name, "args": args},
                       "data": {"name": "rte", "limit": 4, "batch_size": 4, "max_length": 16}})
     wl = build_glue_workload(r)

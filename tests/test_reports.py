@@ -9,8 +9,8 @@ import yaml
 from matplotlib.image import imread
 
 from prunekit.cli.main import main
-from prunekit.plots import DEFAULT_SIZE
-from prunekit.reports import build_report, levels_table, load_run, load_runs, methods_tasks_table
+from prunekit.reporting.plots import DEFAULT_SIZE
+from prunekit.reporting.runs import build_report, levels_table, load_run, load_runs, methods_tasks_table
 
 
 def _layers(sp1, sp2):
@@ -131,7 +131,7 @@ def test_missing_recipe_is_a_clear_error(tmp_path, capsys):
 
 
 def test_shared_weight_run_as_run_shared_writes_it(tmp_path, capsys):
-    """results.json of prunekit.shared.run_shared: no top-level score/layers, a `levels` list."""
+    """results.json of prunekit.pipelines.shared.run_shared: no top-level score/layers, a `levels` list."""
     d = tmp_path / "sw"
     d.mkdir()
     levels = [{"level": k, "target_sparsity": t, "sparsity": t, "metric": "accuracy", "score": s, "latency_ms": l,

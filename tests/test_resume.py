@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 from prunekit.algorithms import list_algorithms
-from prunekit.checkpoint import CheckpointError, StateStore, load_state
-from prunekit.config import TrainConfig, parse_recipe
-from prunekit.distributed import ResumableSampler
-from prunekit.masks import MaskSet
-from prunekit.train import ClassificationTask, NonFiniteLoss, fit
+from prunekit.io.checkpoint import CheckpointError, StateStore, load_state
+from prunekit.training.config import TrainConfig
+from prunekit.pipelines.recipe import parse_recipe
+from prunekit.training.distributed import ResumableSampler
+from prunekit.core.masks import MaskSet
+from prunekit.training.tasks import ClassificationTask
+from prunekit.training.loop import NonFiniteLoss, fit
 
 ALGO = "admm" if "admm" in list_algorithms() else "gradual"
 RECIPE = f"""\
@@ -176,7 +178,7 @@ def test_fit_resume_mid_epoch_is_exact(kind, tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    from prunekit.runner import run_pipeline
+    from prunekit.pipelines.runner import run_pipeline
     recipe = parse_recipe({"name": "nan", "model": {"name": "lenet5_classic"},
                            "data": {"name": "mnist", "limit": 128, "batch_size": 16, "eval_batch_size": 500},
                            "algorithm": {"name": "oneshot"}, "train": {"lr": 1e9, "momentum": 0.9, "epochs": 1,

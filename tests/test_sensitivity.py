@@ -9,11 +9,10 @@ import torch
 import yaml
 from torch import nn
 
-from prunekit.config import parse_recipe
-from prunekit.pruner import PruneSpec, compute_masks
-from prunekit.runner import prune_spec_from
-from prunekit.sensitivity import (Sensitivity, allocate_budget, layer_sensitivity, overall_sparsity, overrides_yaml,
-                                  parse_sparsities)
+from prunekit.pipelines.recipe import parse_recipe
+from prunekit.core.plan import PruneSpec, compute_masks
+from prunekit.pipelines.runner import prune_spec_from
+from prunekit.algorithms.sensitivity import (Sensitivity, allocate_budget, layer_sensitivity, overall_sparsity, overrides_yaml, parse_sparsities)
 
 
 def mlp():

@@ -2,22 +2,20 @@
 switch byte counts, the one-file artifact.  Tiny hand-built tensors and models only (runs in a few seconds)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 from torch import nn
 
-from prunekit.config import TrainConfig
-from prunekit.masks import MaskSet
-from prunekit.pruner import PruneSpec
-from prunekit.shared import (
-    JointLevels, LevelView, NestedMasks, SharedFormatError, load_level, nested_mask_for, nested_masks,
-    patch_bytes, read_shared, save_shared, shared_weights, sorted_levels, switch_cost, train_joint,
-    train_sequential,
-)
-from prunekit.targets import TargetSpec
-from prunekit.train import ClassificationTask
+from prunekit.training.config import TrainConfig
+from prunekit.core.masks import MaskSet
+from prunekit.core.plan import PruneSpec
+from prunekit.algorithms.shared_levels import JointLevels, LevelView
+from prunekit.core.nested import NestedMasks, nested_mask_for, nested_masks, shared_weights, sorted_levels
+from prunekit.deploy.shared_weights import (SharedFormatError, load_level, patch_bytes, read_shared, save_shared, switch_cost)
+from prunekit.pipelines.shared import train_joint, train_sequential
+from prunekit.core.targets import TargetSpec
+from prunekit.training.tasks import ClassificationTask
 
 T, F = True, False
 
@@ -240,7 +238,7 @@ def test_switch_bytes_hand_computed():
 @pytest.mark.parametrize("algo_name", ["gradual", "admm", "slr", "group_lasso"])
 def test_sequential_sparsest_level_from_registered_algorithm(algo_name):
     from prunekit.algorithms import get_algorithm_class
-    from prunekit.shared import _spec_at
+    from prunekit.core.nested import _spec_at
 
     model, loader = _tiny()
     spec = PruneSpec("row", 0.5, targets=TargetSpec(["0"]))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.sparse_linear import SparseLinear, choose_linear_impl, sparsify_linears, time_linear
+from prunekit.deploy.sparse_linear import SparseLinear, choose_linear_impl, sparsify_linears, time_linear
 
 
 def masked_linear(in_f, out_f, sparsity, bias=True, seed=0) -> nn.Linear:

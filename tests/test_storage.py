@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from prunekit import storage as S
+from prunekit.deploy import storage as S
 
 ALL = list(S.ENCODINGS)
 

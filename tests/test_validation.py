@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prunekit.checkpoint import CheckpointError, save_checkpoint
-from prunekit.config import RecipeError, Recipe, parse_recipe
-from prunekit.pruner import PruneSpec
-from prunekit.structures import parse_structure
+from prunekit.io.checkpoint import CheckpointError, save_checkpoint
+from prunekit.core.errors import RecipeError
+from prunekit.pipelines.recipe import Recipe, parse_recipe
+from prunekit.core.plan import PruneSpec
+from prunekit.core.structures import parse_structure
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "prunekit"
 
@@ -57,7 +57,7 @@ def test_fuzz_parse_recipe(raw):
         for phase in ("dense", "search", "retrain"):
             cfg = r.phase(phase)
             assert cfg.lr > 0 and math.isfinite(cfg.lr) and math.isfinite(cfg.epochs)
-        from prunekit.runner import prune_spec_from
+        from prunekit.pipelines.runner import prune_spec_from
         _accepts_or_clear_error(prune_spec_from, r)
 
 
@@ -143,7 +143,7 @@ def test_cli_bad_inputs_fail_before_work(tmp_path, capsys):
 
 
 def test_checkpoint_of_another_model_names_tensor_and_shapes(tmp_path):
-    from prunekit.checkpoint import load_checkpoint
+    from prunekit.io.checkpoint import load_checkpoint
     from prunekit.models.registry import get_model
     save_checkpoint(tmp_path, get_model("lenet5_classic", num_classes=5))
     with pytest.raises(CheckpointError, match=r"tensor 'fc3.weight' has shape \(5, 84\) in the checkpoint "
@@ -173,7 +173,7 @@ def test_no_unpickling_anywhere_in_the_source():
 
 def test_exponent_floats_without_a_dot_are_numbers():
     """YAML 1.1 reads ``1e-4`` as a string; a recipe / --set value like that means the number."""
-    from prunekit.config import apply_overrides
+    from prunekit.pipelines.recipe import apply_overrides
     raw = {"model": {"name": "lenet5"}, "data": {"name": "mnist"}, "train": {"lr": "5E-3"}}
     r = parse_recipe(apply_overrides(raw, ["retrain.lr=1e-4", "prune.sparsity=3e-1"]))
     assert r.train.lr == 5e-3 and r.phase("retrain").lr == 1e-4 and r.prune.sparsity == 0.3

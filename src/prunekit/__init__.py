@@ -9,10 +9,10 @@ The core API::
     with masks.attach(model, optimizer):                          # hard-prune while retraining
         train(...)
 """
-from .masks import HardPrune, MaskSet
-from .pruner import PruneSpec, compute_masks, mask_for, prune
-from .structures import NM, Block, Column, Pattern, Row, Structure, Unstructured, parse_structure
-from .targets import TargetSpec, find_targets
+from prunekit.core.masks import HardPrune, MaskSet
+from prunekit.core.plan import PruneSpec, compute_masks, mask_for, prune
+from prunekit.core.structures import NM, Block, Column, Pattern, Row, Structure, Unstructured, parse_structure
+from prunekit.core.targets import TargetSpec, find_targets
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """Pruning algorithms, registered by name (``algorithm.name`` in a recipe)."""
-from .base import ALGORITHMS, Algorithm, get_algorithm_class, list_algorithms, register
-from . import oneshot, gradual  # noqa: F401  (registration)
-from . import admm, slr, group_lasso  # noqa: F401  (registration)
-from . import distill, heads_neurons  # noqa: F401  (registration: progressive_distill, heads_neurons)
+from prunekit.algorithms.base import ALGORITHMS, Algorithm, get_algorithm_class, list_algorithms, register
+from prunekit.algorithms import oneshot, gradual  # noqa: F401  (registration)
+from prunekit.algorithms import admm, slr, group_lasso  # noqa: F401  (registration)
+from prunekit.algorithms import distill, heads_neurons  # noqa: F401  (registration: progressive_distill, heads_neurons)
 
 __all__ = ["ALGORITHMS", "Algorithm", "get_algorithm_class", "list_algorithms", "register"]

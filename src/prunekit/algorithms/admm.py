@@ -13,7 +13,7 @@ scaled dual ``U_i`` the augmented Lagrangian splits into two sub-problems that a
 
 ``Π_S`` is the Euclidean projection onto the structure's constraint set: keep the groups of largest
 L2 norm (unstructured: the largest |w|; N:M: the N largest of every M; pattern: the pattern of largest
-energy per kernel, plus connectivity pruning), computed by :func:`prunekit.pruner.compute_masks` with
+energy per kernel, plus connectivity pruning), computed by :func:`prunekit.core.plan.compute_masks` with
 ``W + U`` as the importance, so per-layer overrides (``prune.overrides``) and the global scope apply as
 everywhere else.  When ρ changes, ``U`` (= Λ/ρ) is rescaled by ``ρ_old/ρ_new`` so the unscaled
 multiplier Λ is unchanged (Boyd et al. 2011, §3.4.1; ``rescale_dual: false`` keeps U as is, as the
@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..masks import MaskSet
-from ..pruner import compute_masks
-from ..targets import find_targets
-from .base import Algorithm, full_masks, register
+from prunekit.core.masks import MaskSet
+from prunekit.core.plan import compute_masks
+from prunekit.core.targets import find_targets
+from prunekit.algorithms.base import Algorithm, full_masks, register
 
 __all__ = ["ADMM", "ProgressiveADMM", "admm_penalty", "project_masks"]
 

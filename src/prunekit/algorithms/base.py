@@ -1,7 +1,7 @@
 """Algorithm interface and registry.
 
-An algorithm is a :class:`~prunekit.train.Hook` (extra loss, after-step, epoch-end) plus three
-decisions the pipeline asks it (see :func:`prunekit.runner.run_pipeline`)::
+An algorithm is a :class:`~prunekit.algorithms.hooks.Hook` (extra loss, after-step, epoch-end) plus three
+decisions the pipeline asks it (see :func:`prunekit.pipelines.runner.run_pipeline`)::
 
     masks_during_search(model) -> MaskSet | None   # hard-prune masks while the algorithm trains
     has_search                                     # does it train before hard-pruning?
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..masks import MaskSet
-from ..pruner import PruneSpec, compute_masks
-from ..targets import find_targets
-from ..train import Hook
+from prunekit.core.masks import MaskSet
+from prunekit.core.plan import PruneSpec, compute_masks
+from prunekit.core.targets import find_targets
+from prunekit.algorithms.hooks import Hook
 
 __all__ = ["Algorithm", "register", "get_algorithm_class", "list_algorithms", "ALGORITHMS", "full_masks"]
 

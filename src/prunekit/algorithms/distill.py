@@ -11,7 +11,7 @@ made — in the pipeline, right after dense fine-tuning.  With student logits ``
 The ``T²`` factor keeps gradient magnitudes independent of ``T`` (Hinton et al. §2).  For a
 regression task (one output, STS-B) the logit term is ``α · MSE(s, t)`` (no temperature).  Hidden
 states are every layer's output incl. the embeddings (HF ``output_hidden_states``), same shapes in
-teacher and student because the student is a pruned copy.  As a :class:`~prunekit.train.Hook`, the
+teacher and student because the student is a pruned copy.  As a :class:`~prunekit.algorithms.hooks.Hook`, the
 distiller returns ``L - L_task`` from ``extra_loss`` (the loop adds ``L_task`` itself).
 
 Recipe section (``distill:``), every key optional::
@@ -38,9 +38,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..train import Hook
-from .base import register
-from .gradual import Gradual
+from prunekit.algorithms.hooks import Hook
+from prunekit.algorithms.base import register
+from prunekit.algorithms.gradual import Gradual
+from prunekit.core.errors import RecipeError
 
 __all__ = ["DistillConfig", "Distiller", "kd_loss", "make_distiller", "ProgressiveDistill"]
 
@@ -156,7 +157,6 @@ class Distiller(Hook):
 
 def make_distiller(cfg: dict, model: nn.Module, task: Any) -> Distiller:
     """The runner's entry point: validate the recipe's ``distill`` section and freeze the teacher."""
-    from ..config import RecipeError  # noqa: PLC0415
     try:
         c = DistillConfig.from_dict(cfg)
     except (TypeError, ValueError) as e:

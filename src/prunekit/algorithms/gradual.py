@@ -1,6 +1,6 @@
 """Gradual magnitude pruning with the cubic schedule of Zhu & Gupta (ICLR-W 2018).
 
-During the search phase the sparsity follows :func:`prunekit.schedules.cubic_sparsity` from
+During the search phase the sparsity follows :func:`prunekit.core.schedules.cubic_sparsity` from
 ``initial_sparsity`` to the recipe's target, pruning every ``frequency`` steps between ``begin`` and
 ``end`` (fractions of the phase's steps).  Training in between is hard-pruned; masks only shrink.
 """
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..pruner import compute_masks
-from ..schedules import cubic_sparsity
-from .base import Algorithm, full_masks, register
+from prunekit.core.plan import compute_masks
+from prunekit.core.schedules import cubic_sparsity
+from prunekit.algorithms.base import Algorithm, full_masks, register
 
 
 @register

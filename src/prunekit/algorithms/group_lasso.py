@@ -18,7 +18,7 @@ harder towards zero.  Groups come from :meth:`Structure.partition`: rows, column
 N:M and pattern structures select single weights *inside* a group, so for them the penalty is also
 on single weights (reweighted ℓ1).  ‖·‖₂ is evaluated as ``sqrt(Σ w² + δ²)`` with a tiny ``δ``
 (``smooth``) so the gradient is finite at 0 (``λ α_g W_g / ‖W_g‖``).  At the end the weights are
-hard-pruned to the target by group L2 norm (:func:`prunekit.pruner.compute_masks`) and retrained.
+hard-pruned to the target by group L2 norm (:func:`prunekit.core.plan.compute_masks`) and retrained.
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..pruner import compute_masks
-from ..structures import NM, Pattern, Structure, Unstructured
-from ..targets import find_targets
-from .base import Algorithm, register
+from prunekit.core.plan import compute_masks
+from prunekit.core.structures import NM, Pattern, Structure, Unstructured
+from prunekit.core.targets import find_targets
+from prunekit.algorithms.base import Algorithm, register
 
 __all__ = ["GroupLasso", "lasso_structure", "group_lasso_penalty", "reweight"]
 

@@ -1,5 +1,5 @@
 """``heads_neurons``: one-shot removal of whole attention heads and FFN neurons of a BERT-family
-encoder (the coupled structures of :func:`prunekit.nlp.coupled_groups`), then the pipeline's
+encoder (the coupled structures of :func:`prunekit.graph.families.coupled_groups`), then the pipeline's
 hard-pruned retraining.
 
 Recipe::
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..masks import MaskSet
-from .base import Algorithm, register
+from prunekit.core.masks import MaskSet
+from prunekit.algorithms.base import Algorithm, register
+from prunekit.graph.families import head_neuron_masks
 
 
 @register
@@ -50,5 +51,4 @@ class HeadsNeurons(Algorithm):
 
     def final_masks(self, model: nn.Module) -> MaskSet:
         hs, ns = self.sparsities()
-        from ..nlp import head_neuron_masks  # noqa: PLC0415
         return head_neuron_masks(model, hs, ns, self.spec.score)

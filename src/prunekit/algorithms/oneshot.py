@@ -2,7 +2,7 @@
 train dense (or load) → prune once to the target by the structure's score → hard-pruned retrain."""
 from __future__ import annotations
 
-from .base import Algorithm, register
+from prunekit.algorithms.base import Algorithm, register
 
 
 @register

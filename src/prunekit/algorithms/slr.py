@@ -47,8 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .admm import _check_rho, _Splitting
-from .base import register
+from prunekit.algorithms.admm import _check_rho, _Splitting
+from prunekit.algorithms.base import register
 
 __all__ = ["SLR", "slr_alpha", "slr_step_size"]
 

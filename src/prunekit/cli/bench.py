@@ -2,8 +2,8 @@
 
 The run's model is rebuilt (see ``prunekit compact``); three variants are timed on the run's example
 input repeated to batch 1 and 32, at 1 and 2 threads: the *masked* model (dense kernels; zeros
-stored), the *compacted* model (``prunekit.compact``) and the masked model with Linear layers switched
-to CSR where measured faster (``prunekit.sparse_linear.sparsify_linears``).  Calls are interleaved,
+stored), the *compacted* model (``prunekit.deploy.compact``) and the masked model with Linear layers switched
+to CSR where measured faster (``prunekit.deploy.sparse_linear.sparsify_linears``).  Calls are interleaved,
 under ``torch.inference_mode`` after warm-up; medians are reported.  Sizes are the bytes of the
 three state dicts as safetensors-encoded tensors (sparse: ``storage.encode_state_dict``).
 """
@@ -15,6 +15,10 @@ import time
 from typing import Any
 
 import torch
+from prunekit.cli.compact import load_run
+from prunekit.deploy.compact import compact
+from prunekit.deploy.sparse_linear import sparsify_linears
+from prunekit.deploy.storage import encode_state_dict
 
 
 def add_parser(sub):
@@ -60,10 +64,6 @@ def _bytes(sd: dict[str, torch.Tensor]) -> int:
 
 
 def bench_run(run_dir, repeats: int = 9, batches=(1, 32), threads=(1, 2)) -> dict:
-    from prunekit.cli.compact import load_run  # noqa: PLC0415
-    from prunekit.compact import compact  # noqa: PLC0415
-    from prunekit.sparse_linear import sparsify_linears  # noqa: PLC0415
-    from prunekit.storage import encode_state_dict  # noqa: PLC0415
 
     masked, masks, recipe, x0 = load_run(run_dir)
     comp = copy.deepcopy(masked)

@@ -2,12 +2,12 @@
 
 Reads the checkpoint a ``prunekit run`` wrote (``manifest.json`` holds the resolved recipe: the model is
 rebuilt from it, then weights and masks are loaded and the masks applied), compacts it with
-:func:`prunekit.compact.compact`, and writes into ``--out`` (default ``RUN_DIR/compact``):
+:func:`prunekit.deploy.compact.compact`, and writes into ``--out`` (default ``RUN_DIR/compact``):
 
 * ``model.safetensors`` + ``compact.json`` — the compacted model and its shape manifest
-  (``prunekit.compact.load_compacted(DIR, factory)`` rebuilds it with a strict load);
+  (``prunekit.deploy.compact.load_compacted(DIR, factory)`` rebuilds it with a strict load);
 * ``sparse.safetensors`` — the compacted weights with the remaining zeros encoded by
-  ``prunekit.storage.encode_state_dict`` (best encoding per tensor; metadata key ``prunekit``).
+  ``prunekit.deploy.storage.encode_state_dict`` (best encoding per tensor; metadata key ``prunekit``).
 
 Prints and returns the size table (dense / masked-sparse / compacted / compacted+sparse bytes).
 """
@@ -16,6 +16,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from prunekit.io.checkpoint import load_checkpoint, read_manifest
+from prunekit.core.errors import RecipeError
+from prunekit.pipelines.recipe import parse_recipe
+from prunekit.pipelines.workloads import build_workload
+from safetensors.torch import save_file
+from prunekit.io.checkpoint import MODEL_FILE, _atomic_replace
+from prunekit.deploy.compact import compact, save_compacted
+from prunekit.deploy.storage import encode_state_dict
 
 
 def add_parser(sub):
@@ -30,9 +38,6 @@ def load_run(run_dir: str | os.PathLike, data_limit: int = 8) -> tuple[Any, Any,
     """Rebuild a run's model from its recipe and load weights + masks: ``(model, masks, recipe, example_input)``.
 
     The workload is rebuilt with ``data.limit = data_limit`` (only the model and one example input are used)."""
-    from prunekit.checkpoint import load_checkpoint, read_manifest  # noqa: PLC0415
-    from prunekit.config import RecipeError, parse_recipe  # noqa: PLC0415
-    from prunekit.runner import build_workload  # noqa: PLC0415
 
     manifest = read_manifest(run_dir)
     raw = manifest.get("recipe")
@@ -52,13 +57,8 @@ def _file_bytes(path: Path) -> int:
 
 def compact_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> dict:
     """Compact a run folder; returns ``{"out": ..., "sizes": [...], "removed": ..., "params": ...}``."""
-    import copy  # noqa: PLC0415
 
-    from safetensors.torch import save_file  # noqa: PLC0415
 
-    from prunekit.checkpoint import MODEL_FILE, _atomic_replace  # noqa: PLC0415
-    from prunekit.compact import compact, save_compacted  # noqa: PLC0415
-    from prunekit.storage import encode_state_dict  # noqa: PLC0415
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "compact"

@@ -1,5 +1,10 @@
 """``prunekit info`` — list the registered structures, algorithms, models and datasets."""
 from __future__ import annotations
+from prunekit.algorithms import list_algorithms
+from prunekit.data.registry import list_datasets
+from prunekit.models.registry import list_models
+from prunekit.core.scoring import SCORES
+from prunekit.core.structures import STRUCTURE_SYNTAX
 
 
 def add_parser(sub):
@@ -8,11 +13,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from prunekit.algorithms import list_algorithms
-    from prunekit.data.registry import list_datasets
-    from prunekit.models.registry import list_models
-    from prunekit.scoring import SCORES
-    from prunekit.structures import STRUCTURE_SYNTAX
 
     print("structures:", STRUCTURE_SYNTAX)
     print("scores:    ", ", ".join(sorted(SCORES)))

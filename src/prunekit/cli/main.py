@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import os
+from prunekit.cli.errors import USER_ERRORS
 
 # subcommand modules, in help order
 SUBCOMMANDS = ["run", "report", "info", "sensitivity", "shared", "compact", "bench"]
@@ -29,14 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # output piped into `head` etc.: stop quietly
-        import os  # noqa: PLC0415
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # user-facing errors: one clear line, no traceback
-        from prunekit.cli.errors import USER_ERRORS  # noqa: PLC0415
         if isinstance(e, USER_ERRORS):
             print(f"prunekit {args.command}: error: {e}", file=sys.stderr)
             return 2

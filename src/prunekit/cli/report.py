@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from prunekit.reporting.tables import format_table
+from prunekit.reporting.runs import build_report
+from prunekit.reporting.runs import levels_table, load_run
 
 
 def add_parser(sub):
@@ -31,11 +34,9 @@ def load_results(run_dir: str | Path) -> dict:
 
 
 def render(res: dict, run_dir: str | Path | None = None) -> str:
-    from prunekit.report import format_table
 
     m = res.get("metric", "metric")
     if "score" not in res and res.get("levels") and run_dir is not None:   # shared-weight run
-        from prunekit.reports import levels_table, load_run  # noqa: PLC0415
         dense = res.get("dense_score")
         return (f"## {res.get('name', 'run')} (shared weights, {len(res['levels'])} levels)\n\n"
                 + (f"- dense {m}: {dense:.4f}\n\n" if isinstance(dense, (int, float)) else "")
@@ -48,7 +49,6 @@ def render(res: dict, run_dir: str | Path | None = None) -> str:
         head.append(f"- FLOPs {res['flops']:,} dense, {res['nonzero_flops']:,} nonzero ({res['flop_reduction']:.2f}× fewer)")
     out = "\n".join(head) + "\n\n" + format_table(res["layers"]) + "\n"
     if res.get("levels") and run_dir is not None:
-        from prunekit.reports import levels_table, load_run  # noqa: PLC0415
         out += "\n" + levels_table(load_run(run_dir)) + "\n"
     return out
 
@@ -58,7 +58,6 @@ def run(args) -> int:
         d = args.run_dirs[0]
         print(render(load_results(d), d))
         return 0
-    from prunekit.reports import build_report  # noqa: PLC0415
 
     rep = build_report(args.run_dirs, args.out)
     print(rep["markdown"])

@@ -7,6 +7,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from prunekit.core.errors import RecipeError
+from prunekit.pipelines.recipe import load_recipe
+from prunekit.pipelines.runner import run_pipeline
 
 
 def add_parser(sub):
@@ -51,8 +54,6 @@ def _spawn(args) -> int:
 
 
 def run(args) -> int:
-    from prunekit.config import RecipeError, load_recipe
-    from prunekit.runner import run_pipeline
 
     if args.nproc < 1:
         raise RecipeError(f"--nproc must be >= 1, got {args.nproc}")

@@ -13,10 +13,18 @@ alone over the sweep with the recipe's structure and score (no retraining), and 
 from __future__ import annotations
 
 from pathlib import Path
+import argparse
+import torch
+from prunekit.io.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from prunekit.pipelines.recipe import load_recipe, to_dict
+from prunekit.reporting.plots import sensitivity_curves
+from prunekit.pipelines.workloads import build_workload
+from prunekit.pipelines.runner import validate_recipe
+from prunekit.algorithms.sensitivity import (DEFAULT_SPARSITIES, allocate_budget, layer_sensitivity, overall_sparsity, overrides_yaml, parse_sparsities)
+from prunekit.training.loop import fit, seed_everything
 
 
 def add_parser(sub):
-    import argparse  # noqa: PLC0415
     p = sub.add_parser("sensitivity", help="prune each layer alone over a sparsity sweep; per-layer ratios for a budget",
                        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe YAML (model, data, structure, targets)")
@@ -43,15 +51,7 @@ def sensitivity_table(sens, ratios=None) -> str:
 
 
 def run(args) -> int:
-    import torch
 
-    from prunekit.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
-    from prunekit.config import load_recipe, to_dict
-    from prunekit.plots import sensitivity_curves
-    from prunekit.runner import build_workload, validate_recipe
-    from prunekit.sensitivity import (DEFAULT_SPARSITIES, allocate_budget, layer_sensitivity, overall_sparsity,
-                                      overrides_yaml, parse_sparsities)
-    from prunekit.train import fit, seed_everything
 
     recipe = load_recipe(args.recipe, args.overrides)
     sweep = parse_sparsities(args.sparsities) if args.sparsities else list(DEFAULT_SPARSITIES)

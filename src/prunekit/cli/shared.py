@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from prunekit.pipelines.recipe import load_recipe
+from prunekit.pipelines.shared import run_shared
+from prunekit.pipelines.recipe import parse_recipe
+from prunekit.pipelines.workloads import build_workload
+from prunekit.deploy.shared_weights import load_level, read_shared, switch_cost
 
 
 def _levels(text: str) -> list[float]:
@@ -16,7 +21,7 @@ def _levels(text: str) -> list[float]:
 
 def add_parser(sub):
     p = sub.add_parser("shared", help="train nested multi-sparsity levels sharing one weight set",
-                       description="Shared-weights multi-sparsity models (see prunekit.shared): dense (or "
+                       description="Shared-weights multi-sparsity models (see prunekit.deploy.shared_weights): dense (or "
                                    "model.checkpoint) → nested levels trained sequentially or jointly → one artifact "
                                    "(shared.safetensors) + results.json with a levels table and switch costs.")
     p.add_argument("recipe", help="recipe YAML (see recipes/*_shared.yaml)")
@@ -43,8 +48,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from prunekit.config import load_recipe
-    from prunekit.shared import run_shared
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = Path(args.out or Path("runs") / f"{recipe.name}-shared")
@@ -67,10 +70,6 @@ def levels_table(rows: list[dict]) -> str:
 
 
 def switch(args) -> int:
-    import torch
-    from prunekit.config import load_recipe, parse_recipe
-    from prunekit.runner import build_workload
-    from prunekit.shared import load_level, read_shared, switch_cost
 
     _, nested, manifest = read_shared(args.artifact)
     if args.recipe:

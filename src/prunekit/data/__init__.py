@@ -4,6 +4,6 @@ Start with :func:`get_dataset` / :func:`list_datasets`. Every missing or malform
 :class:`DataError` (a ``ValueError``) naming the file and the problem. GLUE metrics live in
 :mod:`prunekit.data.metrics`; the reader modules are imported on first use.
 """
-from .registry import DataError, ImageDataset, canonical_dataset_name, get_dataset, list_datasets
+from prunekit.data.registry import DataError, ImageDataset, canonical_dataset_name, get_dataset, list_datasets
 
 __all__ = ["DataError", "ImageDataset", "canonical_dataset_name", "get_dataset", "list_datasets"]

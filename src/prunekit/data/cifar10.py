@@ -30,8 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..paths import resolve_data_root
-from .registry import DataError, ImageDataset
+from prunekit.data.paths import resolve_data_root
+from prunekit.core.errors import DataError
+from prunekit.data.images import ImageDataset
+import hashlib
 
 __all__ = ["MEAN", "STD", "CLASSES", "RECORD_BYTES", "SAMPLE_FILE", "SAMPLE_TRAIN", "load_cifar10",
            "read_batches", "random_crop_flip", "find_cifar10_dir", "download"]
@@ -184,7 +186,6 @@ def load_cifar10(root: str | os.PathLike | None = None, split: str = "train", li
 
 def download(root: str | os.PathLike, url: str = URL) -> Path:
     """Fetch and unpack the binary tarball into ``<root>/cifar-10-batches-bin`` (MD5-checked); needs network."""
-    import hashlib
 
     base = Path(root).expanduser()
     base.mkdir(parents=True, exist_ok=True)

@@ -35,8 +35,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Sampler
 
-from ..paths import resolve_data_root
-from .registry import DataError
+from prunekit.data.paths import resolve_data_root
+from prunekit.core.errors import DataError
 
 __all__ = ["GlueTask", "GlueExample", "GlueData", "GLUE_TASKS", "get_task", "list_tasks", "load_glue",
            "read_glue_tsv", "EncodedGlue", "encode_examples", "BucketBatchSampler", "pad_collate", "make_loader"]

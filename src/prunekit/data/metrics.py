@@ -25,7 +25,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from .glue import GlueTask, get_task
+from prunekit.data.glue import GlueTask, get_task
 
 __all__ = ["accuracy", "f1", "matthews_correlation", "pearson", "spearman", "glue_metrics", "primary_metric",
            "to_predictions"]

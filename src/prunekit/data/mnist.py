@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..paths import resolve_data_root
-from .registry import DataError, ImageDataset
+from prunekit.data.paths import resolve_data_root
+from prunekit.core.errors import DataError
+from prunekit.data.images import ImageDataset
 
 __all__ = ["MEAN", "STD", "CLASSES", "SPLITS", "load_mnist", "read_idx", "find_mnist_dir", "download"]
 

@@ -8,91 +8,32 @@ without an import cycle.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-import torch
-from torch.utils.data import TensorDataset
+from prunekit.core.errors import DataError
+from prunekit.data.images import ImageDataset
+from prunekit.data.mnist import load_mnist
+from prunekit.data.cifar10 import load_cifar10
+from prunekit.data.glue import load_glue
 
 __all__ = ["DataError", "ImageDataset", "get_dataset", "list_datasets", "canonical_dataset_name"]
 
 
-class DataError(ValueError):
-    """A data file is missing or malformed. The message names the file and what is wrong with it."""
 
-
-class ImageDataset(TensorDataset):
-    """A :class:`~torch.utils.data.TensorDataset` of ``(image, label)`` with the facts a run needs.
-
-    ``tensors[0]`` holds the normalised float32 images ``(N, C, H, W)``; ``tensors[1]`` the int64
-    labels ``(N,)``. ``transform`` (if given) is applied to one image in ``__getitem__`` — used for
-    train-time augmentation, so the stored tensors stay the deterministic, normalised data.
-    ``note`` is a human-readable remark about where the data came from when that is not the
-    standard files (e.g. the CIFAR-10 200-image sample); it is ``None`` for standard data.
-    """
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        name: str,
-        split: str,
-        classes: Sequence[str],
-        mean: Sequence[float],
-        std: Sequence[float],
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        note: str | None = None,
-        files: Sequence[os.PathLike | str] = (),
-    ) -> None:
-        super().__init__(images, labels)
-        self.name = name
-        self.split = split
-        self.classes = tuple(classes)
-        self.mean = tuple(mean)
-        self.std = tuple(std)
-        self.transform = transform
-        self.note = note
-        self.files = tuple(str(f) for f in files)
-
-    @property
-    def images(self) -> torch.Tensor:
-        return self.tensors[0]
-
-    @property
-    def labels(self) -> torch.Tensor:
-        return self.tensors[1]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def __getitem__(self, index):
-        image, label = self.tensors[0][index], self.tensors[1][index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, label
-
-    def __repr__(self) -> str:
-        extra = f", note={self.note!r}" if self.note else ""
-        return (f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, n={len(self)}, "
-                f"shape={tuple(self.images.shape[1:])}, classes={self.num_classes}{extra})")
 
 
 # --- registry --------------------------------------------------------------------------------------
 
 def _mnist(root, split, limit, **kw):
-    from .mnist import load_mnist
     return load_mnist(root, split=split, limit=limit, **kw)
 
 
 def _cifar10(root, split, limit, **kw):
-    from .cifar10 import load_cifar10
     return load_cifar10(root, split=split, limit=limit, **kw)
 
 
 def _glue(task: str) -> Callable[..., Any]:
     def load(root, split, limit, **kw):
-        from .glue import load_glue
         return load_glue(task, root, split=split, limit=limit, **kw)
     load.__name__ = f"_glue_{task}"
     return load
@@ -126,7 +67,7 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, split: str = "
                 limit: int | None = None, **kw: Any):
     """Load dataset ``name`` from the data root.
 
-    ``root`` is resolved by :func:`prunekit.paths.resolve_data_root` (option, ``$PRUNEKIT_DATA``,
+    ``root`` is resolved by :func:`prunekit.data.paths.resolve_data_root` (option, ``$PRUNEKIT_DATA``,
     ``../shared/data``). ``split`` is ``train``/``test`` for images and ``train``/``dev`` (MNLI also
     ``dev_matched``/``dev_mismatched``) for GLUE. ``limit`` keeps the first ``limit`` examples.
     Extra keywords go to the loader (e.g. ``augment=True`` for CIFAR-10).

@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .lenet import lenet5, lenet5_classic
-from .resnet import resnet18_cifar
+from prunekit.models.lenet import lenet5, lenet5_classic
+from prunekit.models.resnet import resnet18_cifar
 
 __all__ = ["register_model", "get_model", "list_models"]
 

@@ -16,7 +16,7 @@ for a larger tolerated drop; where a curve is flat at the chosen level, the laye
 blended linearly so the budget is met exactly.
 
 :func:`overrides_yaml` writes the result as a recipe snippet (``prune: {overrides: {name: sparsity}}``)
-that :func:`prunekit.config.parse_recipe` accepts.
+that :func:`prunekit.pipelines.recipe.parse_recipe` accepts.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ import torch
 import yaml
 from torch import nn
 
-from .pruner import PruneSpec
-from .targets import find_targets
+from prunekit.core.plan import PruneSpec
+from prunekit.core.targets import find_targets
 
 __all__ = ["Sensitivity", "layer_sensitivity", "allocate_budget", "overall_sparsity", "overrides_yaml",
            "parse_sparsities", "DEFAULT_SPARSITIES"]
@@ -170,7 +170,7 @@ def allocate_budget(sens: Sensitivity, budget: float, *, iters: int = 100) -> di
 def overrides_yaml(ratios: dict[str, float], *, budget: float | None = None, sens: Sensitivity | None = None,
                    digits: int = 4) -> str:
     """A recipe snippet ``prune: {sparsity: budget, overrides: {param: sparsity}}``; paste it into a recipe
-    (or merge it) — :func:`prunekit.config.parse_recipe` accepts it.  Ratios are clipped to [0, 0.9999]."""
+    (or merge it) — :func:`prunekit.pipelines.recipe.parse_recipe` accepts it.  Ratios are clipped to [0, 0.9999]."""
     ov = {n: round(min(max(float(s), 0.0), 0.9999), digits) for n, s in ratios.items()}
     head = ["# per-layer sparsities from `prunekit sensitivity` (equal metric drop)"]
     if budget is not None and sens is not None:

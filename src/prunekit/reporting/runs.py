@@ -14,11 +14,11 @@ Tables
   GLUE metrics (fractions in ``results.json``) are shown ×100 like the papers; accuracy of image
   classification is already a percentage.
 * :func:`levels_table` — a shared-weight run (``results.json`` with a ``levels`` list, see
-  :mod:`prunekit.shared`): one row per level with sparsity, score and latency.
-* :func:`layers_markdown` — the per-layer table of one run (:func:`prunekit.report.format_table`).
+  :mod:`prunekit.deploy.shared_weights`): one row per level with sparsity, score and latency.
+* :func:`layers_markdown` — the per-layer table of one run (:func:`prunekit.reporting.tables.format_table`).
 * :func:`summary_table` — one row per run: name, method, structure, task, sparsity, compression, score.
 
-:func:`build_report` writes ``report.md`` and the PNG plots of :mod:`prunekit.plots` into a folder.
+:func:`build_report` writes ``report.md`` and the PNG plots of :mod:`prunekit.reporting.plots` into a folder.
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prunekit.reporting.tables import display_score, format_table
+from prunekit.reporting import plots
+from prunekit.io.checkpoint import atomic_write_text
 
 __all__ = ["RunRecord", "load_run", "load_runs", "methods_tasks_table", "levels_table", "layers_markdown",
            "summary_table", "build_report", "render_report", "display_score"]
@@ -113,7 +116,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
         raise ValueError(f"{d}: results.json and recipe.yaml must both be mappings")
     levels = [lv for lv in (res.get("levels") or []) if isinstance(lv, dict)]
     if "score" not in res and levels:
-        # a shared-weight run (prunekit.shared.run_shared): headline = its sparsest level
+        # a shared-weight run (prunekit.pipelines.shared.run_shared): headline = its sparsest level
         top = max(levels, key=lambda lv: float(lv.get("sparsity", lv.get("target_sparsity", 0.0)) or 0.0))
         res = {**res, "score": top.get("score"), "sparsity": top.get("sparsity", top.get("target_sparsity")),
                "target_sparsity": top.get("target_sparsity")}
@@ -151,11 +154,6 @@ def load_runs(run_dirs) -> list[RunRecord]:
     return runs
 
 
-def display_score(value: float | None, kind: str) -> str:
-    """A score as the papers print it: GLUE fractions ×100, percentages as they are, 2 decimals."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{100 * value:.2f}" if kind == "glue" else f"{value:.2f}"
 
 
 def _fmt_cr(values: list[float]) -> str:
@@ -261,7 +259,6 @@ def levels_table(run: RunRecord) -> str:
 
 
 def layers_markdown(run: RunRecord) -> str:
-    from .report import format_table  # noqa: PLC0415
     return format_table(run.layers, title=f"{run.name}: per-layer sparsity")
 
 
@@ -296,7 +293,6 @@ def render_report(runs: list[RunRecord], images: dict[str, str] | None = None) -
 def build_report(run_dirs, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Load the runs, draw the plots and write ``report.md`` into ``out_dir`` (default: the first run's
     parent ``/report``).  Returns ``{"out": path, "markdown": text, "files": [paths]}``."""
-    from . import plots  # noqa: PLC0415  (matplotlib only when drawing)
 
     runs = load_runs(run_dirs)
     out = Path(out_dir) if out_dir is not None else runs[0].path.resolve().parent / "report"
@@ -316,7 +312,6 @@ def build_report(run_dirs, out_dir: str | Path | None = None) -> dict[str, Any]:
         images["latency vs sparsity"] = p3.name
         files.append(str(p3))
     md = render_report(runs, images)
-    from .checkpoint import atomic_write_text  # noqa: PLC0415
     atomic_write_text(out / "report.md", md + "\n")
     files.insert(0, str(out / "report.md"))
     return {"out": str(out), "markdown": md, "files": files}

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .masks import MaskSet
+from prunekit.core.masks import MaskSet
 
-__all__ = ["LayerRow", "layer_table", "model_summary", "count_flops", "format_table"]
+__all__ = ["LayerRow", "layer_table", "model_summary", "count_flops"]
 
 
 @dataclass
@@ -101,15 +101,3 @@ def model_summary(model: nn.Module, masks: MaskSet | None = None, example_input=
     return out
 
 
-def format_table(layers: list[dict], title: str | None = None) -> str:
-    """Markdown table of per-layer rows (dicts with name, shape, structure, sparsity, nonzeros)."""
-    lines = []
-    if title:
-        lines.append(f"### {title}\n")
-    lines.append("| layer | shape | structure | sparsity | nonzeros |")
-    lines.append("|---|---|---|---:|---:|")
-    for r in layers:
-        shape = "×".join(str(s) for s in r["shape"])
-        nz = r.get("nonzeros", "")
-        lines.append(f"| {r['name']} | {shape} | {r.get('structure', '')} | {100 * r['sparsity']:.2f}% | {nz} |")
-    return "\n".join(lines)

@@ -10,7 +10,7 @@
 * ``hook.epoch_end(ctx)`` — after each epoch (ADMM Z/U updates).
 
 A task object owns the loss and the metric (``ClassificationTask`` here, the GLUE task in
-:mod:`prunekit.nlp`): ``task.step(model, batch) -> (loss, outputs)``, ``task.evaluate(model, loader) ->
+:mod:`prunekit.adapters.hf`): ``task.step(model, batch) -> (loss, outputs)``, ``task.evaluate(model, loader) ->
 dict`` and ``task.metric`` (the key to maximise).
 """
 from __future__ import annotations
@@ -20,23 +20,22 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
-from .masks import HardPrune, MaskSet
+from prunekit.training.config import TrainConfig
+from prunekit.core.masks import MaskSet
+from prunekit.algorithms.hooks import Hook, TrainContext
+from prunekit.core.errors import NonFiniteLoss
+from prunekit.training import distributed as D
 
-__all__ = ["seed_everything", "ClassificationTask", "TrainContext", "Hook", "fit", "make_optimizer",
-           "make_scheduler", "NonFiniteLoss", "rng_state", "set_rng_state"]
+__all__ = ["seed_everything", "TrainContext", "Hook", "fit", "make_optimizer", "make_scheduler", "NonFiniteLoss",
+    "rng_state", "set_rng_state"]
 
-
-class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or inf; training stopped and the last good checkpoint is kept."""
 
 
 def seed_everything(seed: int) -> None:
@@ -47,68 +46,6 @@ def seed_everything(seed: int) -> None:
 
 def _progress_disabled() -> bool:
     return os.environ.get("PRUNEKIT_NO_PROGRESS") == "1" or not sys.stderr.isatty()
-
-
-class ClassificationTask:
-    """Cross-entropy classification on ``(inputs, labels)`` batches; metric: accuracy (%)."""
-
-    metric = "accuracy"
-
-    def step(self, model: nn.Module, batch) -> tuple[Tensor, Tensor]:
-        x, y = batch
-        out = model(x)
-        return nn.functional.cross_entropy(out, y), out
-
-    def batch_size(self, batch) -> int:
-        return len(batch[1])
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
-        was = model.training
-        model.eval()
-        correct = total = 0
-        loss = 0.0
-        for x, y in loader:
-            out = model(x)
-            loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
-            total += len(y)
-        model.train(was)
-        return {"accuracy": 100.0 * correct / max(total, 1), "loss": loss / max(total, 1), "examples": total}
-
-    def logits(self, outputs) -> Tensor:
-        return outputs
-
-
-@dataclass
-class TrainContext:
-    """What hooks see.  ``hard_prune`` is live when masks are attached (call ``.refresh()`` after
-    changing ``masks``)."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    masks: MaskSet | None
-    hard_prune: HardPrune | None
-    task: Any
-    step: int = 0                 # optimizer steps done in this phase
-    epoch: int = 0                # epochs done in this phase
-    total_steps: int = 0
-    steps_per_epoch: int = 0
-    phase: str = ""
-    state: dict = field(default_factory=dict)
-
-
-class Hook:
-    """Base algorithm hook: every method optional."""
-
-    def begin(self, ctx: TrainContext) -> None: ...
-
-    def extra_loss(self, ctx: TrainContext, batch, outputs) -> Tensor | None:
-        return None
-
-    def after_step(self, ctx: TrainContext) -> None: ...
-
-    def epoch_end(self, ctx: TrainContext) -> None: ...
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -163,7 +100,7 @@ def set_rng_state(st: dict, loader=None) -> None:
 
 def _epoch_batches(loader, epoch: int, skip: int):
     """An iterator over ``loader`` for ``epoch`` starting at batch ``skip``.  A loader whose
-    (batch) sampler has ``set_epoch(epoch, skip_batches=)`` (:class:`prunekit.distributed.ResumableSampler`)
+    (batch) sampler has ``set_epoch(epoch, skip_batches=)`` (:class:`prunekit.training.distributed.ResumableSampler`)
     skips without loading; any other loader is replayed (same RNG state as at the epoch start) and the
     first ``skip`` batches are drawn and dropped."""
     sampler = getattr(loader, "batch_sampler", None)
@@ -214,8 +151,7 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
     Passing that dict back as ``resume=`` continues exactly where it was taken (bitwise on CPU).
 
     Data-parallel: when ``torch.distributed`` is initialised with several ranks, gradients are
-    averaged across ranks after ``backward`` (see :mod:`prunekit.distributed`)."""
-    from . import distributed as D  # noqa: PLC0415
+    averaged across ranks after ``backward`` (see :mod:`prunekit.training.distributed`)."""
 
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     total = int(math.ceil(cfg.epochs * steps_per_epoch))

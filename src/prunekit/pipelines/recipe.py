@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import re
 import types
 import typing
@@ -19,49 +18,16 @@ from typing import Any
 
 import yaml
 
-from .pruner import validate_overrides
-from .structures import parse_structure
+from prunekit.core.plan import validate_overrides
+from prunekit.core.structures import parse_structure
+from prunekit.core.errors import RecipeError
+from prunekit.training.config import TrainConfig, _choice, _range
+from prunekit.algorithms import get_algorithm_class
+from prunekit.data.registry import canonical_dataset_name
+from prunekit.models.registry import list_models
 
 __all__ = ["RecipeError", "Recipe", "TrainConfig", "ModelConfig", "DataConfig", "PruneConfig", "TargetsConfig",
            "AlgorithmConfig", "load_recipe", "parse_recipe", "apply_overrides", "from_dict", "to_dict"]
-
-
-class RecipeError(ValueError):
-    """A recipe key or value is invalid.  The message names the dotted key."""
-
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("none", "cosine", "linear", "step")
-
-
-@dataclass
-class TrainConfig:
-    """One training phase.  In ``dense``/``search``/``retrain`` every key left unset falls back to ``train``."""
-
-    epochs: float = 1            # may be fractional: 0.5 = half an epoch
-    lr: float = 0.01
-    optimizer: str = "sgd"       # sgd | adam | adamw
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"    # none | cosine | linear | step
-    warmup_ratio: float = 0.0
-    grad_clip: float | None = None
-    patience: int | None = None  # stop when the dev metric has not improved for this many epochs
-    eval_every: int = 1          # evaluate every k epochs (and always at the end)
-
-    def __post_init__(self):
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("scheduler", self.scheduler, SCHEDULERS)
-        _range("epochs", self.epochs, 0, None)
-        _range("lr", self.lr, 0, None, lo_open=True)
-        _range("momentum", self.momentum, 0, 1)
-        _range("weight_decay", self.weight_decay, 0, None)
-        _range("warmup_ratio", self.warmup_ratio, 0, 1)
-        if self.patience is not None:
-            _range("patience", self.patience, 1, None)
-        if self.grad_clip is not None:
-            _range("grad_clip", self.grad_clip, 0, None, lo_open=True)
-        _range("eval_every", self.eval_every, 1, None)
 
 
 @dataclass
@@ -160,23 +126,6 @@ class Recipe:
             raise RecipeError(f"unknown key(s) {sorted(f'{name}.{k}' for k in bad)}; valid: {sorted(base)}")
         base.update(over)
         return from_dict(TrainConfig, base, name)
-
-
-# ---------------------------------------------------------------------------------------------
-def _choice(key, value, choices):
-    if value not in choices:
-        raise RecipeError(f"{key}: {value!r} is not one of {list(choices)}")
-
-
-def _range(key, value, lo, hi, lo_open=False, hi_open=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecipeError(f"{key}: expected a number, got {value!r}")
-    if not math.isfinite(value):
-        raise RecipeError(f"{key}: {value} is not a finite number")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise RecipeError(f"{key}: {value} is out of range (must be {'>' if lo_open else '>='} {lo})")
-    if hi is not None and (value > hi or (hi_open and value == hi)):
-        raise RecipeError(f"{key}: {value} is out of range (must be {'<' if hi_open else '<='} {hi})")
 
 
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -293,15 +242,12 @@ def parse_recipe(raw: dict, overrides: list[str] | None = None) -> Recipe:
     raw = apply_overrides(raw or {}, overrides or [])
     recipe = from_dict(Recipe, raw)
     # validate the algorithm's own parameters and the prune spec now, before any work
-    from .algorithms import get_algorithm_class  # noqa: PLC0415  (import cycle: algorithms use config)
     try:
         cls = get_algorithm_class(recipe.algorithm.name)
     except ValueError as e:
         raise RecipeError(f"algorithm.name: {e}") from None
     from_dict(cls.Params, recipe.algorithm.params, "algorithm.params")
     if recipe.task == "classification":
-        from .data.registry import canonical_dataset_name  # noqa: PLC0415
-        from .models.registry import list_models  # noqa: PLC0415
         if recipe.model.name not in list_models():
             raise RecipeError(f"model.name: unknown model {recipe.model.name!r}; valid: {list_models()}")
         try:

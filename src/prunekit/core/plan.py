@@ -12,13 +12,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 
-from .masks import MaskSet
-from .scoring import resolve_score, select_keep_global
-from .structures import NM, Pattern, Structure, parse_structure
-from .targets import TargetSpec, find_targets
+from prunekit.core.masks import MaskSet
+from prunekit.core.scoring import resolve_score, select_keep_global
+from prunekit.core.structures import NM, Pattern, Structure, parse_structure
+from prunekit.core.targets import TargetSpec, find_targets
 
 __all__ = ["mask_for", "PruneSpec", "compute_masks", "prune", "validate_overrides"]
 
@@ -44,7 +43,7 @@ def _check_fraction(key: str, value) -> None:
 def validate_overrides(overrides: dict) -> None:
     """Check ``{pattern: sparsity | {sparsity, structure}}``; ``ValueError`` naming ``overrides[pattern]...``.
 
-    The one validator for per-layer overrides: recipes (:mod:`prunekit.config`) and :class:`PruneSpec` use it."""
+    The one validator for per-layer overrides: recipes (:mod:`prunekit.pipelines.recipe`) and :class:`PruneSpec` use it."""
     if not isinstance(overrides, dict):
         raise ValueError(f"overrides: expected a mapping of name pattern → sparsity, got {overrides!r}")
     for pat, ov in overrides.items():

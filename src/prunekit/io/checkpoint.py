@@ -27,7 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .masks import MaskSet
+from prunekit.core.masks import MaskSet
+from prunekit.core.errors import CheckpointError
+import shutil
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_manifest", "atomic_write_text",
            "atomic_write_json", "sha256_file", "pack_mask", "unpack_mask", "state_dict_for_save"]
@@ -35,9 +37,6 @@ __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_manife
 FORMAT = "prunekit-checkpoint/1"
 MODEL_FILE, MASK_FILE, MANIFEST_FILE = "model.safetensors", "masks.safetensors", "manifest.json"
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or does not fit the model."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -331,7 +330,6 @@ class StateStore:
         return bool(self.checkpoints())
 
     def save(self, obj: Any, meta: dict | None = None) -> Path:
-        import shutil  # noqa: PLC0415
         existing = self.checkpoints()
         seq = int(existing[-1].name[5:]) + 1 if existing else 1
         self.root.mkdir(parents=True, exist_ok=True)

@@ -5,18 +5,16 @@
     recipe.yaml        the resolved recipe (every default filled in)
     results.json       metrics per stage, sparsity, compression rate, per-layer table, FLOPs, timings
     model.safetensors  final weights   ┐
-    masks.safetensors  final masks     ├ a prunekit checkpoint (see prunekit.checkpoint)
+    masks.safetensors  final masks     ├ a prunekit checkpoint (see prunekit.io.checkpoint)
     manifest.json      shapes, checksums, recipe ┘
     dense/             the dense checkpoint (reused by later runs via model.checkpoint)
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import platform
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -25,19 +23,25 @@ import torch
 import yaml
 from torch import nn
 
-from .algorithms import get_algorithm_class
-from . import distributed as D
-from .checkpoint import (CheckpointError, StateStore, atomic_write_json, atomic_write_text, load_checkpoint,
-                         save_checkpoint)
-from .config import Recipe, RecipeError, from_dict, to_dict
-from .masks import MaskSet
-from .pruner import PruneSpec
-from .report import model_summary
-from .targets import TargetSpec
-from .train import ClassificationTask, Hook, NonFiniteLoss, fit, rng_state, seed_everything, set_rng_state
+from prunekit.algorithms import get_algorithm_class
+from prunekit.training import distributed as D
+from prunekit.io.checkpoint import (CheckpointError, StateStore, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint)
+from prunekit.pipelines.recipe import Recipe, from_dict, to_dict
+from prunekit.core.errors import RecipeError
+from prunekit.core.masks import MaskSet
+from prunekit.core.plan import PruneSpec
+from prunekit.core.stats import model_summary
+from prunekit.core.targets import TargetSpec
+from prunekit.algorithms.hooks import Hook
+from prunekit.training.loop import NonFiniteLoss, fit, rng_state, seed_everything, set_rng_state
+from prunekit.pipelines.workloads import Workload, build_workload
+from prunekit.core.targets import find_targets
+from prunekit.io.checkpoint import flatten_state
+import shutil
+import signal
+from prunekit.algorithms.distill import make_distiller
 
-__all__ = ["Workload", "build_workload", "prune_spec_from", "run_pipeline", "WORKLOAD_BUILDERS", "ResumeError",
-           "STATE_DIR", "KILL_ENV"]
+__all__ = ["Workload", "build_workload", "prune_spec_from", "run_pipeline", "ResumeError", "STATE_DIR", "KILL_ENV"]
 
 STATE_DIR = "state"                          # out_dir/state/ckpt-NNNNNN: resumable run state
 KILL_ENV = "PRUNEKIT_TEST_KILL_AT_STEP"      # tests: SIGKILL self after this optimizer step ("N" or "phase:N")
@@ -47,53 +51,6 @@ _NOT_COMPARED = ("checkpoint_every",)        # recipe keys that may change betwe
 
 class ResumeError(CheckpointError):
     """The output folder holds an unfinished run (pass --resume) or a run of another recipe."""
-
-
-@dataclass
-class Workload:
-    """Everything a run trains and measures."""
-
-    model: nn.Module
-    task: Any                      # .step / .evaluate / .metric
-    train_loader: Any
-    eval_loader: Any
-    example_input: Any = None      # for FLOPs
-    info: dict = dataclasses.field(default_factory=dict)
-
-
-def _classification_workload(recipe: Recipe) -> Workload:
-    from .data.registry import get_dataset  # noqa: PLC0415
-    from .models.registry import get_model  # noqa: PLC0415
-
-    d = recipe.data
-    train = get_dataset(d.name, root=d.root, split="train", limit=d.limit, **({"augment": True} if d.augment else {}))
-    test = get_dataset(d.name, root=d.root, split="test", limit=d.eval_limit or d.limit)
-    g = torch.Generator().manual_seed(recipe.seed)
-    train_loader = torch.utils.data.DataLoader(train, batch_size=d.batch_size, shuffle=True, generator=g)
-    eval_loader = torch.utils.data.DataLoader(test, batch_size=d.eval_batch_size)
-    n_classes = len(getattr(train, "classes", ())) or 10
-    args = {"num_classes": n_classes, **recipe.model.args}
-    model = get_model(recipe.model.name, **args)
-    x0 = train[0][0].unsqueeze(0)
-    info = {"train_examples": len(train), "eval_examples": len(test)}
-    if getattr(train, "note", None):
-        info["data_note"] = train.note
-    return Workload(model, ClassificationTask(), train_loader, eval_loader, x0, info)
-
-
-def _glue_workload(recipe: Recipe) -> Workload:
-    from .nlp import build_glue_workload  # noqa: PLC0415  (transformers is optional)
-    return build_glue_workload(recipe)
-
-
-WORKLOAD_BUILDERS: dict[str, Callable[[Recipe], Workload]] = {
-    "classification": _classification_workload,
-    "glue": _glue_workload,
-}
-
-
-def build_workload(recipe: Recipe) -> Workload:
-    return WORKLOAD_BUILDERS[recipe.task](recipe)
 
 
 def prune_spec_from(recipe: Recipe) -> PruneSpec:
@@ -113,8 +70,6 @@ def _machine() -> dict:
 
 def validate_recipe(recipe: Recipe, workload: Workload) -> tuple[PruneSpec, Any]:
     """Checks that need the model: targets exist, overrides match, structure fits each target."""
-    from .pruner import compute_masks  # noqa: PLC0415
-    from .targets import find_targets  # noqa: PLC0415
 
     spec = prune_spec_from(recipe)
     try:
@@ -131,7 +86,7 @@ def validate_recipe(recipe: Recipe, workload: Workload) -> tuple[PruneSpec, Any]
 
 
 def _resumable_loader(loader, seed: int):
-    """Rebuild a ``DataLoader`` on a :class:`~prunekit.distributed.ResumableSampler` (seeded per-epoch
+    """Rebuild a ``DataLoader`` on a :class:`~prunekit.training.distributed.ResumableSampler` (seeded per-epoch
     permutation, skip-to-batch, sharded by global batch over the ranks).  Other loaders are kept."""
     DL = torch.utils.data.DataLoader
     if not isinstance(loader, DL) or isinstance(loader.batch_sampler, (D.ResumableSampler, D.ShardedBatchSampler)):
@@ -168,7 +123,6 @@ class _TestKill(Hook):
     def after_step(self, ctx):
         step = ctx.step if self.phase else self.offsets.get(ctx.phase, 0) + ctx.step
         if (self.phase is None or ctx.phase == self.phase) and step == self.n:
-            import os, signal  # noqa: E401, PLC0415
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -301,7 +255,6 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
             log(f"dense {metric}: {results['metrics']['dense'][metric]:.4f}")
         extra_hooks = []
         if recipe.distill:
-            from .algorithms.distill import make_distiller  # noqa: PLC0415
             if stage_i > 0 and train_dense:   # the teacher is the dense model: reload it
                 load_checkpoint(out / "dense", model)
             extra_hooks = [make_distiller(recipe.distill, model, task)]  # frozen copy of the dense model
@@ -345,7 +298,7 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
             results["history"]["retrain"] = r["history"]
     except NonFiniteLoss as e:
         last = store.checkpoints()
-        where = (f"the last good checkpoint is {last[-1]} (read it with prunekit.checkpoint.load_state)"
+        where = (f"the last good checkpoint is {last[-1]} (read it with prunekit.io.checkpoint.load_state)"
                  if last else "no checkpoint had been written yet")
         raise NonFiniteLoss(f"{e}. Stopped; {where}") from None
     final = task.evaluate(model, wl.eval_loader)
@@ -370,7 +323,6 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
     results["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results["algorithm_state_keys"] = sorted(algo.state_dict())
     if D.is_distributed():
-        from .checkpoint import flatten_state  # noqa: PLC0415
         _, algo_tensors = flatten_state(algo.state_dict())
         digest = D.tensor_digest({**{f"model.{k}": v for k, v in model.state_dict().items()},
                                   **{f"mask.{k}": v for k, v in masks.items()},
@@ -384,7 +336,6 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
         save_checkpoint(out, model, masks, recipe=resolved,
                         extra={"stage": "final", "metric": metric, "score": final[metric]})
         atomic_write_json(out / "results.json", results)
-        import shutil  # noqa: PLC0415
         shutil.rmtree(store.root, ignore_errors=True)   # finished: the run state is no longer needed
     D.barrier()
     return results

@@ -30,12 +30,12 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .scoring import ScoreFn, group_scores, resolve_score, select_keep
+from prunekit.core.scoring import ScoreFn, group_scores, resolve_score, select_keep
 
 __all__ = [
     "Structure", "Unstructured", "Row", "Column", "Block", "NM", "Pattern",

@@ -1,7 +1,7 @@
 """Compaction: physically remove structured sparsity, adjusting coupled layers together.
 
 Masks alone make a model neither smaller nor faster.  :func:`compact` reads the *zero pattern* of the
-weights (after applying a :class:`~prunekit.masks.MaskSet` if one is given — how the masks were made
+weights (after applying a :class:`~prunekit.core.masks.MaskSet` if one is given — how the masks were made
 does not matter) and removes every channel / neuron / head whose removal provably leaves the model's
 function unchanged, slicing all coupled tensors at once:
 
@@ -52,23 +52,24 @@ and rebuilt with :func:`rebuild_compacted` (fresh base model → same slicing �
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import (CheckpointError, _atomic_replace, atomic_write_json, sha256_file,
-                         state_dict_for_save)
-from .masks import MaskSet
+from prunekit.io.checkpoint import (CheckpointError, _atomic_replace, atomic_write_json, sha256_file, state_dict_for_save)
+from prunekit.core.masks import MaskSet
+from prunekit.models.lenet import LeNet5, LeNet5Classic
+from prunekit.models.resnet import BasicBlock
+from safetensors.torch import save_file
+from safetensors.torch import load_file
 
-__all__ = ["Chain", "default_chains", "transformer_layers", "compact", "CompactResult",
-           "save_compacted", "load_compacted", "rebuild_compacted", "apply_manifest",
-           "COMPACT_FORMAT", "COMPACT_MANIFEST", "COMPACT_WEIGHTS"]
+__all__ = ["Chain", "default_chains", "transformer_layers", "compact", "CompactResult", "save_compacted",
+    "load_compacted", "rebuild_compacted", "apply_manifest", "COMPACT_FORMAT"]
 
 COMPACT_FORMAT = "prunekit-compact/1"
 COMPACT_MANIFEST, COMPACT_WEIGHTS = "compact.json", "model.safetensors"
@@ -352,8 +353,6 @@ def _set_head_attrs(sa: nn.Module, kept: int) -> None:
 # ------------------------------------------------------------------------------------------------
 def default_chains(model: nn.Module) -> list[Chain]:
     """Built-in channel chains for prunekit's CNNs (LeNet-5 variants, ResNet BasicBlocks)."""
-    from .models.lenet import LeNet5, LeNet5Classic  # noqa: PLC0415
-    from .models.resnet import BasicBlock  # noqa: PLC0415
 
     chains: list[Chain] = []
     if isinstance(model, LeNet5):
@@ -491,7 +490,6 @@ def rebuild_compacted(manifest: Mapping[str, Any], base_model_factory: Callable[
 def save_compacted(directory: str | os.PathLike, model: nn.Module, manifest: Mapping[str, Any],
                    extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` (tied tensors once) and ``compact.json`` (manifest + sha256)."""
-    from safetensors.torch import save_file  # noqa: PLC0415
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -508,7 +506,6 @@ def save_compacted(directory: str | os.PathLike, model: nn.Module, manifest: Map
 
 def load_compacted(directory: str | os.PathLike, base_model_factory: Callable[[], nn.Module]) -> nn.Module:
     """Inverse of :func:`save_compacted`: verify the checksum, rebuild, strict load."""
-    from safetensors.torch import load_file  # noqa: PLC0415
 
     d = Path(directory)
     path = d / COMPACT_MANIFEST

@@ -15,8 +15,7 @@ Masks only shrink: :meth:`MaskSet.update` ANDs a new mask with the current one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn

@@ -1,6 +1,6 @@
 """PNG plots of run folders (matplotlib, Agg backend — no display needed).
 
-Every function takes :class:`prunekit.reports.RunRecord` objects (``prunekit.reports.load_runs``) and a
+Every function takes :class:`prunekit.reporting.runs.RunRecord` objects (``prunekit.reporting.runs.load_runs``) and a
 path, draws one figure of a fixed pixel size (``size`` in pixels, default :data:`DEFAULT_SIZE`; saved
 without tight cropping so the size is exact) and returns the path.
 
@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from prunekit.reporting.tables import display_score
 
 __all__ = ["DEFAULT_SIZE", "DPI", "accuracy_vs_sparsity", "layer_sparsity_heatmap", "latency_vs_sparsity",
            "sensitivity_curves"]
@@ -45,7 +46,6 @@ def _save(fig, path) -> Path:
 
 def accuracy_vs_sparsity(runs, path, *, size=DEFAULT_SIZE) -> Path:
     """Score vs measured sparsity (%), one line per method/structure, one panel per task."""
-    from .reports import display_score  # noqa: PLC0415
 
     by_task: dict[tuple[str, str], list] = defaultdict(list)
     for r in runs:

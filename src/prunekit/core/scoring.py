@@ -1,6 +1,6 @@
 """Group scores and selection, as pure functions.
 
-A *score* maps a ``(G, S)`` partition (see :mod:`prunekit.structures`) to ``(G,)`` importances.
+A *score* maps a ``(G, S)`` partition (see :mod:`prunekit.core.structures`) to ``(G,)`` importances.
 Built in: ``l1`` (sum of |w|), ``l2`` (Euclidean norm), ``magnitude`` (= ``l1``; for single-weight
 groups every score is |w|).  Any callable with the same signature can be registered or passed.
 

@@ -1,0 +1,261 @@
+"""Nested masks for shared-weight multi-sparsity models: K levels, sparsest first, each a superset of the previous."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+import numpy as np
+import torch
+from torch import Tensor, nn
+from prunekit.core.masks import MaskSet
+from prunekit.core.plan import PruneSpec
+from prunekit.core.scoring import select_keep, select_keep_global
+from prunekit.core.structures import NM, Pattern, Structure, connectivity_prune, parse_structure
+from prunekit.core.targets import find_targets
+
+
+# =============================================================================================
+# Nested masks
+# =============================================================================================
+class NestedMasks:
+    """K nested :class:`MaskSet` levels, **sparsest first**: ``levels[k] ⊆ levels[k+1]`` for every mask.
+
+    Construction checks that every level has the same names and shapes and that the invariant holds,
+    raising ``ValueError`` naming the first offending parameter and level otherwise."""
+
+    def __init__(self, levels: Sequence[MaskSet]):
+        if len(levels) < 1:
+            raise ValueError("NestedMasks needs at least one level")
+        self.levels: list[MaskSet] = [lv.copy() for lv in levels]
+        self.check()
+
+    # -- invariant ----------------------------------------------------------------------------
+    def check(self) -> None:
+        names = self.levels[0].names()
+        for k, lv in enumerate(self.levels[1:], 1):
+            if lv.names() != names and set(lv.names()) != set(names):
+                raise ValueError(f"level {k} masks {sorted(set(lv.names()) ^ set(names))[:5]} differ from level 0's names")
+            for n in names:
+                a, b = self.levels[k - 1][n], lv[n]
+                if a.shape != b.shape:
+                    raise ValueError(f"{n}: level {k - 1} mask shape {tuple(a.shape)} != level {k} {tuple(b.shape)}")
+                bad = int((a & ~b).sum())
+                if bad:
+                    raise ValueError(f"masks are not nested: {n} keeps {bad} weights at level {k - 1} (sparser) "
+                                     f"that level {k} (denser) drops; levels must be sparsest first")
+
+    # -- access -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.levels)
+
+    def __getitem__(self, k: int) -> MaskSet:
+        return self.levels[self._idx(k)]
+
+    def _idx(self, k: int) -> int:
+        if not isinstance(k, (int, np.integer)) or not (-len(self.levels) <= int(k) < len(self.levels)):
+            raise IndexError(f"level {k!r} out of range: this model has levels 0..{len(self.levels) - 1} (0 = sparsest)")
+        return int(k) % len(self.levels)
+
+    def names(self) -> list[str]:
+        return self.levels[0].names()
+
+    @property
+    def densest(self) -> MaskSet:
+        return self.levels[-1]
+
+    def sparsities(self) -> list[float]:
+        return [lv.sparsity() for lv in self.levels]
+
+    def added(self, k: int) -> MaskSet:
+        """Weights level ``k`` adds to level ``k-1`` (level 0: all its weights)."""
+        k = self._idx(k)
+        if k == 0:
+            return self.levels[0].copy()
+        prev, cur = self.levels[k - 1], self.levels[k]
+        return MaskSet({n: cur[n] & ~prev[n] for n in cur}, cur.structures)
+
+    def level_map(self, name: str) -> Tensor:
+        """uint8 tensor: the sparsest level keeping each element (``K`` = kept by none).  The nested masks
+        in one array: ``mask_k = level_map <= k``."""
+        K = len(self.levels)
+        out = torch.full(self.levels[0][name].shape, K, dtype=torch.uint8)
+        for k in reversed(range(K)):
+            out[self.levels[k][name]] = k
+        return out
+
+    @classmethod
+    def from_level_maps(cls, maps: dict[str, Tensor], K: int, structures: dict[str, str] | None = None) -> "NestedMasks":
+        return cls([MaskSet({n: m <= k for n, m in maps.items()}, structures) for k in range(K)])
+
+    def state_dict(self) -> dict:
+        return {"levels": [lv.state_dict() for lv in self.levels]}
+
+    def load_state_dict(self, state: dict) -> None:
+        lvs = []
+        for s in state["levels"]:
+            ms = MaskSet()
+            ms.load_state_dict(s)
+            lvs.append(ms)
+        self.levels = lvs
+        self.check()
+
+
+# -- nested selection per structure ---------------------------------------------------------------
+def nested_mask_for(w: Tensor, structure: "str | Structure", sparsity: float, base: Tensor | None = None,
+                    score: Any = "l2") -> Tensor:
+    """Keep-mask of ``w`` at ``sparsity`` that contains ``base`` (the sparser level's mask): the base's
+    groups are forced kept, the rest chosen by ``score`` among the remaining ones (see module docstring)."""
+    st = parse_structure(structure)
+    st.check_shape(w.shape)
+    w = w.detach()
+    if base is None:
+        return st.mask(w, sparsity, score)
+    base = base.bool()
+    if base.shape != w.shape:
+        raise ValueError(f"base mask shape {tuple(base.shape)} != weight shape {tuple(w.shape)}")
+    if isinstance(st, NM):
+        imp = w.abs().double()
+        imp[base] = math.inf
+        k = st.keep_per_group(sparsity)
+        have = st.partition(base.float()).sum(1).max().item() if base.numel() else 0
+        if have > k:
+            raise ValueError(f"{st}: the sparser level keeps {int(have)} of {st.m} in some run, level at sparsity "
+                             f"{sparsity} keeps only {k}: give levels sparsest first with decreasing sparsity")
+        m = st.mask(w, sparsity, imp)
+    elif isinstance(st, Pattern):
+        m = _nested_pattern(st, w, sparsity, base)
+    else:
+        scores = st.scores(w, score).clone()
+        bg = st.partition(base.float()).sum(1) > 0
+        scores[bg] = math.inf
+        keep = select_keep(scores, sparsity)
+        if bool((bg & ~keep).any()):
+            raise ValueError(f"{st}: sparsity {sparsity} keeps fewer groups ({int(keep.sum())}) than the sparser "
+                             f"level ({int(bg.sum())}); give levels sparsest first with decreasing sparsity")
+        m = st.unpartition(st.valid(w.shape) & keep[:, None], w.shape).bool()
+    if bool((base & ~m).any()):
+        raise ValueError(f"{st}: cannot nest sparsity {sparsity} around the sparser level's mask "
+                         f"(base sparsity {1 - base.float().mean().item():.4f}); is the level denser?")
+    return m
+
+
+def _nested_pattern(st: Pattern, w: Tensor, sparsity: float, base: Tensor) -> Tensor:
+    keep = st.keep_for(w.shape, sparsity)
+    pats = st.pattern_set(w, keep)                            # (P, T) bool
+    g2 = st.partition(w.float()).pow(2)                       # (G, T)
+    valid = st.valid(w.shape)
+    b = st.partition(base.float()) > 0                        # (G, T) base entries
+    if int(b.sum(1).max()) > keep:
+        raise ValueError(f"{st}: the sparser level keeps more than {keep} entries in a tile; levels must get denser")
+    contains = (b.float() @ pats.float().t()) == b.sum(1, keepdim=True).float()   # (G, P) pattern ⊇ base tile
+    energy = (g2 @ pats.float().t()).masked_fill(~contains, -1.0)
+    best = torch.argmax(energy, 1)
+    ok = contains.any(1)
+    km = pats[best] & valid
+    # fallback: no superset pattern in the set → base entries + largest remaining entries (set extended)
+    if bool((~ok).any()):
+        rows = torch.nonzero(~ok).flatten()
+        sc = torch.where(b[rows], torch.full_like(g2[rows], math.inf), g2[rows])
+        sc = torch.where(valid[rows], sc, torch.full_like(sc, -1.0))
+        order = torch.argsort(-sc, 1, stable=True)[:, :keep]
+        fb = torch.zeros_like(b[rows]).scatter_(1, order, True) & valid[rows]
+        km[rows] = fb
+    if st.conn or st.keep is None:
+        connectivity_prune(km, g2, valid, sparsity, protected=b.any(1))  # never drop a base tile
+    return st.unpartition(km, w.shape).bool()
+
+
+def level_plan(spec: PruneSpec, names: list[str], sparsity: float) -> dict[str, tuple[Structure, float]]:
+    """``{name: (structure, sparsity)}`` at a level's sparsity, overrides scaled as
+    :func:`prunekit.core.plan.compute_masks` scales them."""
+    plan = spec.layer_plan(names)
+    if spec.sparsity > 0:
+        f = float(sparsity) / float(spec.sparsity)
+        return {n: (st, min(sp * f, 0.999999)) for n, (st, sp) in plan.items()}
+    return {n: (st, float(sparsity)) for n, (st, _) in plan.items()}
+
+
+def nested_masks(model: nn.Module, spec: PruneSpec, sparsities: Sequence[float], *,
+                 base: MaskSet | None = None, weights: dict[str, Tensor] | None = None) -> NestedMasks:
+    """Nested masks at ``sparsities`` (any order; sorted sparsest first) for the targets of ``spec``.
+
+    ``base``: the sparsest level's masks when they come from elsewhere (an algorithm's ``final_masks``);
+    then ``sparsities[0]`` (the sparsest) is that level's nominal sparsity and the denser levels nest
+    around it.  ``weights``: the weights to score (default: the model's current ones)."""
+    levels = sorted_levels(sparsities)
+    targets = list(find_targets(model, spec.targets))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    if weights:
+        params.update({n: t.detach() for n, t in weights.items()})
+    out: list[MaskSet] = []
+    prev: MaskSet | None = base
+    for i, s in enumerate(levels):
+        if i == 0 and base is not None:
+            out.append(base.copy())
+            continue
+        plan = level_plan(spec, targets, s)
+        ms = MaskSet()
+        if spec.scope == "global":
+            sts = {str(st) for st, _ in plan.values()}
+            st = next(iter(plan.values()))[0]
+            if len(sts) != 1 or isinstance(st, (NM, Pattern)):
+                raise ValueError("global scope needs one group structure (unstructured/row/column/block) for all targets")
+            scores, sizes = [], []
+            for n in plan:
+                sc = st.scores(params[n], spec.score).clone()
+                if prev is not None:
+                    sc[st.partition(prev[n].float()).sum(1) > 0] = math.inf
+                scores.append(sc)
+                sizes.append(st.valid(params[n].shape).sum(1))
+            keeps = select_keep_global(scores, sizes, s)
+            for n, keep in zip(plan, keeps):
+                m = st.unpartition(st.valid(params[n].shape) & keep[:, None], params[n].shape).bool()
+                if prev is not None and bool((prev[n] & ~m).any()):
+                    raise ValueError(f"global sparsity {s} keeps fewer weights than the sparser level; levels must get denser")
+                ms.set(n, m, str(st))
+        else:
+            for n, (st, sp) in plan.items():
+                ms.set(n, nested_mask_for(params[n], st, sp, None if prev is None else prev[n], spec.score), str(st))
+        out.append(ms)
+        prev = ms
+    return NestedMasks(out)
+
+
+def sorted_levels(sparsities: Sequence[float]) -> list[float]:
+    """Level sparsities sparsest first; duplicates and values outside [0, 1) are errors."""
+    lv = [float(s) for s in sparsities]
+    if not lv:
+        raise ValueError("need at least one sparsity level")
+    for s in lv:
+        if not (0.0 <= s < 1.0) or math.isnan(s):
+            raise ValueError(f"level sparsity must be in [0, 1) (fraction of zeros); got {s}")
+    if len(set(lv)) != len(lv):
+        raise ValueError(f"level sparsities must be distinct; got {lv}")
+    return sorted(lv, reverse=True)
+
+
+@torch.no_grad()
+def shared_weights(dense: dict[str, Tensor], nested: NestedMasks, level_weights: Sequence[dict[str, Tensor]] | None = None) -> list[dict[str, Tensor]]:
+    """The reference construction: ``W_0 = W·M_0``; ``W_k = W·(M_k \\ M_{k-1}) + W_{k-1}``.
+
+    ``dense`` = ``W`` (name → tensor) for the masked parameters; returns one dict per level."""
+    out: list[dict[str, Tensor]] = []
+    for k in range(len(nested)):
+        add = nested.added(k)
+        cur = {}
+        for n in nested.names():
+            w = dense[n] * add[n].to(dense[n].dtype)
+            cur[n] = w if k == 0 else torch.where(add[n], w, out[-1][n])
+        out.append(cur)
+    return out
+
+
+def _spec_at(spec: PruneSpec, sparsity: float) -> PruneSpec:
+    """``spec`` with its sparsity (and overrides, proportionally) set to ``sparsity``."""
+    f = float(sparsity) / float(spec.sparsity) if spec.sparsity > 0 else None
+    ov = {}
+    for pat, o in spec.overrides.items():
+        s = o.get("sparsity") if isinstance(o, dict) else o
+        if s is not None and f is not None:
+            s = min(float(s) * f, 0.999999)
+        ov[pat] = ({**o, "sparsity": s} if "sparsity" in o else dict(o)) if isinstance(o, dict) else s
+    return PruneSpec(spec.structure, float(sparsity), spec.score, spec.scope, spec.targets, ov)

@@ -1,0 +1,127 @@
+"""Hand-written layouts of BERT-family encoders (documented fallback): default targets, attention heads and FFN neurons as coupled groups."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+import torch
+from torch import Tensor, nn
+from prunekit.core.masks import MaskSet
+from prunekit.core.scoring import resolve_score, select_keep
+from prunekit.core.targets import TargetSpec
+
+
+# --------------------------------------------------------------------------------------------- targets
+_FAMILIES: dict[str, tuple[str, ...]] = {
+    # (regex of the layer prefix, then the 6 per-layer matrices in order)
+    "bert": (r"encoder\.layer\.(\d+)\.",
+             "attention.self.query", "attention.self.key", "attention.self.value",
+             "attention.output.dense", "intermediate.dense", "output.dense"),
+    "distilbert": (r"transformer\.layer\.(\d+)\.",
+                   "attention.q_lin", "attention.k_lin", "attention.v_lin",
+                   "attention.out_lin", "ffn.lin1", "ffn.lin2"),
+}
+
+
+def encoder_family(model: nn.Module) -> str:
+    """``"bert"`` (BERT, MiniLM, RoBERTa, … naming) or ``"distilbert"``, from the module names."""
+    names = [n for n, _ in model.named_modules()]
+    for fam, (prefix, first, *_rest) in _FAMILIES.items():
+        rx = re.compile(rf"(^|\.){prefix}{re.escape(first)}$")
+        if any(rx.search(n) for n in names):
+            return fam
+    mt = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    raise ValueError(f"no BERT-style ({'/'.join(_FAMILIES)}) encoder layers found in a {mt!r} model; "
+                     "give prune.targets explicitly")
+
+
+def default_targets(model: nn.Module) -> TargetSpec:
+    """The 6 encoder matrices per layer (see module doc) as a :class:`TargetSpec` of ``re:`` patterns."""
+    prefix, *mats = _FAMILIES[encoder_family(model)]
+    return TargetSpec([rf"re:(^|\.){prefix}{re.escape(m)}$" for m in mats], [], ["Linear"])
+
+
+# --------------------------------------------------------------------------------------------- heads / neurons
+@dataclass(frozen=True)
+class CoupledGroup:
+    """``count`` groups cut across several weights: ``members`` = ``(param_name, dim)`` with dim 0 =
+    rows, 1 = columns; group ``g`` is the slice ``g*size:(g+1)*size`` of every member along its dim."""
+
+    kind: str                       # "heads" | "neurons"
+    layer: int
+    count: int
+    size: int
+    members: tuple[tuple[str, int], ...]
+
+    def partition(self, params: dict[str, Tensor]) -> Tensor:
+        """``(count, S)``: every group's weights from all members, concatenated."""
+        parts = []
+        for name, dim in self.members:
+            w = params[name].detach()
+            w = w if dim == 0 else w.t()
+            parts.append(w.reshape(self.count, -1))
+        return torch.cat(parts, 1)
+
+    def element_masks(self, keep: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Group keep-decision ``(count,)`` → element masks of every member."""
+        per_unit = keep.bool().repeat_interleave(self.size)
+        out = {}
+        for name, dim in self.members:
+            shape = params[name].shape
+            out[name] = (per_unit[:, None] if dim == 0 else per_unit[None, :]).expand(shape).clone()
+        return out
+
+
+def _num_heads(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    for k in ("num_attention_heads", "n_heads"):
+        if cfg is not None and getattr(cfg, k, None):
+            return int(getattr(cfg, k))
+    raise ValueError("cannot find the number of attention heads (config.num_attention_heads / n_heads)")
+
+
+def coupled_groups(model: nn.Module, kinds: tuple[str, ...] = ("heads", "neurons")) -> list[CoupledGroup]:
+    """Heads and FFN neurons of every encoder layer, as :class:`CoupledGroup` (layer order)."""
+    fam = encoder_family(model)
+    prefix, q, k, v, o, f1, f2 = _FAMILIES[fam]
+    params = dict(model.named_parameters())
+    rx = re.compile(rf"^(.*?{prefix}){re.escape(q)}\.weight$")
+    layers = [(m.group(1), int(m.group(2))) for n in params if (m := rx.match(n))]
+    if not layers:
+        raise ValueError("no encoder layers found")
+    heads = _num_heads(model)
+    out = []
+    for base, idx in layers:
+        if "heads" in kinds:
+            rows = params[base + q + ".weight"].shape[0]
+            if rows % heads:
+                raise ValueError(f"{base}{q}: {rows} rows do not split into {heads} heads")
+            members = ((base + q + ".weight", 0), (base + k + ".weight", 0), (base + v + ".weight", 0),
+                       (base + o + ".weight", 1))
+            out.append(CoupledGroup("heads", idx, heads, rows // heads, members))
+        if "neurons" in kinds:
+            n = params[base + f1 + ".weight"].shape[0]
+            out.append(CoupledGroup("neurons", idx, n, 1, ((base + f1 + ".weight", 0), (base + f2 + ".weight", 1))))
+    return out
+
+
+def head_neuron_masks(model: nn.Module, head_sparsity: float = 0.0, neuron_sparsity: float = 0.0,
+                      score: "str | Callable[[Tensor], Tensor]" = "l2") -> MaskSet:
+    """Masks removing ``round(head_sparsity * heads)`` heads and ``round(neuron_sparsity * ffn)``
+    neurons in *every* layer, the lowest by ``score`` over all of a group's slices (``l2``: the norm of
+    the concatenated q/k/v rows and output columns of a head; of the FFN row + column of a neuron).
+    Masks cover only the matrices of the kinds asked (sparsity > 0); ties prune the lower index."""
+    fn = resolve_score(score)
+    for nm, s in (("head_sparsity", head_sparsity), ("neuron_sparsity", neuron_sparsity)):
+        if not (0.0 <= float(s) < 1.0):
+            raise ValueError(f"{nm} must be in [0, 1), got {s}")
+    kinds = tuple(k for k, s in (("heads", head_sparsity), ("neurons", neuron_sparsity)) if s > 0)
+    params = dict(model.named_parameters())
+    masks = MaskSet()
+    for g in coupled_groups(model, kinds):
+        sp = head_sparsity if g.kind == "heads" else neuron_sparsity
+        scores = fn(g.partition(params).float())
+        keep = select_keep(scores, float(sp))
+        for name, m in g.element_masks(keep, params).items():
+            masks.set(name, m, g.kind)
+    return masks
