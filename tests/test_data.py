@@ -13,9 +13,20 @@ import numpy as np
 import pytest
 import torch
 
+from prunekit.core.errors import UnknownNameError
 from prunekit.data import DataError, ImageDataset, get_dataset, list_datasets
-from prunekit.data.cifar10 import MEAN as C_MEAN, STD as C_STD, load_cifar10, random_crop_flip
-from prunekit.data.glue import (BucketBatchSampler, GlueExample, encode_examples, get_task, load_glue, make_loader, read_glue_tsv)
+from prunekit.data.cifar10 import MEAN as C_MEAN
+from prunekit.data.cifar10 import STD as C_STD
+from prunekit.data.cifar10 import load_cifar10, random_crop_flip
+from prunekit.data.glue import (
+    BucketBatchSampler,
+    GlueExample,
+    encode_examples,
+    get_task,
+    load_glue,
+    make_loader,
+    read_glue_tsv,
+)
 from prunekit.data.mnist import load_mnist, read_idx
 from prunekit.data.paths import resolve_data_root
 
@@ -210,7 +221,7 @@ def test_cifar10_augment_deterministic_under_seed():
 def test_registry_names_and_errors():
     assert list_datasets() == sorted(["mnist", "cifar10", "cola", "sst2", "mrpc", "stsb", "qqp", "mnli",
                                       "qnli", "rte", "wnli"])
-    with pytest.raises(KeyError, match="unknown dataset 'imagenet'.*cifar10, cola"):
+    with pytest.raises(UnknownNameError, match="unknown dataset 'imagenet'.*cifar10, cola"):
         get_dataset("imagenet")
     assert len(get_dataset("SST-2", ROOT, split="dev", limit=5)) == 5
     with pytest.raises(ValueError, match="valid: train, test"):
@@ -322,7 +333,7 @@ def test_glue_unknown_label(tmp_path):
 def test_glue_missing_file(tmp_path):
     with pytest.raises(DataError, match=r"QNLI/train\.tsv: GLUE QNLI train file not found"):
         load_glue("qnli", tmp_path, "train")
-    with pytest.raises(KeyError, match="valid tasks: cola, sst2"):
+    with pytest.raises(UnknownNameError, match="valid tasks: cola, sst2"):
         get_task("squad")
 
 

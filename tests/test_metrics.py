@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from prunekit.core.errors import UnknownNameError
 from prunekit.data.metrics import glue_metrics, primary_metric, to_predictions
 
 # Five binary examples used throughout:
@@ -65,7 +66,7 @@ def test_stsb_pearson_spearman_by_hand():
 def test_errors():
     with pytest.raises(ValueError, match="5 predictions but 4 labels"):
         glue_metrics("sst2", PRED, LABEL[:4])
-    with pytest.raises(KeyError, match="unknown GLUE task 'squad'"):
+    with pytest.raises(UnknownNameError, match="unknown GLUE task 'squad'"):
         glue_metrics("squad", PRED, LABEL)
     with pytest.raises(ValueError, match="regression task"):
         glue_metrics("stsb", np.zeros((4, 2)), [0.0, 1.0, 2.0, 3.0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prunekit.core.errors import UnknownNameError
 from prunekit.models import get_model, list_models, register_model
 
 
@@ -49,7 +50,7 @@ def test_registry():
     assert list_models() == ["lenet5", "lenet5_classic", "resnet18_cifar"]
     assert list_models("lenet*") == ["lenet5", "lenet5_classic"]
     assert list_models("*vit*") == []
-    with pytest.raises(KeyError, match="unknown model 'vgg16'; valid names: lenet5, lenet5_classic, resnet18_cifar"):
+    with pytest.raises(UnknownNameError, match="unknown model .vgg16.; valid: lenet5, lenet5_classic, resnet18_cifar"):
         get_model("vgg16")
     assert get_model("resnet18_cifar", num_classes=100).fc.out_features == 100
     with pytest.raises(ValueError, match="already registered"):

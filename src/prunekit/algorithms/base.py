@@ -18,29 +18,28 @@ import torch
 from torch import nn
 
 from prunekit.core.masks import MaskSet
+from prunekit.core.registry import Registry
 from prunekit.core.plan import PruneSpec, compute_masks
 from prunekit.core.targets import find_targets
 from prunekit.algorithms.hooks import Hook
 
 __all__ = ["Algorithm", "register", "get_algorithm_class", "list_algorithms", "ALGORITHMS", "full_masks"]
 
-ALGORITHMS: dict[str, type["Algorithm"]] = {}
+ALGORITHMS: Registry[type["Algorithm"]] = Registry("algorithm")
 
 
-def register(cls):
-    ALGORITHMS[cls.name] = cls
-    return cls
+def register(cls: type["Algorithm"]) -> type["Algorithm"]:
+    """Class decorator: register an algorithm under its ``name``."""
+    return ALGORITHMS.add(cls.name, cls)
 
 
 def list_algorithms() -> list[str]:
-    return sorted(ALGORITHMS)
+    return ALGORITHMS.names()
 
 
 def get_algorithm_class(name: str) -> type["Algorithm"]:
-    try:
-        return ALGORITHMS[name]
-    except KeyError:
-        raise ValueError(f"unknown algorithm {name!r}; valid: {list_algorithms()}") from None
+    """The registered class; a miss raises :class:`~prunekit.core.errors.UnknownNameError`."""
+    return ALGORITHMS.get(name)
 
 
 def full_masks(model: nn.Module, spec: PruneSpec) -> MaskSet:

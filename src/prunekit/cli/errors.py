@@ -1,7 +1,6 @@
-"""Exceptions shown to the user as one line (exit code 2) instead of a traceback."""
-from prunekit.io.checkpoint import CheckpointError
-from prunekit.core.errors import RecipeError
-from prunekit.data.registry import DataError
-from prunekit.training.loop import NonFiniteLoss
+"""The errors the CLI shows as one line (exit code 2) instead of a traceback: prunekit's own
+:class:`~prunekit.core.errors.PrunekitError` family and a missing input file.  Anything else is a bug and
+keeps its traceback."""
+from prunekit.core.errors import PrunekitError
 
-USER_ERRORS = (RecipeError, CheckpointError, DataError, NonFiniteLoss, FileNotFoundError, KeyError, ValueError)
+USER_ERRORS = (PrunekitError, FileNotFoundError)

@@ -9,6 +9,7 @@ from pathlib import Path
 from prunekit.reporting.tables import format_table
 from prunekit.reporting.runs import build_report
 from prunekit.reporting.runs import levels_table, load_run
+from prunekit.core.errors import RecipeError
 
 
 def add_parser(sub):
@@ -30,7 +31,7 @@ def load_results(run_dir: str | Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise RecipeError(f"{path} is not valid JSON: {e}") from None
 
 
 def render(res: dict, run_dir: str | Path | None = None) -> str:

@@ -22,6 +22,7 @@ from prunekit.pipelines.workloads import build_workload
 from prunekit.pipelines.runner import validate_recipe
 from prunekit.algorithms.sensitivity import (DEFAULT_SPARSITIES, allocate_budget, layer_sensitivity, overall_sparsity, overrides_yaml, parse_sparsities)
 from prunekit.training.loop import fit, seed_everything
+from prunekit.core.errors import RecipeError
 
 
 def add_parser(sub):
@@ -57,7 +58,7 @@ def run(args) -> int:
     sweep = parse_sparsities(args.sparsities) if args.sparsities else list(DEFAULT_SPARSITIES)
     budget = float(args.budget if args.budget is not None else recipe.prune.sparsity)
     if not 0.0 < budget < 1.0:
-        raise ValueError(f"--budget must be in (0, 1); got {budget}")
+        raise RecipeError(f"--budget must be in (0, 1); got {budget}")
     out = Path(args.out or Path("runs") / f"{recipe.name}-sensitivity")
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(recipe.seed)

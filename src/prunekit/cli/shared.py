@@ -10,6 +10,7 @@ from prunekit.pipelines.shared import run_shared
 from prunekit.pipelines.recipe import parse_recipe
 from prunekit.pipelines.workloads import build_workload
 from prunekit.deploy.shared_weights import load_level, read_shared, switch_cost
+from prunekit.core.errors import RecipeError
 
 
 def _levels(text: str) -> list[float]:
@@ -77,7 +78,7 @@ def switch(args) -> int:
     else:
         raw = manifest.get("extra", {}).get("recipe")
         if not raw:
-            raise ValueError(f"{args.artifact} holds no recipe; pass --recipe")
+            raise RecipeError(f"{args.artifact} holds no recipe; pass --recipe")
         raw = {k: v for k, v in raw.items()}
         raw["model"] = {**raw["model"], "checkpoint": None}
         recipe = parse_recipe(raw, args.overrides)

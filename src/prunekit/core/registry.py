@@ -26,7 +26,7 @@ class Registry(Generic[T]):
 
     def add(self, name: str, obj: T, *, aliases: tuple[str, ...] = ()) -> T:
         if name in self._items:
-            raise ValueError(f"{self.kind} {name!r} is registered twice")
+            raise ValueError(f"{self.kind} {name!r} is already registered")
         self._items[name] = obj
         for a in aliases:
             self._aliases[a] = name

@@ -138,9 +138,9 @@ def load_cifar10(root: str | os.PathLike | None = None, split: str = "train", li
     the split. ``augment=True`` adds random crop + flip in ``__getitem__`` (train split only).
     """
     if split not in STANDARD_FILES:
-        raise ValueError(f"unknown CIFAR-10 split {split!r}; valid: {', '.join(STANDARD_FILES)}")
+        raise DataError(f"unknown CIFAR-10 split {split!r}; valid: {', '.join(STANDARD_FILES)}")
     if augment and split != "train":
-        raise ValueError("augment=True is for the train split only")
+        raise DataError("augment=True is for the train split only")
     folder = find_cifar10_dir(root)
     wanted = [folder / f for f in STANDARD_FILES[split]]
     present = [p for p in wanted if p.is_file()]

@@ -36,7 +36,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Sampler
 
 from prunekit.data.paths import resolve_data_root
-from prunekit.core.errors import DataError
+from prunekit.core.errors import DataError, UnknownNameError
 
 __all__ = ["GlueTask", "GlueExample", "GlueData", "GLUE_TASKS", "get_task", "list_tasks", "load_glue",
            "read_glue_tsv", "EncodedGlue", "encode_examples", "BucketBatchSampler", "pad_collate", "make_loader"]
@@ -125,14 +125,14 @@ def list_tasks() -> list[str]:
 
 def get_task(name: str | GlueTask) -> GlueTask:
     """Task spec by name; case-insensitive, ``-``/``_`` and a ``glue/`` prefix ignored (``"SST-2"``).
-    Unknown -> ``KeyError`` listing the tasks."""
+    Unknown -> ``UnknownNameError`` listing the tasks."""
     if isinstance(name, GlueTask):
         return name
     key = name.strip().lower()
     key = key[len("glue/"):] if key.startswith("glue/") else key
     key = key.replace("-", "").replace("_", "")
     if key not in GLUE_TASKS:
-        raise KeyError(f"unknown GLUE task {name!r}; valid tasks: {', '.join(GLUE_TASKS)}")
+        raise UnknownNameError(f"unknown GLUE task {name!r}; valid tasks: {', '.join(GLUE_TASKS)}")
     return GLUE_TASKS[key]
 
 
@@ -265,7 +265,7 @@ def load_glue(task: str | GlueTask, root: str | os.PathLike | None = None, split
     task = get_task(task)
     split_key = task.aliases.get(split, split)
     if split_key not in task.files:
-        raise ValueError(f"unknown {task.display} split {split!r}; valid: {', '.join(task.splits)}")
+        raise DataError(f"unknown {task.display} split {split!r}; valid: {', '.join(task.splits)}")
     path = find_task_dir(task, root) / task.files[split_key]
     if not path.is_file():
         raise DataError(f"{path}: GLUE {task.display} {split_key} file not found. Get the GLUE data "
@@ -305,10 +305,10 @@ def encode_examples(examples: GlueData | Sequence[GlueExample], tokenizer, max_l
                          else any(isinstance(e.label, float) for e in examples))
     examples = list(examples)
     if tokenizer.pad_token_id is None:
-        raise ValueError("tokenizer has no pad token; set tokenizer.pad_token before encoding")
+        raise DataError("tokenizer has no pad token; set tokenizer.pad_token before encoding")
     has_b = [e.text_b is not None for e in examples]
     if any(has_b) and not all(has_b):
-        raise ValueError("examples mix single sentences and sentence pairs")
+        raise DataError("examples mix single sentences and sentence pairs")
     texts_a = [e.text_a for e in examples]
     texts_b = [e.text_b for e in examples] if examples and has_b[0] else None
     enc = tokenizer(texts_a, texts_b, truncation=True, max_length=max_length, padding=False) if examples else {}
@@ -330,7 +330,7 @@ class BucketBatchSampler(Sampler[list[int]]):
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = False, seed: int = 0,
                  bucket: bool = True, drop_last: bool = False) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.bucket, self.drop_last = bucket, drop_last

@@ -26,6 +26,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from prunekit.data.glue import GlueTask, get_task
+from prunekit.core.errors import DataError
 
 __all__ = ["accuracy", "f1", "matthews_correlation", "pearson", "spearman", "glue_metrics", "primary_metric",
            "to_predictions"]
@@ -64,11 +65,11 @@ def to_predictions(task: str | GlueTask, outputs) -> np.ndarray:
     if out.ndim == 2:
         if task.is_regression:
             if out.shape[1] != 1:
-                raise ValueError(f"{task.display} is a regression task; expected (N,) or (N, 1) outputs, got {out.shape}")
+                raise DataError(f"{task.display} is a regression task; expected (N,) or (N, 1) outputs, got {out.shape}")
             return out[:, 0].astype(float)
         return out.argmax(axis=1)
     if out.ndim != 1:
-        raise ValueError(f"expected (N,) predictions or (N, C) logits, got shape {out.shape}")
+        raise DataError(f"expected (N,) predictions or (N, C) logits, got shape {out.shape}")
     return out
 
 
@@ -84,9 +85,9 @@ def glue_metrics(task: str | GlueTask, predictions, labels) -> dict[str, float]:
     p = to_predictions(task, predictions)
     y = np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels)
     if p.shape[0] != y.shape[0]:
-        raise ValueError(f"{len(p)} predictions but {len(y)} labels")
+        raise DataError(f"{len(p)} predictions but {len(y)} labels")
     if len(y) == 0:
-        raise ValueError("no examples to score")
+        raise DataError("no examples to score")
     out = {m: _FUNCTIONS[m](p, y) for m in task.metric_names if m != "combined"}
     if "combined" in task.metric_names:  # MRPC/QQP: (f1 + accuracy) / 2; STS-B: (pearson + spearmanr) / 2
         out["combined"] = float(np.mean(list(out.values())))

@@ -125,7 +125,7 @@ def load_mnist(root: str | os.PathLike | None = None, split: str = "train", limi
     images (mean 0.1307, std 0.3081 of the [0, 1] pixels) and int64 labels; ``limit`` keeps the first N.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown MNIST split {split!r}; valid: {', '.join(SPLITS)}")
+        raise DataError(f"unknown MNIST split {split!r}; valid: {', '.join(SPLITS)}")
     folder = find_mnist_dir(root)
     prefix = SPLITS[split]
     img_path = _file(folder, f"{prefix}-images-idx3-ubyte")

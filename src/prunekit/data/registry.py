@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from prunekit.core.errors import DataError
+from prunekit.core.errors import DataError, UnknownNameError
+from prunekit.core.registry import Registry
 from prunekit.data.images import ImageDataset
 from prunekit.data.mnist import load_mnist
 from prunekit.data.cifar10 import load_cifar10
 from prunekit.data.glue import load_glue
 
-__all__ = ["DataError", "ImageDataset", "get_dataset", "list_datasets", "canonical_dataset_name"]
+__all__ = ["DATASETS", "DataError", "ImageDataset", "get_dataset", "list_datasets", "canonical_dataset_name"]
 
 
 
@@ -41,25 +42,28 @@ def _glue(task: str) -> Callable[..., Any]:
 
 _GLUE_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 
-_DATASETS: dict[str, Callable[..., Any]] = {"mnist": _mnist, "cifar10": _cifar10}
-_DATASETS.update({t: _glue(t) for t in _GLUE_NAMES})
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
+DATASETS.add("mnist", _mnist)
+DATASETS.add("cifar10", _cifar10)
+for _task in _GLUE_NAMES:
+    DATASETS.add(_task, _glue(_task))
 
 
 def list_datasets() -> list[str]:
     """All registered dataset names, sorted (``mnist``, ``cifar10`` and the nine GLUE tasks)."""
-    return sorted(_DATASETS)
+    return DATASETS.names()
 
 
 def canonical_dataset_name(name: str) -> str:
     """Map user spellings to the registered name: case-insensitive, ``-``/``_`` ignored, optional
-    ``glue/`` prefix (``"SST-2"``, ``"glue/sts_b"`` -> ``"sst2"``, ``"stsb"``). Unknown -> ``KeyError``
-    listing the valid names."""
+    ``glue/`` prefix (``"SST-2"``, ``"glue/sts_b"`` -> ``"sst2"``, ``"stsb"``). Unknown ->
+    :class:`UnknownNameError` listing the valid names."""
     key = name.strip().lower()
     if key.startswith("glue/"):
         key = key[len("glue/"):]
     key = key.replace("-", "").replace("_", "")
-    if key not in _DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}")
+    if key not in DATASETS:
+        raise UnknownNameError(f"unknown dataset {name!r}; valid: {', '.join(list_datasets())}")
     return key
 
 
@@ -73,7 +77,7 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, split: str = "
     Extra keywords go to the loader (e.g. ``augment=True`` for CIFAR-10).
     Returns an :class:`ImageDataset` for images and a :class:`prunekit.data.glue.GlueData` for GLUE.
     """
-    loader = _DATASETS[canonical_dataset_name(name)]
+    loader = DATASETS.get(canonical_dataset_name(name))
     if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+        raise DataError(f"limit must be a non-negative int or None, got {limit!r}")
     return loader(root, split, limit, **kw)

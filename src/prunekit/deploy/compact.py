@@ -67,6 +67,7 @@ from prunekit.models.lenet import LeNet5, LeNet5Classic
 from prunekit.models.resnet import BasicBlock
 from safetensors.torch import save_file
 from safetensors.torch import load_file
+from prunekit.core.errors import ModelError
 
 __all__ = ["Chain", "default_chains", "transformer_layers", "compact", "CompactResult", "save_compacted",
     "load_compacted", "rebuild_compacted", "apply_manifest", "COMPACT_FORMAT"]
@@ -142,7 +143,7 @@ def _slice_in(m: nn.Module, keep: Tensor) -> None:
 
 def _check_conv(m: nn.Conv2d) -> None:
     if m.groups != 1:
-        raise ValueError(f"grouped/depthwise Conv2d (groups={m.groups}) is not supported by compaction")
+        raise ModelError(f"grouped/depthwise Conv2d (groups={m.groups}) is not supported by compaction")
 
 
 def _columns(keep_channels: Tensor, spatial: int) -> Tensor:
@@ -185,12 +186,12 @@ def _through(m: nn.Module, c: Tensor, name: str) -> Tensor:
     """Value of each channel after ``m`` when the channel is the constant ``c`` (shape ``(n,)``)."""
     if isinstance(m, _BNS):
         if m.training:
-            raise ValueError(f"{name}: BatchNorm in training mode; call model.eval() before compacting")
+            raise ModelError(f"{name}: BatchNorm in training mode; call model.eval() before compacting")
         mean = m.running_mean if m.track_running_stats and m.running_mean is not None else torch.zeros_like(c)
         var = m.running_var if m.track_running_stats and m.running_var is not None else torch.ones_like(c)
         return F.batch_norm(c[None], mean, var, m.weight, m.bias, False, 0.0, m.eps)[0]
     if isinstance(m, nn.AvgPool2d) and m.padding not in (0, (0, 0)) and m.count_include_pad:
-        raise ValueError(f"{name}: AvgPool2d with padding and count_include_pad does not keep constants")
+        raise ModelError(f"{name}: AvgPool2d with padding and count_include_pad does not keep constants")
     if isinstance(m, _POOLS) or isinstance(m, nn.Dropout):
         return c
     if isinstance(m, _ACTIVATIONS):
@@ -222,12 +223,12 @@ def _compact_chain(ledger: _Ledger, ch: Chain) -> int:
     for b in ch.between:
         bm = model.get_submodule(b)
         if isinstance(bm, _BNS) and bm.num_features != n:
-            raise ValueError(f"{b}: {bm.num_features} features but producer {ch.producer} has {n} channels")
+            raise ModelError(f"{b}: {bm.num_features} features but producer {ch.producer} has {n} channels")
         const = _through(bm, const, b)
     Wc = C.weight
     if isinstance(C, nn.Linear):
         if C.in_features != n * ch.spatial:
-            raise ValueError(f"chain {ch.producer}→{ch.consumer}: consumer has {C.in_features} input columns, "
+            raise ModelError(f"chain {ch.producer}→{ch.consumer}: consumer has {C.in_features} input columns, "
                              f"expected {n} channels × spatial {ch.spatial}")
         slices = Wc.reshape(Wc.shape[0], n, ch.spatial)              # (out, n, spatial)
         col_sum = slices.sum(2)                                       # (out, n)
@@ -235,7 +236,7 @@ def _compact_chain(ledger: _Ledger, ch: Chain) -> int:
     else:
         _check_conv(C)
         if C.in_channels != n or ch.spatial != 1:
-            raise ValueError(f"chain {ch.producer}→{ch.consumer}: consumer Conv has {C.in_channels} input "
+            raise ModelError(f"chain {ch.producer}→{ch.consumer}: consumer Conv has {C.in_channels} input "
                              f"channels, producer {n} (spatial must be 1 for a Conv consumer)")
         slices = Wc.transpose(0, 1).reshape(n, Wc.shape[0], -1).transpose(0, 1)   # (out, n, k*k)
         col_sum = slices.sum(2)
@@ -315,7 +316,7 @@ def _compact_heads(ledger: _Ledger, layer: str) -> int:
     d = int(sa.attention_head_size)
     H = sa.query.out_features // d
     if H * d != sa.query.out_features or sa.key.out_features != H * d or sa.value.out_features != H * d:
-        raise ValueError(f"{layer}: query/key/value sizes {sa.query.out_features}/{sa.key.out_features}/"
+        raise ModelError(f"{layer}: query/key/value sizes {sa.query.out_features}/{sa.key.out_features}/"
                          f"{sa.value.out_features} are not heads × head size {d}")
     out_zero = (Wo.weight.reshape(Wo.out_features, H, d) == 0).all(2).all(0)
     v_zero = (sa.value.weight.reshape(H, d, -1) == 0).all(2).all(1)
@@ -402,13 +403,13 @@ def compact(model: nn.Module, masks: MaskSet | None = None, *, chains: Sequence[
     if masks is not None:
         masks.apply(model)
     if model.training:
-        raise ValueError("compact() needs model.eval(): BatchNorm running statistics define the removed "
+        raise ModelError("compact() needs model.eval(): BatchNorm running statistics define the removed "
                          "channels' constants")
     before = _count(model)
     chains = list(default_chains(model) if chains is None else chains)
     layers = transformer_layers(model) if transformers else []
     if not chains and not layers:
-        raise ValueError(f"nothing to compact in {type(model).__name__}: no built-in chains and no BERT-family "
+        raise ModelError(f"nothing to compact in {type(model).__name__}: no built-in chains and no BERT-family "
                          "layers; pass chains=[Chain(producer, consumer, between, spatial), ...]")
     ledger = _Ledger(model)
     removed: dict[str, int] = {}

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from prunekit.core.errors import ModelError
 
 __all__ = ["export_onnx", "check_onnx", "require_onnx", "OnnxCheck"]
 
@@ -128,7 +129,7 @@ def check_onnx(path: str | os.PathLike, model: nn.Module,
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed_names = [i.name for i in sess.get_inputs()]
     if len(feed_names) != len(args):
-        raise ValueError(f"{path} takes inputs {feed_names}, got {len(args)} ({names})")
+        raise ModelError(f"{path} takes inputs {feed_names}, got {len(args)} ({names})")
     ort_out = sess.run(None, {n: a.detach().cpu().numpy() for n, a in zip(feed_names, args)})
     with torch.no_grad():
         ref = _flatten_outputs(model(**dict(zip(names, args))) if keyword else model(*args))

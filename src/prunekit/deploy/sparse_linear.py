@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from prunekit.core.errors import ModelError
 
 __all__ = [
     "SparseLinear",
@@ -138,7 +139,7 @@ def time_linear(
     does not swap layers that are a wash.
     """
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+        raise ModelError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     sparse = SparseLinear(linear)
     old_threads = torch.get_num_threads()
     if num_threads is not None:

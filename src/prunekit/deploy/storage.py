@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from prunekit.core.errors import ModelError
 
 __all__ = [
     "ENCODINGS",
@@ -156,7 +157,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _parse_dtype(name: str) -> torch.dtype:
     dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown torch dtype {name!r}")
+        raise ModelError(f"unknown torch dtype {name!r}")
     return dt
 
 
@@ -165,7 +166,7 @@ def _uint_for(max_value: int) -> type:
     for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
         if max_value <= np.iinfo(dt).max:
             return dt
-    raise ValueError(f"index value {max_value} does not fit in uint64")
+    raise ModelError(f"index value {max_value} does not fit in uint64")
 
 
 def _matrix_dims(shape: Sequence[int]) -> tuple[int, int]:
@@ -329,7 +330,7 @@ def _encode_relative_impl(bits2d, nz2d, shape, *, bits: int | None = None, **opt
     if bits is None:
         bits = min(range(1, 17), key=lambda b: (_relative_size(g, b, itemsize), b))
     if not (isinstance(bits, int) and 1 <= bits <= 16):
-        raise ValueError(f"relative: bits must be an int in 1..16, got {bits!r}")
+        raise ModelError(f"relative: bits must be an int in 1..16, got {bits!r}")
     span = 1 << bits
     count = g // span + 1  # fillers + the real entry, per nonzero
     total = int(count.sum())
@@ -403,16 +404,16 @@ def _parse_block(block) -> tuple[int, int]:
     try:
         R, C = (int(b) for b in block)
     except (TypeError, ValueError):
-        raise ValueError(f"bcsr: block must be a pair (R, C) of positive ints, got {block!r}") from None
+        raise ModelError(f"bcsr: block must be a pair (R, C) of positive ints, got {block!r}") from None
     if R < 1 or C < 1:
-        raise ValueError(f"bcsr: block must be a pair (R, C) of positive ints, got {block!r}")
+        raise ModelError(f"bcsr: block must be a pair (R, C) of positive ints, got {block!r}")
     return R, C
 
 
 def _groups(nz2d: np.ndarray, m: int, name: str) -> np.ndarray:
     rows, cols = nz2d.shape
     if cols % m:
-        raise ValueError(
+        raise ModelError(
             f"{name}: group size m={m} does not divide the row length {cols} "
             f"(matrix view {rows}x{cols}); groups are m consecutive elements of a row"
         )
@@ -441,9 +442,9 @@ def _encode_nm_impl(bits2d, nz2d, shape, *, n: int | None = None, m: int = 4, in
     """
     _no_opts("nm", opts)
     if not (isinstance(m, int) and 1 <= m <= 16):
-        raise ValueError(f"nm: m must be an int in 1..16, got {m!r}")
+        raise ModelError(f"nm: m must be an int in 1..16, got {m!r}")
     if index not in ("combination", "positions"):
-        raise ValueError(f"nm: index must be one of ['combination', 'positions'], got {index!r}")
+        raise ModelError(f"nm: index must be one of ['combination', 'positions'], got {index!r}")
     g = _groups(nz2d, m, "nm")
     bg = bits2d.reshape(-1, m)
     counts = g.sum(axis=1)
@@ -451,9 +452,9 @@ def _encode_nm_impl(bits2d, nz2d, shape, *, n: int | None = None, m: int = 4, in
     if n is None:
         n = max_count
     if not (isinstance(n, int) and 0 <= n <= m):
-        raise ValueError(f"nm: n must be an int in 0..m={m}, got {n!r}")
+        raise ModelError(f"nm: n must be an int in 0..m={m}, got {n!r}")
     if max_count > n:
-        raise ValueError(f"nm: tensor is not {n}:{m} sparse (a group has {max_count} nonzeros)")
+        raise ModelError(f"nm: tensor is not {n}:{m} sparse (a group has {max_count} nonzeros)")
     pos = np.arange(m)
     # Prefer nonzeros, then the lowest positions; keep n slots, in position order.
     key = g.astype(np.int64) * (2 * m) + (m - pos)
@@ -501,7 +502,7 @@ def _encode_pattern_impl(bits2d, nz2d, shape, *, m: int | None = None, **opts):
     if m is None:
         m = _default_pattern_m(shape)
     if not (isinstance(m, int) and 1 <= m <= 64):
-        raise ValueError(f"pattern: m must be an int in 1..64, got {m!r}")
+        raise ModelError(f"pattern: m must be an int in 1..64, got {m!r}")
     g = _groups(nz2d, m, "pattern")
     codes = (g.astype(np.uint64) << np.arange(m, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
     book, ids = np.unique(codes, return_inverse=True)
@@ -545,7 +546,7 @@ def _codec(name: str) -> tuple[Callable, Callable]:
     try:
         return _CODECS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown encoding {name!r}; valid encodings: {list(ENCODINGS)}") from None
+        raise ModelError(f"unknown encoding {name!r}; valid encodings: {list(ENCODINGS)}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -670,7 +671,7 @@ def best_encoding(
     Ties go to the simplest, in the order of ``ENCODINGS``."""
     encs = _encode_candidates(tensor, candidates, options)
     if not encs:
-        raise ValueError(f"no candidate encoding applies to a tensor of shape {tuple(tensor.shape)}")
+        raise ModelError(f"no candidate encoding applies to a tensor of shape {tuple(tensor.shape)}")
     return min(encs, key=lambda e: (e.nbytes, ENCODINGS.index(e.encoding)))
 
 
@@ -742,7 +743,7 @@ def breakeven_sparsity(numel: int | Sequence[int], dtype: torch.dtype, encoding:
         return z / n if z <= n else math.inf
     if encoding == "csr":
         if shape is None:
-            raise ValueError("breakeven_sparsity for csr needs the tensor shape (rows matter), not just numel")
+            raise ModelError("breakeven_sparsity for csr needs the tensor shape (rows matter), not just numel")
         rows, cols = _matrix_dims(shape)
         c = np.dtype(_uint_for(max(cols - 1, 0))).itemsize
         best_k = -1
@@ -759,7 +760,7 @@ def breakeven_sparsity(numel: int | Sequence[int], dtype: torch.dtype, encoding:
             if lo > n:
                 break
         return (n - best_k) / n if best_k >= 0 else math.inf
-    raise ValueError(
+    raise ModelError(
         f"breakeven_sparsity is analytic only for ['bitmask', 'csr']; {encoding!r} depends on "
         "where the zeros are, not only on how many"
     )
@@ -799,7 +800,7 @@ def from_safetensors_dict(prefix: str, d: Mapping[str, torch.Tensor], meta: Mapp
         if t.dtype == torch.bool:
             t = t.view(torch.uint8)
         if t.element_size() != want.itemsize:
-            raise ValueError(f"{key}: stored element size {t.element_size()} != expected {want}")
+            raise ModelError(f"{key}: stored element size {t.element_size()} != expected {want}")
         if t.dtype not in _NP_TO_TORCH.values():
             t = t.view(_SIGNED_TORCH[t.element_size()] if t.element_size() > 1 else torch.uint8)
         arrays[name] = t.numpy().view(want).reshape(shape).copy()
@@ -856,7 +857,7 @@ def encode_state_dict(
         new = to_safetensors_dict(key, enc)
         clash = set(new) & set(tensors)
         if clash:
-            raise ValueError(f"encoded key collision for {key!r}: {sorted(clash)}")
+            raise ModelError(f"encoded key collision for {key!r}: {sorted(clash)}")
         tensors.update(new)
         entries[key] = enc.meta
     meta = {"format": _STATE_DICT_FORMAT, "order": list(entries), "tensors": entries}
@@ -869,7 +870,7 @@ def decode_state_dict(tensors: Mapping[str, torch.Tensor], meta: str | Mapping[s
     if isinstance(meta, str):
         meta = json.loads(meta)
     if meta.get("format") != _STATE_DICT_FORMAT:
-        raise ValueError(f"unsupported storage format {meta.get('format')!r}; expected {_STATE_DICT_FORMAT!r}")
+        raise ModelError(f"unsupported storage format {meta.get('format')!r}; expected {_STATE_DICT_FORMAT!r}")
     out: dict[str, torch.Tensor] = {}
     aliases = {}
     for key, m in meta["tensors"].items():

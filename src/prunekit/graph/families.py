@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from prunekit.core.masks import MaskSet
 from prunekit.core.scoring import resolve_score, select_keep
 from prunekit.core.targets import TargetSpec
+from prunekit.core.errors import ModelError
 
 
 # --------------------------------------------------------------------------------------------- targets
@@ -31,7 +32,7 @@ def encoder_family(model: nn.Module) -> str:
         if any(rx.search(n) for n in names):
             return fam
     mt = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    raise ValueError(f"no BERT-style ({'/'.join(_FAMILIES)}) encoder layers found in a {mt!r} model; "
+    raise ModelError(f"no BERT-style ({'/'.join(_FAMILIES)}) encoder layers found in a {mt!r} model; "
                      "give prune.targets explicitly")
 
 
@@ -77,7 +78,7 @@ def _num_heads(model: nn.Module) -> int:
     for k in ("num_attention_heads", "n_heads"):
         if cfg is not None and getattr(cfg, k, None):
             return int(getattr(cfg, k))
-    raise ValueError("cannot find the number of attention heads (config.num_attention_heads / n_heads)")
+    raise ModelError("cannot find the number of attention heads (config.num_attention_heads / n_heads)")
 
 
 def coupled_groups(model: nn.Module, kinds: tuple[str, ...] = ("heads", "neurons")) -> list[CoupledGroup]:
@@ -88,14 +89,14 @@ def coupled_groups(model: nn.Module, kinds: tuple[str, ...] = ("heads", "neurons
     rx = re.compile(rf"^(.*?{prefix}){re.escape(q)}\.weight$")
     layers = [(m.group(1), int(m.group(2))) for n in params if (m := rx.match(n))]
     if not layers:
-        raise ValueError("no encoder layers found")
+        raise ModelError("no encoder layers found")
     heads = _num_heads(model)
     out = []
     for base, idx in layers:
         if "heads" in kinds:
             rows = params[base + q + ".weight"].shape[0]
             if rows % heads:
-                raise ValueError(f"{base}{q}: {rows} rows do not split into {heads} heads")
+                raise ModelError(f"{base}{q}: {rows} rows do not split into {heads} heads")
             members = ((base + q + ".weight", 0), (base + k + ".weight", 0), (base + v + ".weight", 0),
                        (base + o + ".weight", 1))
             out.append(CoupledGroup("heads", idx, heads, rows // heads, members))
@@ -114,7 +115,7 @@ def head_neuron_masks(model: nn.Module, head_sparsity: float = 0.0, neuron_spars
     fn = resolve_score(score)
     for nm, s in (("head_sparsity", head_sparsity), ("neuron_sparsity", neuron_sparsity)):
         if not (0.0 <= float(s) < 1.0):
-            raise ValueError(f"{nm} must be in [0, 1), got {s}")
+            raise ModelError(f"{nm} must be in [0, 1), got {s}")
     kinds = tuple(k for k, s in (("heads", head_sparsity), ("neurons", neuron_sparsity)) if s > 0)
     params = dict(model.named_parameters())
     masks = MaskSet()

@@ -10,36 +10,30 @@ from typing import Any, Callable
 
 from torch import nn
 
+from prunekit.core.registry import Registry
+
 from prunekit.models.lenet import lenet5, lenet5_classic
 from prunekit.models.resnet import resnet18_cifar
 
-__all__ = ["register_model", "get_model", "list_models"]
+__all__ = ["MODELS", "register_model", "get_model", "list_models"]
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
 def register_model(name: str, fn: Callable[..., nn.Module] | None = None):
     """Register ``fn`` under ``name``; usable as ``@register_model("name")``. Duplicate -> ``ValueError``."""
-    def add(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _MODELS and _MODELS[name] is not f:
-            raise ValueError(f"model name {name!r} is already registered to {_MODELS[name].__module__}."
-                             f"{_MODELS[name].__qualname__}")
-        _MODELS[name] = f
-        return f
-    return add if fn is None else add(fn)
+    return MODELS.register(name) if fn is None else MODELS.add(name, fn)
 
 
 def list_models(pattern: str | None = None) -> list[str]:
     """Registered names, sorted; ``pattern`` is an fnmatch filter such as ``"lenet*"``."""
-    names = sorted(_MODELS)
+    names = MODELS.names()
     return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
 def get_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build model ``name`` with ``kwargs``; unknown name -> ``KeyError`` listing the valid names."""
-    if name not in _MODELS:
-        raise KeyError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
-    return _MODELS[name](**kwargs)
+    """Build model ``name`` with ``kwargs``; unknown name -> :class:`UnknownNameError` listing the valid names."""
+    return MODELS.get(name)(**kwargs)
 
 
 register_model("lenet5", lenet5)

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from prunekit.core.errors import ModelError
 
 __all__ = ["BasicBlock", "ResNetCIFAR", "resnet18_cifar"]
 
@@ -50,7 +51,7 @@ class ResNetCIFAR(nn.Module):
                  num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         if len(blocks) != len(widths):
-            raise ValueError(f"blocks {tuple(blocks)} and widths {tuple(widths)} must have the same length")
+            raise ModelError(f"blocks {tuple(blocks)} and widths {tuple(widths)} must have the same length")
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)

@@ -20,7 +20,7 @@ import yaml
 
 from prunekit.core.plan import validate_overrides
 from prunekit.core.structures import parse_structure
-from prunekit.core.errors import RecipeError
+from prunekit.core.errors import RecipeError, UnknownNameError
 from prunekit.training.config import TrainConfig, _choice, _range
 from prunekit.algorithms import get_algorithm_class
 from prunekit.data.registry import canonical_dataset_name
@@ -244,7 +244,7 @@ def parse_recipe(raw: dict, overrides: list[str] | None = None) -> Recipe:
     # validate the algorithm's own parameters and the prune spec now, before any work
     try:
         cls = get_algorithm_class(recipe.algorithm.name)
-    except ValueError as e:
+    except UnknownNameError as e:
         raise RecipeError(f"algorithm.name: {e}") from None
     from_dict(cls.Params, recipe.algorithm.params, "algorithm.params")
     if recipe.task == "classification":
@@ -252,8 +252,8 @@ def parse_recipe(raw: dict, overrides: list[str] | None = None) -> Recipe:
             raise RecipeError(f"model.name: unknown model {recipe.model.name!r}; valid: {list_models()}")
         try:
             canonical_dataset_name(recipe.data.name)
-        except KeyError as e:
-            raise RecipeError(f"data.name: {e.args[0]}") from None
+        except UnknownNameError as e:
+            raise RecipeError(f"data.name: {e}") from None
     return recipe
 
 

@@ -16,6 +16,7 @@ from prunekit.training.tasks import ClassificationTask
 from prunekit.data.glue import encode_examples, get_task, load_glue, make_loader
 from prunekit.data.registry import get_dataset
 from prunekit.models.registry import get_model
+from prunekit.core.registry import Registry
 
 
 def build_glue_workload(recipe: Recipe):
@@ -30,7 +31,7 @@ def build_glue_workload(recipe: Recipe):
     d = recipe.data
     try:
         spec = get_task(d.name)
-    except KeyError as e:
+    except (KeyError, ValueError) as e:
         raise RecipeError(f"data.name: {e.args[0]}") from None
     train = _subsample(load_glue(spec, d.root, "train"), d.limit, recipe.seed)
     dev = load_glue(spec, d.root, "dev", limit=d.eval_limit or d.limit)
@@ -108,15 +109,11 @@ def _classification_workload(recipe: Recipe) -> Workload:
     return Workload(model, ClassificationTask(), train_loader, eval_loader, x0, info)
 
 
-def _glue_workload(recipe: Recipe) -> Workload:
-    return build_glue_workload(recipe)
-
-
-WORKLOAD_BUILDERS: dict[str, Callable[[Recipe], Workload]] = {
-    "classification": _classification_workload,
-    "glue": _glue_workload,
-}
+TASKS: Registry[Callable[[Recipe], Workload]] = Registry("task")
+TASKS.add("classification", _classification_workload)
+TASKS.add("glue", build_glue_workload)
 
 
 def build_workload(recipe: Recipe) -> Workload:
-    return WORKLOAD_BUILDERS[recipe.task](recipe)
+    """The workload of ``recipe.task`` (a :data:`TASKS` entry)."""
+    return TASKS.get(recipe.task)(recipe)

@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from prunekit.reporting.tables import display_score
+from prunekit.core.errors import RecipeError
 
 __all__ = ["DEFAULT_SIZE", "DPI", "accuracy_vs_sparsity", "layer_sparsity_heatmap", "latency_vs_sparsity",
            "sensitivity_curves"]
@@ -86,7 +87,7 @@ def layer_sparsity_heatmap(runs, path, *, size=DEFAULT_SIZE) -> Path:
             if row["name"] not in layers:
                 layers.append(row["name"])
     if not layers:
-        raise ValueError("no per-layer rows in any results.json (key 'layers'); nothing to draw")
+        raise RecipeError("no per-layer rows in any results.json (key 'layers'); nothing to draw")
     grid = np.full((len(layers), len(runs)), np.nan)
     for j, r in enumerate(runs):
         for row in r.layers:
@@ -135,7 +136,7 @@ def latency_vs_sparsity(runs, path, *, size=DEFAULT_SIZE) -> Path:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     if not n:
         plt.close(fig)
-        raise ValueError("no run has a latency (results.json latency_ms / bench / speed, or levels[].latency_ms)")
+        raise RecipeError("no run has a latency (results.json latency_ms / bench / speed, or levels[].latency_ms)")
     ax.set_xlabel("sparsity of targeted weights (%)")
     ax.set_ylabel("latency (ms)")
     ax.set_title("latency vs sparsity")
@@ -149,7 +150,7 @@ def sensitivity_curves(curves: dict[str, list[tuple[float, float]]], path, *, me
                        size=DEFAULT_SIZE) -> Path:
     """``curves``: layer → [(sparsity, drop), ...]; one line per layer (drop = dense − pruned score)."""
     if not curves:
-        raise ValueError("no sensitivity curves to draw")
+        raise RecipeError("no sensitivity curves to draw")
     fig, (ax,) = _figure(size)
     for name, pts in curves.items():
         pts = sorted(pts)

@@ -32,6 +32,7 @@ import yaml
 from prunekit.reporting.tables import display_score, format_table
 from prunekit.reporting import plots
 from prunekit.io.checkpoint import atomic_write_text
+from prunekit.core.errors import RecipeError
 
 __all__ = ["RunRecord", "load_run", "load_runs", "methods_tasks_table", "levels_table", "layers_markdown",
            "summary_table", "build_report", "render_report", "display_score"]
@@ -72,7 +73,7 @@ class RunRecord:
 
 def _need(res: dict, key: str, path: Path):
     if key not in res:
-        raise ValueError(f"{path}: results.json has no {key!r} (keys: {sorted(res)[:20]}); "
+        raise RecipeError(f"{path}: results.json has no {key!r} (keys: {sorted(res)[:20]}); "
                          "is it a `prunekit run` output?")
     return res[key]
 
@@ -107,13 +108,13 @@ def load_run(run_dir: str | Path) -> RunRecord:
     try:
         res = json.loads(rpath.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{rpath} is not valid JSON: {e}") from None
+        raise RecipeError(f"{rpath} is not valid JSON: {e}") from None
     try:
         recipe = yaml.safe_load(cpath.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{cpath} is not valid YAML: {e}") from None
+        raise RecipeError(f"{cpath} is not valid YAML: {e}") from None
     if not isinstance(res, dict) or not isinstance(recipe, dict):
-        raise ValueError(f"{d}: results.json and recipe.yaml must both be mappings")
+        raise RecipeError(f"{d}: results.json and recipe.yaml must both be mappings")
     levels = [lv for lv in (res.get("levels") or []) if isinstance(lv, dict)]
     if "score" not in res and levels:
         # a shared-weight run (prunekit.pipelines.shared.run_shared): headline = its sparsest level
@@ -150,7 +151,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
 def load_runs(run_dirs) -> list[RunRecord]:
     runs = [load_run(d) for d in run_dirs]
     if not runs:
-        raise ValueError("no run folders given")
+        raise RecipeError("no run folders given")
     return runs
 
 
@@ -241,11 +242,11 @@ def levels_table(run: RunRecord) -> str:
     Each entry of ``results["levels"]`` is a mapping with ``sparsity`` (or ``target_sparsity``), the score
     (``score`` or the metric's own key) and optionally ``latency_ms`` and ``name``."""
     if not run.levels:
-        raise ValueError(f"{run.path}: results.json has no 'levels' list (not a shared-weight run)")
+        raise RecipeError(f"{run.path}: results.json has no 'levels' list (not a shared-weight run)")
     lines = [f"| level | sparsity | {run.metric} | compression rate | latency (ms) |", "|---|---:|---:|---:|---:|"]
     for i, lv in enumerate(run.levels):
         if not isinstance(lv, dict):
-            raise ValueError(f"{run.path}: levels[{i}] is not a mapping: {lv!r}")
+            raise RecipeError(f"{run.path}: levels[{i}] is not a mapping: {lv!r}")
         sp = _level_value(lv, "sparsity", "target_sparsity")
         score = _level_value(lv, "score", run.metric)
         cr = _level_value(lv, "compression_rate")
