@@ -10,15 +10,14 @@ three state dicts as safetensors-encoded tensors (sparse: ``storage.encode_state
 from __future__ import annotations
 
 import copy
-import statistics
-import time
-from typing import Any
+import functools
 
 import torch
 from prunekit.cli.compact import load_run
 from prunekit.deploy.compact import compact
 from prunekit.deploy.sparse_linear import sparsify_linears
 from prunekit.deploy.storage import encode_state_dict
+from prunekit.deploy.timing import call_model, interleaved_ms, repeat_batch
 
 
 def add_parser(sub):
@@ -28,35 +27,6 @@ def add_parser(sub):
     p.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default 1,32)")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     p.set_defaults(func=run)
-
-
-def _batch(x: Any, n: int) -> Any:
-    if isinstance(x, dict):
-        return {k: _batch(v, n) for k, v in x.items()}
-    return x[:1].expand(n, *x.shape[1:]).contiguous()
-
-
-def _call(m, x):
-    return m(**x) if isinstance(x, dict) else m(x)
-
-
-def time_variants(models: dict[str, torch.nn.Module], x: Any, repeats: int, threads: int) -> dict[str, float]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    try:
-        with torch.inference_mode():
-            for m in models.values():
-                _call(m, x)
-            for i in range(repeats):
-                order = list(models.items()) if i % 2 == 0 else list(models.items())[::-1]
-                for k, m in order:
-                    t0 = time.perf_counter()
-                    _call(m, x)
-                    times[k].append(1e3 * (time.perf_counter() - t0))
-    finally:
-        torch.set_num_threads(old)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _bytes(sd: dict[str, torch.Tensor]) -> int:
@@ -73,11 +43,13 @@ def bench_run(run_dir, repeats: int = 9, batches=(1, 32), threads=(1, 2)) -> dic
              "compacted+sparse": _bytes(encode_state_dict(comp.state_dict(), "best")[0])}
     rows = []
     for b in batches:
-        x = _batch(x0, b)
+        x = repeat_batch(x0, b)
         for t in threads:
             sparse = copy.deepcopy(masked)
             report = sparsify_linears(sparse, x, num_threads=t)
-            ms = time_variants({"dense": masked, "compacted": comp, "sparse": sparse}, x, repeats, t)
+            variants = {"dense": masked, "compacted": comp, "sparse": sparse}
+            ms = interleaved_ms({k: functools.partial(call_model, m, x) for k, m in variants.items()},
+                                repeats=repeats, warmup=1, threads=t)
             rows.append({"batch": b, "threads": t, **{f"{k}_ms": v for k, v in ms.items()},
                          "compacted_speedup": ms["dense"] / ms["compacted"], "sparse_speedup": ms["dense"] / ms["sparse"],
                          "csr_layers": sum(r["chosen"] == "csr" for r in report)})

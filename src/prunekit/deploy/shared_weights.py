@@ -323,25 +323,3 @@ def breakeven_report(model: nn.Module, nested: NestedMasks) -> dict:
                     "as a dense rewrite of that tensor instead"}
 
 
-@torch.no_grad()
-def forward_latency_ms(model: nn.Module, example, batch: int = 1, repeats: int = 20) -> float:
-    """Median wall time (ms) of one forward pass on ``example`` repeated to ``batch`` rows."""
-    if isinstance(example, dict):
-        inp = {k: v.repeat(batch, *([1] * (v.dim() - 1))) if isinstance(v, Tensor) else v for k, v in example.items()}
-        call = lambda: model(**inp)  # noqa: E731
-    else:
-        inp = example.repeat(batch, *([1] * (example.dim() - 1)))
-        call = lambda: model(inp)  # noqa: E731
-    was = model.training
-    model.eval()
-    for _ in range(3):
-        call()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        ts.append(time.perf_counter() - t0)
-    model.train(was)
-    return 1000.0 * float(np.median(ts))
-
-

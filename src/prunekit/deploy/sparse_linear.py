@@ -24,15 +24,13 @@ per-layer, per-shape measurement in ``sparsify_linears``.
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from prunekit.core.errors import ModelError
+from prunekit.deploy.timing import call_model, interleaved_ms
 
 __all__ = [
     "SparseLinear",
@@ -138,28 +136,10 @@ def time_linear(
     ``chosen`` is ``"csr"`` only when it is at least ``min_speedup`` times faster, so noise
     does not swap layers that are a wash.
     """
-    if repeats < 1 or warmup < 0:
-        raise ModelError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     sparse = SparseLinear(linear)
-    old_threads = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        with torch.inference_mode():
-            impls = (linear, sparse)
-            for f in impls:
-                for _ in range(warmup):
-                    f(example_input)
-            times: tuple[list[float], list[float]] = ([], [])
-            for _ in range(repeats):
-                for f, ts in zip(impls, times):
-                    t0 = time.perf_counter()
-                    f(example_input)
-                    ts.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(old_threads)
-    dense_ms = 1e3 * statistics.median(times[0])
-    sparse_ms = 1e3 * statistics.median(times[1])
+    ms = interleaved_ms({"dense": lambda: linear(example_input), "csr": lambda: sparse(example_input)},
+                        repeats=repeats, warmup=warmup, threads=num_threads)
+    dense_ms, sparse_ms = ms["dense"], ms["csr"]
     chosen = "csr" if sparse_ms * min_speedup <= dense_ms else "dense"
     return LinearTiming(dense_ms, sparse_ms, chosen)
 
@@ -174,13 +154,6 @@ def choose_linear_impl(
     else ``"dense"``; keyword options as in ``time_linear``."""
     return time_linear(linear, example_input, repeats=repeats, **kwargs).chosen
 
-
-def _call(model: nn.Module, example_inputs: Any) -> Any:
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
 
 
 def _sparsity(w: torch.Tensor) -> float:
@@ -228,7 +201,7 @@ def sparsify_linears(
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
     try:
         with torch.inference_mode():
-            _call(model, example_inputs)
+            call_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()

@@ -13,7 +13,8 @@ from prunekit.core.plan import PruneSpec
 from prunekit.training.loop import fit
 from prunekit.algorithms.shared_levels import FreezeShared, JointLevels, LevelView
 from prunekit.core.nested import NestedMasks, _spec_at, nested_masks, sorted_levels
-from prunekit.deploy.shared_weights import SharedWeightsModel, breakeven_report, forward_latency_ms, save_shared, switch_table
+from prunekit.deploy.timing import forward_latency_ms
+from prunekit.deploy.shared_weights import SharedWeightsModel, breakeven_report, save_shared, switch_table
 from prunekit.pipelines.recipe import from_dict
 import dataclasses as _dc
 from prunekit.training.config import TrainConfig
