@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from prunekit.core.masks import MaskSet
+from prunekit.core.targets import linear_types
 
 __all__ = ["LayerRow", "layer_table", "model_summary", "count_flops"]
 
@@ -44,12 +45,12 @@ def layer_table(model: nn.Module, masks: MaskSet | None = None, names: list[str]
 
 @torch.no_grad()
 def count_flops(model: nn.Module, example_input) -> dict[str, int]:
-    """Dense and nonzero FLOPs (2×MACs) of every Linear/Conv for ``example_input`` (a tensor, tuple or dict)."""
+    """Dense and nonzero FLOPs (2×MACs) of every Linear/HF Conv1D/Conv for ``example_input`` (a tensor, tuple or dict)."""
     dense, nonzero = [0], [0]
 
     def hook(mod, inp, out):
         w = mod.weight
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, linear):
             positions = out.numel() // out.shape[-1]
             macs = positions * w.numel()
             nz = positions * int(torch.count_nonzero(w))
@@ -60,7 +61,8 @@ def count_flops(model: nn.Module, example_input) -> dict[str, int]:
         dense[0] += 2 * macs
         nonzero[0] += 2 * nz
 
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    linear = linear_types()
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (*linear, nn.Conv1d, nn.Conv2d))]
     was = model.training
     model.eval()
     try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-__all__ = ["TargetSpec", "find_targets", "MODULE_TYPES"]
+__all__ = ["TargetSpec", "find_targets", "MODULE_TYPES", "linear_types", "hf_conv1d"]
 
 MODULE_TYPES: dict[str, type] = {
     "Linear": nn.Linear,
@@ -24,15 +24,28 @@ MODULE_TYPES: dict[str, type] = {
 # HF GPT-2 style Conv1D is registered lazily (transformers is optional)
 
 
+def hf_conv1d() -> type | None:
+    """HF GPT-2's ``Conv1D`` (a Linear whose weight is stored ``(in, out)``), or None without transformers."""
+    if "HFConv1D" not in MODULE_TYPES:
+        try:
+            from transformers.pytorch_utils import Conv1D  # noqa: PLC0415  (optional dependency)
+        except ImportError:  # pragma: no cover - transformers absent
+            return None
+        MODULE_TYPES["HFConv1D"] = Conv1D
+    return MODULE_TYPES["HFConv1D"]
+
+
+def linear_types() -> tuple[type, ...]:
+    """Module types that compute ``x @ W`` on the last dimension: ``nn.Linear`` and HF ``Conv1D``."""
+    c = hf_conv1d()
+    return (nn.Linear,) if c is None else (nn.Linear, c)
+
+
 def _module_types(names) -> tuple[type, ...]:
     out = []
     for n in names:
-        if n not in MODULE_TYPES:
-            try:
-                from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
-                MODULE_TYPES.setdefault("HFConv1D", Conv1D)
-            except Exception:  # pragma: no cover - transformers absent
-                pass
+        if n == "HFConv1D":
+            hf_conv1d()
         if n not in MODULE_TYPES:
             raise ValueError(f"unknown module type {n!r} in targets.types; valid: {sorted(MODULE_TYPES)}")
         out.append(MODULE_TYPES[n])
@@ -68,6 +81,8 @@ def find_targets(model: nn.Module, spec: TargetSpec | None = None) -> dict[str, 
     spec = spec or TargetSpec()
     types = _module_types(spec.types)
     candidates = {n: m for n, m in model.named_modules() if isinstance(m, types) and getattr(m, "weight", None) is not None}
+    # a weight tied to another module's (GPT-2's LM head and token embedding) is known by its first name
+    canonical = {id(p): n for n, p in model.named_parameters()}
     if not candidates:
         raise ValueError(f"the model has no modules of types {spec.types}")
     out: dict[str, nn.Module] = {}
@@ -80,7 +95,9 @@ def find_targets(model: nn.Module, spec: TargetSpec | None = None) -> dict[str, 
                              f"candidates: {shown}{more}")
         for n in hits:
             if not any(_match(x, n) or _match(x, f"{n}.weight") for x in spec.exclude):
-                out[f"{n}.weight" if n else "weight"] = candidates[n]
+                name = canonical.get(id(candidates[n].weight))
+                if name is not None:
+                    out.setdefault(name, candidates[n])
     for pat in spec.exclude:
         if not any(_match(pat, n) or _match(pat, f"{n}.weight") for n in candidates):
             raise ValueError(f"exclude pattern {pat!r} matches no {'/'.join(spec.types)} module; "
@@ -88,5 +105,5 @@ def find_targets(model: nn.Module, spec: TargetSpec | None = None) -> dict[str, 
     if not out:
         raise ValueError(f"targets include={spec.include} exclude={spec.exclude} leave nothing to prune")
     # keep model order
-    order = {f"{n}.weight" if n else "weight": i for i, n in enumerate(candidates)}
+    order = {name: i for i, name in enumerate(canonical.values())}
     return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))

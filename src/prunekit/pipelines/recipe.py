@@ -107,7 +107,7 @@ class Recipe:
     search: dict = field(default_factory=dict)    # ... for the algorithm's own phase (ADMM, SLR, gradual, ...)
     retrain: dict = field(default_factory=dict)   # ... for hard-pruned retraining
     distill: dict = field(default_factory=dict)   # knowledge distillation (see prunekit.algorithms.distill)
-    extra: dict = field(default_factory=dict)     # free-form, copied to results
+    extra: dict = field(default_factory=dict)     # copied to results; extra.shared is typed (pipelines.shared.SharedConfig)
     checkpoint_every: int = 0        # also checkpoint the run state every N optimizer steps (0 = per epoch only)
 
     def __post_init__(self):

@@ -18,7 +18,7 @@ class TrainConfig:
     scheduler: str = "cosine"    # none | cosine | linear | step
     warmup_ratio: float = 0.0
     grad_clip: float | None = None
-    patience: int | None = None  # stop when the dev metric has not improved for this many epochs
+    patience: int | None = None  # stop when the dev metric has not improved for this many evaluations (eval_every)
     eval_every: int = 1          # evaluate every k epochs (and always at the end)
 
     def __post_init__(self):

@@ -1,0 +1,52 @@
+"""Every HF family gets default targets (all attention and MLP matrices of every layer; embeddings, LM
+head, pooler and classifier excluded), unstructured and N:M masks, and tied weights never raise."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_tiny import FAMILIES, example, tiny
+from prunekit import PruneSpec, compute_masks, prune
+from prunekit.core.stats import count_flops
+from prunekit.core.targets import find_targets
+from prunekit.graph.families import default_targets
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_default_targets_are_the_block_matrices(family):
+    model = tiny(family)
+    names = list(find_targets(model, default_targets(model)))
+    per_layer = FAMILIES[family][3]
+    assert len(names) == (per_layer if family == "albert" else 2 * per_layer)   # ALBERT shares one layer
+    bad = ("embed", "wte", "wpe", "lm_head", "pooler", "classifier", "score")
+    assert not [n for n in names if any(b in n for b in bad)]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("structure,expected", [("unstructured", 0.5), ("nm:2:4", 0.5)])
+def test_masks_hit_the_target_and_keep_outputs_finite(family, structure, expected):
+    model = tiny(family)
+    masks = compute_masks(model, PruneSpec(structure, 0.5, targets=default_targets(model)))
+    assert masks.sparsity() == pytest.approx(expected, abs=1e-6)
+    masks.apply(model)
+    out = model(**example(family))
+    logits = out.logits
+    assert torch.isfinite(logits).all()
+
+
+def test_tied_lm_head_never_raises_and_is_pruned_once():
+    model = tiny("gpt2")
+    masks = prune(model, "unstructured", 0.5)                 # default targets: every Linear/Conv2d
+    assert "lm_head.weight" not in masks.names()             # the tied weight is known by its first name
+    assert "transformer.wte.weight" in masks.names()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert float((model.lm_head.weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_flops_count_gpt2_conv1d():
+    model = tiny("gpt2")
+    x = example("gpt2", batch=1, seq=8)
+    f = count_flops(model, x)
+    # per layer: c_attn 32x96, attn c_proj 32x32, c_fc 32x128, mlp c_proj 128x32; plus lm_head 32x100
+    macs_per_token = 2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32) + 32 * 100
+    assert f["flops"] == 2 * 8 * macs_per_token
