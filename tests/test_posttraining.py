@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from prunekit.algorithms.base import get_algorithm_class
-from prunekit.algorithms.calibration import (LayerStats, collect_batches, collect_stats, find_blocks,
-                                             run_blockwise)
+from prunekit.algorithms.calibration import (
+    LayerStats,
+    collect_batches,
+    collect_stats,
+    find_blocks,
+    run_blockwise,
+)
 from prunekit.algorithms.obs_structured import obs_group_prune
 from prunekit.algorithms.owl import owl_allocation
 from prunekit.algorithms.sparsegpt import sparsegpt_prune
@@ -62,7 +66,7 @@ def test_sparsegpt_later_column_is_obs_over_remaining_columns():
 
 def test_reconstruction_error_sparsegpt_below_wanda_and_magnitude():
     W, X, H = _layer()
-    err = lambda Wn: float((W @ X - Wn @ X).norm())  # noqa: E731
+    err = lambda Wn: float((W @ X - Wn @ X).norm())
     Ws, ks = sparsegpt_prune(W, H, "unstructured", 0.5)
     kw = wanda_mask(W, X.pow(2).sum(1).sqrt(), "unstructured", 0.5)
     km = W.abs() > W.abs().median()

@@ -17,14 +17,30 @@ block list (CNNs, MLPs) is a single block run by its full forward.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["collect_batches", "model_inputs", "find_blocks", "LayerStats", "collect_stats", "run_blockwise",
-           "weight_matrix", "set_weight_matrix", "is_hf_conv1d"]
+from ..masks import MaskSet
+from ..targets import find_targets
+from .base import Algorithm
+
+__all__ = [
+    "LayerStats",
+    "PostTraining",
+    "PostTrainingParams",
+    "collect_batches",
+    "collect_stats",
+    "find_blocks",
+    "is_hf_conv1d",
+    "model_inputs",
+    "run_blockwise",
+    "set_weight_matrix",
+    "weight_matrix",
+]
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -311,11 +327,6 @@ class PostTrainingParams:
             raise ValueError(f"algorithm.params.owl_lambda must be in [0, 1), got {self.owl_lambda}")
 
 
-from ..masks import MaskSet  # noqa: E402
-from ..targets import find_targets  # noqa: E402
-from .base import Algorithm  # noqa: E402
-
-
 class PostTraining(Algorithm):
     """Base of one-shot post-training pruning from calibration data.  No search phase; ``final_masks``
     draws the calibration batches from ``calibration_loader`` (set by :func:`prunekit.runner.run_pipeline`
@@ -342,7 +353,7 @@ class PostTraining(Algorithm):
         targets = find_targets(model, self.spec.targets)
         plan = self.spec.layer_plan(list(targets))
         if self.params.allocation == "owl":
-            from .owl import owl_plan  # noqa: PLC0415
+            from .owl import owl_plan
             plan = owl_plan(model, targets, plan, batches, self.params.owl_m, self.params.owl_lambda)
         return plan
 

@@ -25,10 +25,18 @@ from torch import Tensor, nn
 from ..masks import MaskSet
 from ..targets import find_targets
 from .base import register
-from .calibration import (LayerStats, PostTraining, PostTrainingParams, is_hf_conv1d, matrix_to_param,
-                          run_blockwise, set_weight_matrix, weight_matrix)
+from .calibration import (
+    LayerStats,
+    PostTraining,
+    PostTrainingParams,
+    is_hf_conv1d,
+    matrix_to_param,
+    run_blockwise,
+    set_weight_matrix,
+    weight_matrix,
+)
 
-__all__ = ["OBSStructured", "obs_group_saliency", "obs_group_prune", "least_squares_refit"]
+__all__ = ["OBSStructured", "least_squares_refit", "obs_group_prune", "obs_group_saliency"]
 
 KINDS = ("heads", "neurons", "heads+neurons", "columns")
 
@@ -156,7 +164,7 @@ class OBSStructured(PostTraining):
         run_blockwise(model, batches, targets, prune_block)
 
     def _coupled(self, model, batches, masks: MaskSet) -> None:
-        from ..nlp import coupled_groups  # noqa: PLC0415
+        from ..nlp import coupled_groups
         kinds = tuple(k for k in ("heads", "neurons") if k in self.params.kinds)
         groups = [g for g in coupled_groups(model, kinds) if self._sparsity(g.kind) > 0]
         params = dict(model.named_parameters())

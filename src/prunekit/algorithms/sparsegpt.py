@@ -35,7 +35,7 @@ from ..structures import NM, Structure, Unstructured, parse_structure
 from .base import register
 from .calibration import PostTraining, PostTrainingParams
 
-__all__ = ["SparseGPT", "sparsegpt_prune", "inverse_cholesky"]
+__all__ = ["SparseGPT", "inverse_cholesky", "sparsegpt_prune"]
 
 
 def inverse_cholesky(H: Tensor, percdamp: float) -> Tensor:
@@ -88,7 +88,7 @@ def _lowest_per_row(sal: Tensor, k: int) -> Tensor:
 
 
 @torch.no_grad()
-def sparsegpt_prune(W: Tensor, H: Tensor, structure: "str | Structure" = "unstructured", sparsity: float = 0.5,
+def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstructured", sparsity: float = 0.5,
                     percdamp: float = 0.01, blocksize: int = 128, shape=None) -> tuple[Tensor, Tensor]:
     """Prune the ``(rows, cols)`` matrix ``W`` with input Hessian ``H`` (``cols × cols``); returns
     ``(W_new, keep)`` — the compensated weights (zero where pruned) and the keep-mask.  ``shape`` is the

@@ -19,7 +19,7 @@ from ..structures import Structure, Unstructured, parse_structure
 from .base import register
 from .calibration import PostTraining, PostTrainingParams
 
-__all__ = ["Wanda", "wanda_scores", "wanda_mask"]
+__all__ = ["Wanda", "wanda_mask", "wanda_scores"]
 
 
 def wanda_scores(W: Tensor, col_norms: Tensor) -> Tensor:
@@ -29,7 +29,7 @@ def wanda_scores(W: Tensor, col_norms: Tensor) -> Tensor:
     return W.detach().abs().float() * col_norms.float()[None, :]
 
 
-def wanda_mask(W: Tensor, col_norms: Tensor, structure: "str | Structure" = "unstructured",
+def wanda_mask(W: Tensor, col_norms: Tensor, structure: str | Structure = "unstructured",
                sparsity: float = 0.5, shape=None) -> Tensor:
     """Keep-mask of the ``(out, in)`` matrix ``W`` (``shape``: the weight's own shape for the structure)."""
     st = parse_structure(structure)
