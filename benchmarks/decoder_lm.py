@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunekit.nlp import load_tokenizer
-from prunekit.paths import resolve_data_root
+from prunekit.adapters.hf import load_tokenizer
+from prunekit.data.paths import resolve_data_root
 
 
 def _sentences(split: str, limit: int | None, seed: int = 0) -> list[str]:

@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 from prunekit.algorithms.base import get_algorithm_class
-from prunekit.checkpoint import atomic_write_json, load_checkpoint
-from prunekit.config import from_dict, load_recipe, parse_recipe
-from prunekit.pruner import PruneSpec, compute_masks
-from prunekit.runner import build_workload, run_pipeline
-from prunekit.targets import TargetSpec
+from prunekit.io.checkpoint import atomic_write_json, load_checkpoint
+from prunekit.pipelines.recipe import from_dict, load_recipe, parse_recipe
+from prunekit.core.plan import PruneSpec, compute_masks
+from prunekit.pipelines.runner import build_workload, run_pipeline
+from prunekit.core.targets import TargetSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "posttraining.json"
@@ -72,7 +72,7 @@ def prune_copy(wl, method: str, spec: PruneSpec, params: dict):
     if method == "magnitude":
         masks = compute_masks(model, spec)
     elif method == "magnitude_heads_neurons":
-        from prunekit.nlp import head_neuron_masks
+        from prunekit.graph.families import head_neuron_masks
         masks = head_neuron_masks(model, spec.sparsity, spec.sparsity, "l2")
     else:
         cls = get_algorithm_class(method)

@@ -20,9 +20,9 @@ from prunekit.algorithms.obs_structured import obs_group_prune
 from prunekit.algorithms.owl import owl_allocation
 from prunekit.algorithms.sparsegpt import sparsegpt_prune
 from prunekit.algorithms.wanda import wanda_mask, wanda_scores
-from prunekit.config import from_dict
-from prunekit.pruner import PruneSpec
-from prunekit.targets import TargetSpec, find_targets
+from prunekit.pipelines.recipe import from_dict
+from prunekit.core.plan import PruneSpec
+from prunekit.core.targets import TargetSpec, find_targets
 
 transformers = pytest.importorskip("transformers")
 
@@ -246,9 +246,9 @@ def test_obs_structured_heads_neurons_on_bert():
 
 # --------------------------------------------------------------------------------------------- pipeline
 def test_posttraining_recipe_through_run_pipeline(tmp_path):
-    from prunekit.config import parse_recipe
-    from prunekit.paths import resolve_data_root
-    from prunekit.runner import run_pipeline
+    from prunekit.pipelines.recipe import parse_recipe
+    from prunekit.data.paths import resolve_data_root
+    from prunekit.pipelines.runner import run_pipeline
     try:
         ok = (Path(resolve_data_root(None)) / "mnist" / "train-images-idx3-ubyte.gz").exists()
     except Exception:  # noqa: BLE001

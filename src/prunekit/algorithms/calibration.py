@@ -24,12 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..masks import MaskSet
-from ..targets import find_targets
-from .base import Algorithm
+from prunekit.core.masks import MaskSet
+from prunekit.core.targets import find_targets
+from prunekit.algorithms.base import Algorithm
+from prunekit.algorithms.owl import owl_allocation
 
 __all__ = [
     "LayerStats",
+    "owl_plan",
     "PostTraining",
     "PostTrainingParams",
     "collect_batches",
@@ -327,9 +329,25 @@ class PostTrainingParams:
             raise ValueError(f"algorithm.params.owl_lambda must be in [0, 1), got {self.owl_lambda}")
 
 
+def owl_plan(model: nn.Module, targets: dict[str, nn.Module], plan: dict[str, tuple[Any, float]],
+             batches: list[Any], m: float, lam: float) -> dict[str, tuple[Any, float]]:
+    """The layer plan with OWL sparsities (Wanda scores from one dense forward pass over ``batches``)."""
+    sps = {sp for _, sp in plan.values()}
+    if len(sps) != 1:
+        raise ValueError("allocation 'owl' re-allocates one uniform sparsity; remove the per-layer overrides")
+    for n, (st, _) in plan.items():
+        if st.fixed_sparsity(targets[n].weight.shape) is not None:
+            raise ValueError(f"allocation 'owl' needs a structure with a free sparsity; {n} uses {st}")
+    mods = {n: targets[n] for n in plan}
+    stats = collect_stats(model, batches, mods, hessian=False)
+    scores = {n: weight_matrix(mod).abs() * stats[n].col_norms[None, :] for n, mod in mods.items()}
+    alloc = owl_allocation(scores, next(iter(sps)), m, lam)
+    return {n: (st, alloc[n]) for n, (st, _) in plan.items()}
+
+
 class PostTraining(Algorithm):
     """Base of one-shot post-training pruning from calibration data.  No search phase; ``final_masks``
-    draws the calibration batches from ``calibration_loader`` (set by :func:`prunekit.runner.run_pipeline`
+    draws the calibration batches from ``calibration_loader`` (set by :func:`prunekit.pipelines.runner.run_pipeline`
     to the workload's train loader), runs :func:`run_blockwise` and calls :meth:`prune_matrix` on every
     target's ``(out, in')`` matrix view.  Weights are changed in place; the masks match the zeros."""
 
@@ -353,7 +371,6 @@ class PostTraining(Algorithm):
         targets = find_targets(model, self.spec.targets)
         plan = self.spec.layer_plan(list(targets))
         if self.params.allocation == "owl":
-            from .owl import owl_plan
             plan = owl_plan(model, targets, plan, batches, self.params.owl_m, self.params.owl_lambda)
         return plan
 

@@ -3,7 +3,7 @@
 A structured group (an FFN neuron, an attention head, an input column of a Linear, an input channel of a
 Conv2d) is a set of *input columns* of one consuming layer (the FFN down projection, the attention
 output projection, the layer itself) plus, for neurons and heads, the rows of the producing layers
-(``nlp.coupled_groups``).  Removing group ``G`` from the consumer ``W`` (input Hessian ``H = 2/n X Xᵀ``)
+(``prunekit.graph.families.coupled_groups``).  Removing group ``G`` from the consumer ``W`` (input Hessian ``H = 2/n X Xᵀ``)
 and re-fitting the kept columns costs (Optimal Brain Surgeon, layer-wise)::
 
     ΔL_G = Σ_rows  w_G · ([H⁻¹]_GG)⁻¹ · w_Gᵀ
@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..masks import MaskSet
-from ..targets import find_targets
-from .base import register
-from .calibration import (
+from prunekit.core.masks import MaskSet
+from prunekit.core.targets import find_targets
+from prunekit.graph.families import coupled_groups
+from prunekit.algorithms.base import register
+from prunekit.algorithms.calibration import (
     LayerStats,
     PostTraining,
     PostTrainingParams,
@@ -164,7 +165,6 @@ class OBSStructured(PostTraining):
         run_blockwise(model, batches, targets, prune_block)
 
     def _coupled(self, model, batches, masks: MaskSet) -> None:
-        from ..nlp import coupled_groups
         kinds = tuple(k for k in ("heads", "neurons") if k in self.params.kinds)
         groups = [g for g in coupled_groups(model, kinds) if self._sparsity(g.kind) > 0]
         params = dict(model.named_parameters())

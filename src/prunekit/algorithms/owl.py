@@ -9,14 +9,10 @@ mean of ``s_l`` is exactly the target (the global sparsity is unchanged).
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .calibration import collect_stats, weight_matrix
-
-__all__ = ["outlier_ratio", "owl_allocation", "owl_plan"]
+__all__ = ["outlier_ratio", "owl_allocation"]
 
 
 def outlier_ratio(score: Tensor, m: float = 5.0) -> float:
@@ -45,19 +41,3 @@ def owl_allocation(scores: dict[str, Tensor], target: float, m: float = 5.0, lam
     centred = norm - (norm * p).sum() / p.sum()
     sp = target - lam * centred
     return {n: float(s) for n, s in zip(names, sp)}
-
-
-def owl_plan(model: nn.Module, targets: dict[str, nn.Module], plan: dict[str, tuple[Any, float]],
-             batches: list[Any], m: float, lam: float) -> dict[str, tuple[Any, float]]:
-    """The layer plan with OWL sparsities (Wanda scores from one dense forward pass over ``batches``)."""
-    sps = {sp for _, sp in plan.values()}
-    if len(sps) != 1:
-        raise ValueError("allocation 'owl' re-allocates one uniform sparsity; remove the per-layer overrides")
-    for n, (st, _) in plan.items():
-        if st.fixed_sparsity(targets[n].weight.shape) is not None:
-            raise ValueError(f"allocation 'owl' needs a structure with a free sparsity; {n} uses {st}")
-    mods = {n: targets[n] for n in plan}
-    stats = collect_stats(model, batches, mods, hessian=False)
-    scores = {n: weight_matrix(mod).abs() * stats[n].col_norms[None, :] for n, mod in mods.items()}
-    alloc = owl_allocation(scores, next(iter(sps)), m, lam)
-    return {n: (st, alloc[n]) for n, (st, _) in plan.items()}

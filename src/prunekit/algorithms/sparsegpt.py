@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..structures import NM, Structure, Unstructured, parse_structure
-from .base import register
-from .calibration import PostTraining, PostTrainingParams
+from prunekit.core.structures import NM, Structure, Unstructured, parse_structure
+from prunekit.algorithms.base import register
+from prunekit.algorithms.calibration import PostTraining, PostTrainingParams
 
 __all__ = ["SparseGPT", "inverse_cholesky", "sparsegpt_prune"]
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..structures import Structure, Unstructured, parse_structure
-from .base import register
-from .calibration import PostTraining, PostTrainingParams
+from prunekit.core.structures import Structure, Unstructured, parse_structure
+from prunekit.algorithms.base import register
+from prunekit.algorithms.calibration import PostTraining, PostTrainingParams
 
 __all__ = ["Wanda", "wanda_mask", "wanda_scores"]
 
