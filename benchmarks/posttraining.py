@@ -107,7 +107,9 @@ def run_grid(wl, model_name, task, grid, metric, flush, params) -> list[dict]:
     print(f"{model_name} {task} dense {metric} = {dense:.4f}", flush=True)
     rows = []
     for method, structure, sparsity, targets in grid:
-        spec = PruneSpec(structure, sparsity, targets=targets)
+        if METHODS and method not in METHODS:
+            continue
+        spec = PruneSpec("unstructured" if structure == "heads+neurons" else structure, sparsity, targets=targets)
         model, masks, secs = prune_copy(wl, method, spec, params)
         score = wl.task.evaluate(model, wl.eval_loader)[metric]
         rows.append(row(model_name, task, method, structure, sparsity, score, dense, secs,
@@ -152,6 +154,8 @@ def part_decoder(a, flush) -> list[dict]:
                     {"calibration_samples": a.samples, "calibration_batch_size": 16, "max_length": 64})
 
 
+METHODS: list[str] = []      # --methods: run only these rows' methods
+
 PARTS = {"lenet": part_lenet, "minilm": part_minilm, "decoder": part_decoder}
 
 
@@ -163,7 +167,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("PRUNEKIT_PTQ_CACHE",
                                                                       Path.home() / ".cache" / "prunekit_ptq")))
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--methods", nargs="+", default=[], help="only rows of these methods")
     a = ap.parse_args(argv)
+    METHODS[:] = a.methods
     torch.set_num_threads(1)
     os.environ.setdefault("PRUNEKIT_NO_PROGRESS", "1")
     meta = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]), "machine": machine(),
