@@ -191,6 +191,7 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
     wl = build_workload(recipe)
     wl.train_loader = _resumable_loader(wl.train_loader, recipe.seed)
     spec, algo = validate_recipe(recipe, wl)
+    algo.calibration_loader = wl.train_loader   # post-training algorithms (wanda, sparsegpt, ...) sample it
     model, task = wl.model, wl.task
     metric = task.metric
     if recipe.model.checkpoint:          # checked (names, shapes, checksums) before any training

@@ -1,0 +1,184 @@
+"""Post-training pruning benchmark: magnitude vs Wanda vs SparseGPT (and OBS-structured heads/neurons),
+no retraining, from calibration samples of the training set.
+
+    python benchmarks/posttraining.py --part lenet            # LeNet-5 / MNIST at 50, 80, 90 % unstructured
+    python benchmarks/posttraining.py --part minilm --tasks sst2
+    python benchmarks/posttraining.py --part decoder          # small GPT-2 LM on SST-2 sentences, perplexity
+
+Dense models are trained once through ``run_pipeline`` (the dense phase of a recipe, ``retrain.epochs=0``)
+and cached outside git under ``--cache`` (default ``$PRUNEKIT_PTQ_CACHE`` or ``~/.cache/prunekit_ptq``);
+MiniLM uses ``recipes/glue_<task>_bench.yaml`` (SST-2: 8000-sentence subset, 2 epochs; the same dense budget as
+``benchmarks/glue_minilm.py``).  Every row prunes a fresh copy of the dense model, at 1 thread:
+``seconds`` = mask computation incl. calibration forwards; ``peak_mb`` = the process's peak resident memory
+so far (``ru_maxrss``; an upper bound for the row).  Rows are merged into ``--out`` by
+``(model, task, method, structure, sparsity)``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from prunekit.algorithms.base import get_algorithm_class
+from prunekit.io.checkpoint import atomic_write_json, load_checkpoint
+from prunekit.pipelines.recipe import from_dict, load_recipe, parse_recipe
+from prunekit.core.plan import PruneSpec, compute_masks
+from prunekit.pipelines.runner import build_workload, run_pipeline
+from prunekit.core.targets import TargetSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "posttraining.json"
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "cpus_visible": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def dense_recipe(recipe, cache: Path, label: str):
+    """The recipe's dense model, trained once into ``cache/label`` (then loaded by ``model.checkpoint``)."""
+    d = cache / label
+    if not (d / "dense" / "manifest.json").is_file():
+        run_pipeline(copy.deepcopy(recipe), d, log=print)     # recipes here have retrain.epochs=0
+    recipe.model.checkpoint = str(d / "dense")
+    return recipe
+
+
+def workload(recipe):
+    torch.manual_seed(recipe.seed)
+    wl = build_workload(recipe)
+    load_checkpoint(recipe.model.checkpoint, wl.model)
+    return wl
+
+
+def prune_copy(wl, method: str, spec: PruneSpec, params: dict):
+    """``(model, masks, seconds)``: a pruned copy of the workload's model."""
+    model = copy.deepcopy(wl.model)
+    t0 = time.perf_counter()
+    if method == "magnitude":
+        masks = compute_masks(model, spec)
+    elif method == "magnitude_heads_neurons":
+        from prunekit.graph.families import head_neuron_masks
+        masks = head_neuron_masks(model, spec.sparsity, spec.sparsity, "l2")
+    else:
+        cls = get_algorithm_class(method)
+        algo = cls(from_dict(cls.Params, params, "algorithm.params"), spec)
+        algo.calibration_loader = wl.train_loader
+        masks = algo.final_masks(model)
+    masks.apply(model)
+    return model, masks, time.perf_counter() - t0
+
+
+def row(model_name, task, method, structure, sparsity, score, dense, seconds, **extra) -> dict:
+    return {"model": model_name, "task": task, "method": method, "structure": structure, "sparsity": sparsity,
+            "retrain_epochs": 0, "score": score, "dense_score": dense, "seconds": round(seconds, 2),
+            "peak_mb": round(peak_mb(), 1), "tool": "prunekit", **extra}
+
+
+def save(out: Path, rows: list[dict], meta: dict) -> None:
+    data = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+    key = lambda r: (r["model"], r["task"], r["method"], r["structure"], r["sparsity"])
+    new = {key(r) for r in rows}
+    data["rows"] = [r for r in data.get("rows", []) if key(r) not in new] + rows
+    data.setdefault("commands", [])
+    if meta["command"] not in data["commands"]:
+        data["commands"].append(meta["command"])
+    data.update(meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, data)
+
+
+def run_grid(wl, model_name, task, grid, metric, flush, params) -> list[dict]:
+    dense = wl.task.evaluate(wl.model, wl.eval_loader)[metric]
+    print(f"{model_name} {task} dense {metric} = {dense:.4f}", flush=True)
+    rows = []
+    for method, structure, sparsity, targets in grid:
+        if METHODS and method not in METHODS:
+            continue
+        spec = PruneSpec("unstructured" if structure == "heads+neurons" else structure, sparsity, targets=targets)
+        model, masks, secs = prune_copy(wl, method, spec, params)
+        score = wl.task.evaluate(model, wl.eval_loader)[metric]
+        rows.append(row(model_name, task, method, structure, sparsity, score, dense, secs,
+                        measured_sparsity=round(masks.sparsity(), 4)))
+        print(json.dumps(rows[-1]), flush=True)
+        flush(rows)
+    return rows
+
+
+def part_lenet(a, flush) -> list[dict]:
+    r = parse_recipe({"name": "lenet5-ptq-dense", "seed": 0, "model": {"name": "lenet5"},
+                      "data": {"name": "mnist", "batch_size": 128, "eval_batch_size": 1000},
+                      "prune": {"structure": "unstructured", "sparsity": 0.0}, "algorithm": {"name": "oneshot"},
+                      "train": {"optimizer": "adam", "lr": 1e-3, "epochs": 1, "scheduler": "cosine"},
+                      "dense": {"epochs": 2}, "retrain": {"epochs": 0}})
+    wl = workload(dense_recipe(r, a.cache, "lenet5_mnist"))
+    t = TargetSpec()
+    grid = [(m, "unstructured", s, t) for s in (0.5, 0.8, 0.9) for m in ("magnitude", "wanda", "sparsegpt")]
+    return run_grid(wl, "lenet5", "mnist", grid, "accuracy", flush, {"calibration_samples": a.samples,
+                                                                     "calibration_batch_size": 64})
+
+
+def part_minilm(a, flush) -> list[dict]:
+    rows = []
+    for task in a.tasks:
+        r = load_recipe(ROOT / "recipes" / f"glue_{task}_bench.yaml", ["prune.sparsity=0.0", "retrain.epochs=0"])
+        wl = workload(dense_recipe(r, a.cache, f"minilm_{task}"))
+        t = TargetSpec(list(r.prune.targets.include), [], ["Linear"])
+        grid = [(m, st, 0.5, t) for st in ("unstructured", "nm:2:4") for m in ("magnitude", "wanda", "sparsegpt")]
+        grid += [("magnitude_heads_neurons", "heads+neurons", 0.3, t), ("obs_structured", "heads+neurons", 0.3, t)]
+        params = {"calibration_samples": a.samples, "calibration_batch_size": 16, "max_length": r.data.max_length}
+        rows += run_grid(wl, "minilm-l6", task, grid, wl.task.metric, lambda rs: flush(rows + rs), params)
+    return rows
+
+
+def part_decoder(a, flush) -> list[dict]:
+    from decoder_lm import decoder_workload
+    wl = decoder_workload(a.cache, epochs=1)
+    t = TargetSpec(["transformer.h.*"], [], ["HFConv1D"])
+    grid = [(m, st, 0.5, t) for st in ("unstructured", "nm:2:4") for m in ("magnitude", "wanda", "sparsegpt")]
+    return run_grid(wl, "gpt2-tiny", "sst2-lm", grid, "perplexity", flush,
+                    {"calibration_samples": a.samples, "calibration_batch_size": 16, "max_length": 64})
+
+
+METHODS: list[str] = []      # --methods: run only these rows' methods
+
+PARTS = {"lenet": part_lenet, "minilm": part_minilm, "decoder": part_decoder}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=sorted(PARTS), required=True)
+    ap.add_argument("--tasks", nargs="+", default=["sst2"])
+    ap.add_argument("--samples", type=int, default=128, help="calibration samples")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("PRUNEKIT_PTQ_CACHE",
+                                                                      Path.home() / ".cache" / "prunekit_ptq")))
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--methods", nargs="+", default=[], help="only rows of these methods")
+    a = ap.parse_args(argv)
+    METHODS[:] = a.methods
+    torch.set_num_threads(1)
+    os.environ.setdefault("PRUNEKIT_NO_PROGRESS", "1")
+    meta = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]), "machine": machine(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "notes": "no retraining; score: accuracy/F1 in percent (LeNet), fraction (GLUE), perplexity (decoder); "
+                     "seconds = pruning incl. calibration forwards at 1 thread; peak_mb = process peak RSS so far"}
+    PARTS[a.part](a, lambda rows: save(a.out, rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

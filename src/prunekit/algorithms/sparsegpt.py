@@ -1,0 +1,171 @@
+"""SparseGPT (Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
+One-Shot", ICML 2023): layer-wise OBS pruning with lazy batched weight updates.
+
+For a layer ``W`` (``rows × cols``, the matrix view) and its input Hessian ``H = 2/n X Xᵀ`` the
+reconstruction loss ``‖W X − Ŵ X‖²`` is minimised row by row.  Columns are visited left to right; when
+column ``j`` is pruned (its weight set to 0 in every row where the mask says so), the *remaining* columns
+``> j`` absorb the error by the OBS update ``δw = −w_j / [H_F⁻¹]_jj · [H_F⁻¹]_{j,:}`` (``F`` = columns not yet
+visited).  All ``[H_F⁻¹]`` rows are rows of the upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``)
+scaled by ``U_jj``, so one factorisation serves the whole sweep.  Updates inside a block of ``blocksize``
+columns are applied immediately; those to the columns after the block are applied once per block
+(``W[:, i2:] −= Err · U[i1:i2, i2:]``), which is the paper's lazy batching.
+
+Mask selection:
+
+* ``unstructured``: per block of columns, the lowest OBS saliencies ``w² / U_jj²`` over the block (the
+  paper's adaptive mask selection); block counts are rounded cumulatively so the layer has exactly
+  ``round(sparsity · rows · cols)`` zeros;
+* ``nm:N:M``: at the start of every M columns, the ``M − N`` lowest saliencies of each row (with the
+  weights as updated so far);
+* every other structure (block, pattern, row, column): the structure's own partition and selection on the
+  element score ``|w| / U_jj`` (whose grouped L2 norm is the summed saliency), chosen once before the
+  sweep; the sweep then only compensates.
+
+Dampening: ``H += percdamp · mean(diag H) · I``; inputs that never fire (``H_jj = 0``) get ``H_jj = 1`` and
+a zero weight column.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from prunekit.core.structures import NM, Structure, Unstructured, parse_structure
+from prunekit.algorithms.base import register
+from prunekit.algorithms.calibration import PostTraining, PostTrainingParams
+
+__all__ = ["SparseGPT", "inverse_cholesky", "sparsegpt_prune"]
+
+
+def inverse_cholesky(H: Tensor, percdamp: float) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``λ = percdamp · mean diag``); more dampening is
+    added (×10, up to 4 times) if the damped ``H`` is not positive definite."""
+    H = H.double().clone()
+    n = H.shape[0]
+    damp = float(percdamp) * float(H.diagonal().mean())
+    eye = torch.eye(n, dtype=H.dtype)
+    for _ in range(5):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info2) == 0:
+                return U.float()
+        damp = max(damp * 10.0, 1e-8 * float(H.diagonal().mean()) + 1e-10)
+    raise ValueError("the calibration Hessian is not positive definite even after dampening; raise percdamp")
+
+
+def _structure_keep(W: Tensor, U: Tensor, structure: Structure, sparsity: float, shape) -> Tensor:
+    score = W.abs() / U.diagonal()[None, :]
+    w = W.reshape(shape)
+    return structure.mask(w, sparsity, score=score.reshape(shape)).reshape(W.shape)
+
+
+def _block_counts(rows: int, cols: int, blocksize: int, sparsity: float) -> list[int]:
+    out, prev = [], 0
+    for i2 in range(blocksize, cols + blocksize, blocksize):
+        cum = int(round(sparsity * rows * min(i2, cols)))
+        out.append(cum - prev)
+        prev = cum
+    return out
+
+
+def _lowest(sal: Tensor, k: int) -> Tensor:
+    """Bool mask (True = pruned) of the ``k`` lowest entries of ``sal`` (lower index first on ties)."""
+    flat = sal.reshape(-1)
+    out = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        out[torch.argsort(flat, stable=True)[:k]] = True
+    return out.reshape(sal.shape)
+
+
+def _lowest_per_row(sal: Tensor, k: int) -> Tensor:
+    out = torch.zeros_like(sal, dtype=torch.bool)
+    if k > 0:
+        out.scatter_(1, torch.argsort(sal, dim=1, stable=True)[:, :k], True)
+    return out
+
+
+@torch.no_grad()
+def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstructured", sparsity: float = 0.5,
+                    percdamp: float = 0.01, blocksize: int = 128, shape=None) -> tuple[Tensor, Tensor]:
+    """Prune the ``(rows, cols)`` matrix ``W`` with input Hessian ``H`` (``cols × cols``); returns
+    ``(W_new, keep)`` — the compensated weights (zero where pruned) and the keep-mask.  ``shape`` is the
+    weight's own shape (e.g. a conv's 4-D shape) that the structure sees; default ``W.shape``."""
+    st = parse_structure(structure)
+    shape = tuple(shape or W.shape)
+    st.check_shape(shape)
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if blocksize < 1:
+        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match {cols} weight columns")
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    U = inverse_cholesky(H, percdamp)
+    keep_fixed = None
+    nm_keep = 0
+    if isinstance(st, NM):
+        nm_keep = st.keep_per_group(sparsity)
+        blocksize = max(st.m, blocksize // st.m * st.m)     # N:M groups never straddle two blocks
+    elif not isinstance(st, Unstructured):
+        keep_fixed = _structure_keep(W, U, st, sparsity, shape)
+    counts = _block_counts(rows, cols, blocksize, float(sparsity))
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    for b, i1 in enumerate(range(0, cols, blocksize)):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        d = U1.diagonal()
+        if keep_fixed is not None:
+            P1 = ~keep_fixed[:, i1:i2]
+        elif isinstance(st, NM):
+            P1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            P1 = _lowest(W1.pow(2) / d.pow(2)[None, :], counts[b])
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            if isinstance(st, NM) and i % st.m == 0:
+                k = min(st.m, i2 - i1 - i)
+                sal = W1[:, i:i + k].pow(2) / d[i:i + k].pow(2)[None, :]
+                P1[:, i:i + k] = _lowest_per_row(sal, k - min(nm_keep, k))
+            w = W1[:, i]
+            q = w.masked_fill(P1[:, i], 0.0)
+            err = (w - q) / d[i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        pruned[:, i1:i2] = P1
+    W[pruned] = 0.0
+    return W, ~pruned
+
+
+@register
+class SparseGPT(PostTraining):
+    """SparseGPT post-training pruning (no search phase): ``final_masks`` runs the block-sequential
+    calibration driver and prunes + compensates every target in place."""
+
+    name = "sparsegpt"
+    hessian = True
+
+    @dataclass
+    class Params(PostTrainingParams):
+        percdamp: float = 0.01
+        blocksize: int = 128
+
+        def __post_init__(self):
+            super().__post_init__()
+            if not (0.0 <= self.percdamp < 1.0):
+                raise ValueError(f"algorithm.params.percdamp must be in [0, 1), got {self.percdamp}")
+            if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
+                raise ValueError(f"algorithm.params.blocksize must be a positive integer, got {self.blocksize!r}")
+
+    def prune_matrix(self, W, stats, structure, sparsity, shape):
+        return sparsegpt_prune(W, stats.H, structure, sparsity, self.params.percdamp, self.params.blocksize, shape)
