@@ -604,7 +604,7 @@ class Pattern(Structure):
             rows = torch.nonzero(lost).flatten()
             sc = torch.where(b[rows], torch.full_like(g2[rows], math.inf), g2[rows])
             sc = sc.masked_fill(~valid[rows], -1.0)
-            order = torch.argsort(-sc, 1, stable=True)[:, :keep]
+            order = torch.argsort(-sc, dim=1, stable=True)[:, :keep]
             km[rows] = torch.zeros_like(b[rows]).scatter_(1, order, True) & valid[rows]
         if self.conn:
             connectivity_prune(km, g2, valid, sparsity, protected=None if base is None else b.any(1))
