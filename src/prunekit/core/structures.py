@@ -464,6 +464,9 @@ class Pattern(Structure):
       norm are removed until the requested sparsity is reached.  **Only** ``conn`` removes whole
       tiles.  Without ``conn`` and with an explicit ``keep``, the sparsity is the pattern's own
       ``1 - keep/tile`` and a larger request is an error (a smaller request gets the pattern's own).
+
+    A partial edge tile of a Linear (``v`` real entries, the rest padding) keeps ``min(keep, v)``: the
+    pattern's slots in the padding are dropped, as N:M's partial run keeps ``min(N, k)``.
     """
 
     keep: int | None = None
@@ -514,8 +517,6 @@ class Pattern(Structure):
         if len(shape) == 4:
             return int(shape[2]), int(shape[3])
         return self.tile or (4, 4)
-
-    _tile_shape = tile_shape
 
     def check_shape(self, shape) -> None:
         super().check_shape(shape)
