@@ -10,7 +10,7 @@ from torch import nn
 
 from prunekit.algorithms import get_algorithm_class
 from prunekit.algorithms.admm import ADMM, ProgressiveADMM, admm_penalty, project_masks
-from prunekit.algorithms.group_lasso import GroupLasso, group_lasso_penalty, lasso_structure, reweight
+from prunekit.algorithms.group_lasso import GroupLasso, group_lasso_penalty, reweight
 from prunekit.algorithms.slr import SLR, slr_alpha, slr_step_size
 from prunekit.training.config import TrainConfig
 from prunekit.pipelines.recipe import from_dict
@@ -218,9 +218,9 @@ def test_reweighting_values():
     w = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
     assert torch.allclose(reweight(Row(), w, 0.5), torch.tensor([1 / 5.5, 1 / 0.5]))
     assert torch.allclose(reweight(Unstructured(), w, 1.0), torch.tensor([1 / 4, 1 / 5, 1.0, 1.0]))
-    # N:M and pattern groups are single weights for the penalty
-    assert isinstance(lasso_structure(parse_structure("nm:2:4")), Unstructured)
-    assert isinstance(lasso_structure(parse_structure("pattern")), Unstructured)
+    # N:M and pattern groups are the structure's own: the M-runs, the tiles
+    wn = torch.tensor([[3.0, 4.0, 0.0, 0.0, 1.0, 0.0]])
+    assert torch.allclose(reweight(parse_structure("nm:2:4"), wn, 1.0), torch.tensor([1 / 6, 1 / 2]))
     gl = GroupLasso(GroupLasso.Params(lam=0.1, eps=0.5, reweight_every=2), PruneSpec("row", 0.5))
     model = Lin(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
     ctx = ctx_for(model)
@@ -283,7 +283,8 @@ def _check_structure(st: str, m: torch.Tensor, sparsity: float, nested: bool = F
         g, v = st_.partition(M), st_.valid(m.shape)
         per = g.sum(1)
         assert bool(((per == 0) | (per == v.sum(1))).all())
-        assert int((per == 0).sum()) == round(sparsity * g.shape[0])
+        # partial edge blocks (conv 8x18): weights pruned within one block of the target
+        assert 0 <= round(sparsity * m.numel()) - (m.numel() - kept) < 16
     elif st == "nm:2:4":
         st_ = parse_structure(st)
         g, v = st_.partition(M), st_.valid(m.shape)
@@ -299,9 +300,8 @@ def _check_structure(st: str, m: torch.Tensor, sparsity: float, nested: bool = F
             # ANDed with the stage-1 one may keep fewer than k entries (never more)
             assert bool((per <= k).all()), per.unique()
             return
-        assert bool(((per == 0) | (per == k)).all()), per.unique()
-        # connectivity pruning lands within one tile of the element target
-        assert abs((m.numel() - kept) - round(sparsity * m.numel())) <= k
+        # plain pattern: every tile keeps exactly k (only +conn removes whole tiles)
+        assert bool((per == k).all()), per.unique()
 
 
 @pytest.mark.parametrize("algo", list(ALGOS))

@@ -56,10 +56,10 @@ def test_partial_edge_blocks():
     assert st.num_groups(w.shape) == 6
     valid = st.valid(w.shape).sum(1).tolist()
     assert valid == [4, 4, 2, 2, 2, 1]
-    m = mask_for(w, st, 0.5)  # prune round(3) lowest-norm blocks
-    # L2 norms: blocks (0,0)=[1,2,6,7] (0,1)=[3,4,8,9] (0,2)=[5,10] (1,0)=[11,12] (1,1)=[13,14] (1,2)=[15]
-    # → lowest three: (0,0) 9.49, (0,2) 11.18, (0,1) 13.19
-    expect = torch.tensor([[0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    m = mask_for(w, st, 0.5)  # prune lowest per-weight scores while <= round(7.5) = 8 weights are gone
+    # L2 per real weight (RMS): blocks (0,0)=[1,2,6,7] 4.74, (0,1)=[3,4,8,9] 6.60, (0,2)=[5,10] 7.91,
+    # (1,0)=[11,12] 11.5, (1,1)=[13,14] 13.5, (1,2)=[15] 15 → (0,0) and (0,1): 8 weights
+    expect = torch.tensor([[0, 0, 0, 0, 1], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(m, expect)
 
 

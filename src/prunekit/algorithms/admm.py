@@ -13,9 +13,10 @@ scaled dual ``U_i`` the augmented Lagrangian splits into two sub-problems that a
 
 ``Π_S`` is the Euclidean projection onto the structure's constraint set: keep the groups of largest
 L2 norm (unstructured: the largest |w|; N:M: the N largest of every M; pattern: the pattern of largest
-energy per kernel, plus connectivity pruning), computed by :func:`prunekit.core.plan.compute_masks` with
-``W + U`` as the importance, so per-layer overrides (``prune.overrides``) and the global scope apply as
-everywhere else.  When ρ changes, ``U`` (= Λ/ρ) is rescaled by ``ρ_old/ρ_new`` so the unscaled
+energy per kernel, plus connectivity pruning).  Per layer it is :meth:`Structure.project` of ``W + U``
+at the layer's planned sparsity (:func:`project_weights`; per-layer overrides scale as everywhere);
+under the global scope the one global ranking (:func:`prunekit.core.plan.global_masks`) with ``W + U``
+as the importance.  When ρ changes, ``U`` (= Λ/ρ) is rescaled by ``ρ_old/ρ_new`` so the unscaled
 multiplier Λ is unchanged (Boyd et al. 2011, §3.4.1; ``rescale_dual: false`` keeps U as is, as the
 paper's code does).  The search phase ends with ``final_masks`` = Π_S(W) (or Π_S(W + U) with
 ``final_with_u``); the runner then hard-prunes and retrains.
@@ -39,7 +40,7 @@ from prunekit.core.plan import compute_masks
 from prunekit.core.targets import find_targets
 from prunekit.algorithms.base import Algorithm, full_masks, register
 
-__all__ = ["ADMM", "ProgressiveADMM", "admm_penalty", "project_masks"]
+__all__ = ["ADMM", "ProgressiveADMM", "admm_penalty", "project_masks", "project_weights"]
 
 
 def admm_penalty(weights: dict[str, Tensor], Z: dict[str, Tensor], U: dict[str, Tensor], rho: float) -> Tensor:
@@ -60,6 +61,16 @@ def project_masks(model: nn.Module, spec, values: dict[str, Tensor], sparsity: f
     → grouped L2), which is the closest point of the constraint set; ``sparsity`` overrides the spec's
     (overrides scale proportionally, as in :func:`compute_masks`)."""
     return compute_masks(model, spec, sparsity=sparsity, importance=values)
+
+
+def project_weights(model: nn.Module, spec, values: dict[str, Tensor], sparsity: float | None = None) -> dict[str, Tensor]:
+    """``Π_S(values)``: each layer's :meth:`Structure.project` at its planned sparsity (layer scope), or
+    ``values`` masked by the global ranking of ``values`` (global scope)."""
+    if spec.scope == "global":
+        ms = project_masks(model, spec, values, sparsity)
+        return {n: v * ms[n].to(v.dtype) for n, v in values.items()}
+    plan = spec.layer_plan(list(values), sparsity)
+    return {n: st.project(values[n], sp) for n, (st, sp) in plan.items()}
 
 
 def _check_rho(rho, growth, rho_max):
@@ -98,8 +109,7 @@ class _Splitting(Algorithm):
         """``Π_S(values)`` (previous hard-prune masks, if any, stay in force)."""
         if self.masks is not None:
             values = {n: v * self.masks[n].to(v.dtype) for n, v in values.items()}
-        ms = project_masks(model, self.spec, values, self._sparsity_now())
-        return {n: v * ms[n].to(v.dtype) for n, v in values.items()}
+        return project_weights(model, self.spec, values, self._sparsity_now())
 
     def _grow_rho(self) -> float:
         old = self.rho

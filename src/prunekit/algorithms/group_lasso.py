@@ -13,10 +13,9 @@ and every ``reweight_every`` optimizer steps (0 = at each epoch end) the weights
     α_g ← 1 / (‖W_g‖₂ + ε)
 
 (α_g = 1 at the start unless ``reweight_at_start``), so groups that are already small are pushed
-harder towards zero.  Groups come from :meth:`Structure.partition`: rows, columns, R×C blocks;
-``unstructured`` groups are single weights, so the penalty is the reweighted ℓ1 ``λ Σ α_i |w_i|``.
-N:M and pattern structures select single weights *inside* a group, so for them the penalty is also
-on single weights (reweighted ℓ1).  ‖·‖₂ is evaluated as ``sqrt(Σ w² + δ²)`` with a tiny ``δ``
+harder towards zero.  Groups come from :meth:`Structure.partition`, for every structure: rows,
+columns, R×C blocks, the M-runs of N:M, the tiles (kernels) of pattern; ``unstructured`` groups are
+single weights, so the penalty is the reweighted ℓ1 ``λ Σ α_i |w_i|``.  ‖·‖₂ is evaluated as ``sqrt(Σ w² + δ²)`` with a tiny ``δ``
 (``smooth``) so the gradient is finite at 0 (``λ α_g W_g / ‖W_g‖``).  At the end the weights are
 hard-pruned to the target by group L2 norm (:func:`prunekit.core.plan.compute_masks`) and retrained.
 """
@@ -28,20 +27,16 @@ import torch
 from torch import Tensor
 
 from prunekit.core.plan import compute_masks
-from prunekit.core.structures import NM, Pattern, Structure, Unstructured
+from prunekit.core.structures import Structure
 from prunekit.core.targets import find_targets
 from prunekit.algorithms.base import Algorithm, register
 
-__all__ = ["GroupLasso", "lasso_structure", "group_lasso_penalty", "reweight"]
-
-
-def lasso_structure(st: Structure) -> Structure:
-    """The partition the penalty uses for ``st`` (single weights for N:M and pattern)."""
-    return Unstructured() if isinstance(st, (NM, Pattern)) else st
+__all__ = ["GroupLasso", "group_lasso_penalty", "reweight"]
 
 
 def _norms(st: Structure, w: Tensor, smooth: float) -> Tensor:
-    return (st.partition(w).pow(2).sum(1) + smooth * smooth).sqrt()
+    """``sqrt(‖W_g‖² + δ²)`` over the structure's partition (``δ = 0``: :meth:`Structure.group_norms`)."""
+    return st.group_norms(w, smooth)
 
 
 def group_lasso_penalty(st: Structure, w: Tensor, alpha: Tensor, lam: float, smooth: float = 0.0) -> Tensor:
@@ -90,7 +85,7 @@ class GroupLasso(Algorithm):
         plan = self.spec.layer_plan(list(find_targets(ctx.model, self.spec.targets)))
         params = dict(ctx.model.named_parameters())
         self._params = {n: params[n] for n in plan}
-        self._structs = {n: lasso_structure(st) for n, (st, _) in plan.items()}
+        self._structs = {n: st for n, (st, _) in plan.items()}
         if not self.alpha:
             if self.params.reweight_at_start:
                 self._reweight()

@@ -4,7 +4,7 @@ from prunekit.algorithms import list_algorithms
 from prunekit.data.registry import list_datasets
 from prunekit.models.registry import list_models
 from prunekit.core.scoring import SCORES
-from prunekit.core.structures import STRUCTURE_SYNTAX
+from prunekit.core.structures import structure_syntax
 
 
 def add_parser(sub):
@@ -14,7 +14,7 @@ def add_parser(sub):
 
 def run(args) -> int:
 
-    print("structures:", STRUCTURE_SYNTAX)
+    print("structures:", structure_syntax())
     print("scores:    ", ", ".join(sorted(SCORES)))
     print("algorithms:", ", ".join(list_algorithms()))
     print("models:    ", ", ".join(list_models()))

@@ -7,9 +7,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from prunekit.core.masks import MaskSet
-from prunekit.core.plan import PruneSpec
-from prunekit.core.scoring import select_keep, select_keep_global
-from prunekit.core.structures import NM, Pattern, Structure, connectivity_prune, parse_structure
+from prunekit.core.plan import PruneSpec, global_masks
+from prunekit.core.structures import Structure, parse_structure
 from prunekit.core.targets import find_targets
 
 
@@ -99,79 +98,17 @@ class NestedMasks:
         self.check()
 
 
-# -- nested selection per structure ---------------------------------------------------------------
+# -- nested selection: the structure's own selection with a must-keep base ------------------------------
 def nested_mask_for(w: Tensor, structure: "str | Structure", sparsity: float, base: Tensor | None = None,
                     score: Any = "l2") -> Tensor:
-    """Keep-mask of ``w`` at ``sparsity`` that contains ``base`` (the sparser level's mask): the base's
-    groups are forced kept, the rest chosen by ``score`` among the remaining ones (see module docstring)."""
-    st = parse_structure(structure)
-    st.check_shape(w.shape)
-    w = w.detach()
-    if base is None:
-        return st.mask(w, sparsity, score)
-    base = base.bool()
-    if base.shape != w.shape:
-        raise ValueError(f"base mask shape {tuple(base.shape)} != weight shape {tuple(w.shape)}")
-    if isinstance(st, NM):
-        imp = w.abs().double()
-        imp[base] = math.inf
-        k = st.keep_per_group(sparsity)
-        have = st.partition(base.float()).sum(1).max().item() if base.numel() else 0
-        if have > k:
-            raise ValueError(f"{st}: the sparser level keeps {int(have)} of {st.m} in some run, level at sparsity "
-                             f"{sparsity} keeps only {k}: give levels sparsest first with decreasing sparsity")
-        m = st.mask(w, sparsity, imp)
-    elif isinstance(st, Pattern):
-        m = _nested_pattern(st, w, sparsity, base)
-    else:
-        scores = st.scores(w, score).clone()
-        bg = st.partition(base.float()).sum(1) > 0
-        scores[bg] = math.inf
-        keep = select_keep(scores, sparsity)
-        if bool((bg & ~keep).any()):
-            raise ValueError(f"{st}: sparsity {sparsity} keeps fewer groups ({int(keep.sum())}) than the sparser "
-                             f"level ({int(bg.sum())}); give levels sparsest first with decreasing sparsity")
-        m = st.unpartition(st.valid(w.shape) & keep[:, None], w.shape).bool()
-    if bool((base & ~m).any()):
-        raise ValueError(f"{st}: cannot nest sparsity {sparsity} around the sparser level's mask "
-                         f"(base sparsity {1 - base.float().mean().item():.4f}); is the level denser?")
-    return m
-
-
-def _nested_pattern(st: Pattern, w: Tensor, sparsity: float, base: Tensor) -> Tensor:
-    keep = st.keep_for(w.shape, sparsity)
-    pats = st.pattern_set(w, keep)                            # (P, T) bool
-    g2 = st.partition(w.float()).pow(2)                       # (G, T)
-    valid = st.valid(w.shape)
-    b = st.partition(base.float()) > 0                        # (G, T) base entries
-    if int(b.sum(1).max()) > keep:
-        raise ValueError(f"{st}: the sparser level keeps more than {keep} entries in a tile; levels must get denser")
-    contains = (b.float() @ pats.float().t()) == b.sum(1, keepdim=True).float()   # (G, P) pattern ⊇ base tile
-    energy = (g2 @ pats.float().t()).masked_fill(~contains, -1.0)
-    best = torch.argmax(energy, 1)
-    ok = contains.any(1)
-    km = pats[best] & valid
-    # fallback: no superset pattern in the set → base entries + largest remaining entries (set extended)
-    if bool((~ok).any()):
-        rows = torch.nonzero(~ok).flatten()
-        sc = torch.where(b[rows], torch.full_like(g2[rows], math.inf), g2[rows])
-        sc = torch.where(valid[rows], sc, torch.full_like(sc, -1.0))
-        order = torch.argsort(-sc, 1, stable=True)[:, :keep]
-        fb = torch.zeros_like(b[rows]).scatter_(1, order, True) & valid[rows]
-        km[rows] = fb
-    if st.conn or st.keep is None:
-        connectivity_prune(km, g2, valid, sparsity, protected=b.any(1))  # never drop a base tile
-    return st.unpartition(km, w.shape).bool()
+    """Keep-mask of ``w`` at ``sparsity`` that contains ``base`` (the sparser level's mask): the
+    structure's selection with ``base`` as must-keep entries (:meth:`Structure.mask`)."""
+    return parse_structure(structure).mask(w.detach(), sparsity, score, base=base)
 
 
 def level_plan(spec: PruneSpec, names: list[str], sparsity: float) -> dict[str, tuple[Structure, float]]:
-    """``{name: (structure, sparsity)}`` at a level's sparsity, overrides scaled as
-    :func:`prunekit.core.plan.compute_masks` scales them."""
-    plan = spec.layer_plan(names)
-    if spec.sparsity > 0:
-        f = float(sparsity) / float(spec.sparsity)
-        return {n: (st, min(sp * f, 0.999999)) for n, (st, sp) in plan.items()}
-    return {n: (st, float(sparsity)) for n, (st, _) in plan.items()}
+    """``{name: (structure, sparsity)}`` at a level's sparsity (:meth:`PruneSpec.layer_plan`)."""
+    return spec.layer_plan(names, sparsity)
 
 
 def nested_masks(model: nn.Module, spec: PruneSpec, sparsities: Sequence[float], *,
@@ -192,27 +129,11 @@ def nested_masks(model: nn.Module, spec: PruneSpec, sparsities: Sequence[float],
         if i == 0 and base is not None:
             out.append(base.copy())
             continue
-        plan = level_plan(spec, targets, s)
-        ms = MaskSet()
+        plan = spec.layer_plan(targets, s)
         if spec.scope == "global":
-            sts = {str(st) for st, _ in plan.values()}
-            st = next(iter(plan.values()))[0]
-            if len(sts) != 1 or isinstance(st, (NM, Pattern)):
-                raise ValueError("global scope needs one group structure (unstructured/row/column/block) for all targets")
-            scores, sizes = [], []
-            for n in plan:
-                sc = st.scores(params[n], spec.score).clone()
-                if prev is not None:
-                    sc[st.partition(prev[n].float()).sum(1) > 0] = math.inf
-                scores.append(sc)
-                sizes.append(st.valid(params[n].shape).sum(1))
-            keeps = select_keep_global(scores, sizes, s)
-            for n, keep in zip(plan, keeps):
-                m = st.unpartition(st.valid(params[n].shape) & keep[:, None], params[n].shape).bool()
-                if prev is not None and bool((prev[n] & ~m).any()):
-                    raise ValueError(f"global sparsity {s} keeps fewer weights than the sparser level; levels must get denser")
-                ms.set(n, m, str(st))
+            ms = global_masks(plan, params, s, spec.score, base=prev)
         else:
+            ms = MaskSet()
             for n, (st, sp) in plan.items():
                 ms.set(n, nested_mask_for(params[n], st, sp, None if prev is None else prev[n], spec.score), str(st))
         out.append(ms)
@@ -250,12 +171,5 @@ def shared_weights(dense: dict[str, Tensor], nested: NestedMasks, level_weights:
 
 
 def _spec_at(spec: PruneSpec, sparsity: float) -> PruneSpec:
-    """``spec`` with its sparsity (and overrides, proportionally) set to ``sparsity``."""
-    f = float(sparsity) / float(spec.sparsity) if spec.sparsity > 0 else None
-    ov = {}
-    for pat, o in spec.overrides.items():
-        s = o.get("sparsity") if isinstance(o, dict) else o
-        if s is not None and f is not None:
-            s = min(float(s) * f, 0.999999)
-        ov[pat] = ({**o, "sparsity": s} if "sparsity" in o else dict(o)) if isinstance(o, dict) else s
-    return PruneSpec(spec.structure, float(sparsity), spec.score, spec.scope, spec.targets, ov)
+    """``spec`` with its sparsity (and overrides, proportionally) set to ``sparsity`` (:meth:`PruneSpec.at`)."""
+    return spec.at(sparsity)

@@ -12,14 +12,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 
 from prunekit.core.masks import MaskSet
 from prunekit.core.scoring import resolve_score, select_keep_global
-from prunekit.core.structures import NM, Pattern, Structure, parse_structure
+from prunekit.core.structures import Structure, parse_structure
 from prunekit.core.targets import TargetSpec, find_targets
 
-__all__ = ["mask_for", "PruneSpec", "compute_masks", "prune", "validate_overrides"]
+__all__ = ["mask_for", "PruneSpec", "compute_masks", "global_masks", "scaled_sparsity", "prune", "validate_overrides"]
 
 
 def mask_for(weight: Tensor, structure: "str | Structure", sparsity: float, score="l2") -> Tensor:
@@ -29,6 +30,15 @@ def mask_for(weight: Tensor, structure: "str | Structure", sparsity: float, scor
     element-wise importance tensor of the weight's shape.  For ``unstructured`` every score is |w|."""
     st = parse_structure(structure)
     return st.mask(weight.detach(), sparsity, score)
+
+
+def scaled_sparsity(layer_sparsity: float, spec_sparsity: float, sparsity: float) -> float:
+    """The one override-scaling rule: a layer at ``layer_sparsity`` under a spec at ``spec_sparsity``,
+    when the whole spec is moved to ``sparsity`` (schedules, shared-weight levels): proportionally
+    (capped below 1); with ``spec_sparsity == 0`` every layer gets ``sparsity``."""
+    if spec_sparsity > 0:
+        return min(float(layer_sparsity) * float(sparsity) / float(spec_sparsity), 0.999999)
+    return float(sparsity)
 
 
 def _check_fraction(key: str, value) -> None:
@@ -98,8 +108,9 @@ class PruneSpec:
         except ValueError as e:
             raise ValueError(f"prune.{e}") from None
 
-    def layer_plan(self, names) -> dict[str, tuple[Structure, float]]:
-        """``{param_name: (structure, sparsity)}`` after overrides."""
+    def layer_plan(self, names, sparsity: float | None = None) -> dict[str, tuple[Structure, float]]:
+        """``{param_name: (structure, sparsity)}`` after overrides; ``sparsity`` moves the whole spec
+        there (overrides scaled by :func:`scaled_sparsity`)."""
         plan = {}
         used = set()
         for n in names:
@@ -113,12 +124,50 @@ class PruneSpec:
                     else:
                         sp = float(ov)
                     break
-            plan[n] = (st, sp)
+            plan[n] = (st, sp if sparsity is None else scaled_sparsity(sp, self.sparsity, sparsity))
         unused = set(self.overrides) - used
         if unused:
             raise ValueError(f"prune.overrides patterns {sorted(unused)} match no targeted parameter; "
                              f"targets: {list(names)[:20]}")
         return plan
+
+    def at(self, sparsity: float) -> "PruneSpec":
+        """This spec moved to ``sparsity``, its overrides' sparsities scaled by :func:`scaled_sparsity`."""
+        ov = {}
+        for pat, o in self.overrides.items():
+            if isinstance(o, dict):
+                ov[pat] = ({**o, "sparsity": scaled_sparsity(o["sparsity"], self.sparsity, sparsity)}
+                           if "sparsity" in o else dict(o))
+            else:
+                ov[pat] = scaled_sparsity(o, self.sparsity, sparsity)
+        return PruneSpec(self.structure, float(sparsity), self.score, self.scope, self.targets, ov)
+
+
+def global_masks(plan: dict[str, tuple[Structure, float]], weights: dict[str, Tensor], sparsity: float,
+                 score="l2", importance: dict[str, Tensor] | None = None,
+                 base: MaskSet | None = None) -> MaskSet:
+    """Global scope: one ranking over the groups of every planned tensor (one whole-group structure
+    for all), ``round(sparsity * weights)`` weights pruned overall; ``base`` masks stay kept."""
+    sts = {str(st) for st, _ in plan.values()}
+    st = next(iter(plan.values()))[0]
+    if len(sts) != 1 or not st.selects_groups:
+        raise ValueError("global scope needs one group structure (unstructured/row/column/block) for all targets")
+    imp = importance or {}
+    scores, sizes = [], []
+    for n in plan:
+        sc = st.scores(weights[n], imp.get(n, score))
+        if base is not None:
+            sc = sc.masked_fill(st.partition(base[n].to(torch.uint8)).sum(1) > 0, math.inf)
+        scores.append(sc)
+        sizes.append(st.valid(weights[n].shape).sum(1))
+    masks = MaskSet()
+    for n, keep in zip(plan, select_keep_global(scores, sizes, sparsity)):
+        shape = weights[n].shape
+        m = st.unpartition(st.valid(shape) & keep[:, None], shape).bool()
+        if base is not None and bool((base[n] & ~m).any()):
+            raise ValueError(f"global sparsity {sparsity} keeps fewer weights than the sparser level; levels must get denser")
+        masks.set(n, m, str(st))
+    return masks
 
 
 def compute_masks(model: nn.Module, spec: PruneSpec, sparsity: float | None = None,
@@ -126,35 +175,15 @@ def compute_masks(model: nn.Module, spec: PruneSpec, sparsity: float | None = No
     """Masks for every target of ``spec`` (``sparsity`` overrides ``spec.sparsity``, scaling overrides
     proportionally — used by schedules).  Pure: the model is not modified."""
     targets = find_targets(model, spec.targets)
-    params = dict(model.named_parameters())
-    plan = spec.layer_plan(list(targets))
-    if sparsity is not None and spec.sparsity > 0:
-        f = float(sparsity) / float(spec.sparsity)
-        plan = {n: (st, min(sp * f, 0.999999)) for n, (st, sp) in plan.items()}
-    elif sparsity is not None:
-        plan = {n: (st, float(sparsity)) for n, (st, sp) in plan.items()}
-    masks = MaskSet()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    plan = spec.layer_plan(list(targets), sparsity)
     imp = importance or {}
     if spec.scope == "global":
-        sts = {str(st) for st, _ in plan.values()}
-        if len(sts) != 1 or any(isinstance(st, (NM, Pattern)) for st, _ in plan.values()):
-            raise ValueError("global scope needs one group structure (unstructured/row/column/block) for all targets")
-        st = next(iter(plan.values()))[0]
-        scores, sizes = [], []
-        for n in plan:
-            w = params[n].detach()
-            scores.append(st.scores(w, imp.get(n, spec.score)))
-            sizes.append(st.valid(w.shape).sum(1))
         gsp = float(sparsity if sparsity is not None else spec.sparsity)
-        keeps = select_keep_global(scores, sizes, gsp)
-        for (n, _), keep in zip(plan.items(), keeps):
-            w = params[n]
-            m = st.unpartition(st.valid(w.shape) & keep[:, None], w.shape).bool()
-            masks.set(n, m, str(st))
-        return masks
+        return global_masks(plan, params, gsp, spec.score, imp)
+    masks = MaskSet()
     for n, (st, sp) in plan.items():
-        w = params[n].detach()
-        masks.set(n, st.mask(w, sp, imp.get(n, spec.score)), str(st))
+        masks.set(n, st.mask(params[n], sp, imp.get(n, spec.score)), str(st))
     return masks
 
 

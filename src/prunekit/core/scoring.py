@@ -10,15 +10,35 @@ deterministically: the group with the lower index is pruned first (stable sort).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from prunekit.core.registry import Registry
+
 ScoreFn = Callable[[Tensor], Tensor]
 
-__all__ = ["SCORES", "register_score", "resolve_score", "group_scores", "num_to_prune", "select_keep",
-           "select_keep_global"]
+__all__ = ["Score", "SCORES", "register_score", "resolve_score", "group_scores", "num_to_prune", "select_keep",
+           "select_keep_global", "select_groups"]
+
+
+@dataclass(frozen=True)
+class Score:
+    """A named group score ``(G, S) → (G,)`` with its one-line description.
+
+    ``power``: how the score of a group of ``k`` equal weights grows with ``k`` (``∝ k^(1/power)``):
+    1 for sums (``l1``), 2 for Euclidean norms (``l2``).  It is what makes partial (edge) groups
+    comparable with full ones: see :func:`group_scores`."""
+
+    name: str
+    fn: ScoreFn
+    power: float = 1.0
+    help: str = ""
+
+    def __call__(self, groups: Tensor) -> Tensor:
+        return self.fn(groups)
 
 
 def _l1(g: Tensor) -> Tensor:
@@ -29,30 +49,52 @@ def _l2(g: Tensor) -> Tensor:
     return g.float().pow(2).sum(1).sqrt()
 
 
-SCORES: dict[str, ScoreFn] = {"l1": _l1, "l2": _l2, "magnitude": _l1}
+SCORES: Registry[Score] = Registry("score")
+SCORES.add("l1", Score("l1", _l1, 1.0, "sum of |w| over the group"))
+SCORES.add("l2", Score("l2", _l2, 2.0, "Euclidean norm of the group"))
+SCORES.add("magnitude", Score("magnitude", _l1, 1.0, "= l1 (for single weights every score is |w|)"))
 
 
-def register_score(name: str, fn: ScoreFn) -> None:
+def register_score(name: str, fn: ScoreFn, *, power: float = 1.0, help: str = "") -> Score:
     """Add a named score (``(G,S) → (G,)``) usable from recipes as ``prune.score: NAME``."""
-    SCORES[name] = fn
+    return SCORES.add(name, Score(name, fn, power, help))
 
 
-def resolve_score(score: "str | ScoreFn") -> ScoreFn:
-    if callable(score):
+def resolve_score(score: "str | ScoreFn | Score") -> Score:
+    """A :class:`Score` from a registered name, a :class:`Score`, or a bare callable (``power`` 1)."""
+    if isinstance(score, Score):
         return score
+    if callable(score):
+        return Score(getattr(score, "__name__", "custom"), score, 1.0)
+    if not isinstance(score, str):
+        raise ValueError(f"unknown score {score!r}; valid: {SCORES.names()} or a callable")
     try:
-        return SCORES[score]
-    except KeyError:
-        raise ValueError(f"unknown score {score!r}; valid: {sorted(SCORES)} or a callable") from None
+        return SCORES.get(score)
+    except ValueError:
+        raise ValueError(f"unknown score {score!r}; valid: {SCORES.names()} or a callable") from None
 
 
-def group_scores(groups: Tensor, score: ScoreFn) -> Tensor:
-    if groups.shape[1] == 1 and score in (_l1, _l2):  # single-weight groups: every norm is |w|
+def group_scores(groups: Tensor, score: "Score | ScoreFn", sizes: Tensor | None = None) -> Tensor:
+    """``(G,)`` scores of a zero-padded ``(G, S)`` partition.
+
+    ``sizes`` ``(G,)``: real weights per group.  A partial group (size ``k < S``) is scored **per real
+    weight**: its raw score is multiplied by ``(S/k)^(1/power)``, i.e. it gets the score a full group of
+    the same mean ``|w|`` (l1) or the same root-mean-square (l2) would get.  Full groups keep their raw
+    score, so nothing changes where every group is full."""
+    sc = resolve_score(score)
+    if groups.shape[1] == 1 and sc.fn in (_l1, _l2):  # single-weight groups: every norm is |w|
         return groups.reshape(-1).abs().float()
-    out = score(groups)
+    out = sc(groups)
     if out.shape != (groups.shape[0],):
         raise ValueError(f"score returned shape {tuple(out.shape)}, expected ({groups.shape[0]},)")
-    return out.float()
+    out = out.float()
+    if sizes is not None:
+        S = groups.shape[1]
+        part = (sizes < S) & (sizes > 0)
+        if bool(part.any()):
+            f = (S / sizes.clamp_min(1).float()).pow(1.0 / sc.power)
+            out = torch.where(part, out * f, out)
+    return out
 
 
 def num_to_prune(sparsity: float, n: int) -> int:
@@ -107,3 +149,16 @@ def select_keep_global(scores: list[Tensor], sizes: list[Tensor], sparsity: floa
         out.append(keep[i:i + s.numel()].reshape(s.shape))
         i += s.numel()
     return out
+
+
+def select_groups(scores: Tensor, sizes: Tensor, sparsity: float) -> Tensor:
+    """``(G,)`` keep-decision for one tensor's groups.
+
+    Every group full (equal ``sizes``): prune the ``round(sparsity*G)`` lowest scores (the count rule of
+    ``torch.nn.utils.prune``).  Groups of different sizes (partial edge blocks): prune lowest-score first
+    while at most ``round(sparsity * Σ sizes)`` weights are gone (:func:`select_keep_global` on one
+    tensor), so the element sparsity is the requested one within one group's share."""
+    sizes = sizes.reshape(-1)
+    if sizes.numel() == 0 or bool((sizes == sizes[0]).all()):
+        return select_keep(scores, sparsity)
+    return select_keep_global([scores], [sizes], sparsity)[0]

@@ -1,4 +1,4 @@
-"""Sparsity structures: how a weight is cut into groups, and how a group mask maps back.
+"""Sparsity structures: one protocol for how a weight is cut into groups and what is kept in them.
 
 Every structure works on the *matrix view* of a weight:
 
@@ -8,17 +8,32 @@ Every structure works on the *matrix view* of a weight:
   ``(in_channel, i, j)`` position across all filters (the "column pruning" of ADMM-NN), N:M groups run
   along that flattened input dimension, and a pattern tile is one ``kh×kw`` kernel.
 
-A structure partitions the matrix into groups (``partition`` → ``(G, S)`` zero-padded when an edge
-group is partial) and maps a group-level decision back to elements (``unpartition``).  Scoring,
-selection, ADMM projection, group lasso and compaction all go through this one partition.
+The protocol (every structure implements it; nothing outside dispatches on the structure's type):
+
+* **partition** — ``partition(w) → (G, S)`` groups, zero-padded where an edge group is partial;
+  ``unpartition(groups, shape)`` its inverse; ``valid(shape)`` which slots are real weights;
+  ``group_index(shape)`` the flat element index of every slot (``-1`` = padding): the *group layout*
+  that storage encodes (:mod:`prunekit.deploy.storage`).
+* **selection within groups** — ``select(parts, valid, sparsity, score, base) → (G, S)`` keep: whole
+  groups for unstructured/row/column/block, ``N`` of every ``M`` for N:M, the best pattern of the set
+  per tile for pattern.  ``base`` (``(G, S)`` bool, optional) marks entries that **must stay kept**
+  (nested shared-weight levels).
+* **the template** — ``mask(w, sparsity, score, base)`` is the same for all: partition the scores →
+  ``select`` → unpartition.  ``project(w, sparsity)`` = ``w ⊙ mask(w, sparsity, "l2")`` is the
+  Euclidean projection onto the structure's constraint set (the ADMM Z-step).
+* ``group_norms(w)`` (differentiable L2 per group: group lasso), ``scores(w, score)`` (per-group
+  scores: global ranking), ``selects_groups`` (True when ``select`` keeps or drops whole groups).
 
 Partial edge blocks: ``block:RxC`` on a matrix that R or C does not divide gets smaller blocks on the
-bottom/right edges (zero padding is used only internally; padded entries never count toward a
-group's norm or toward sparsity).  The *number of groups* pruned is ``round(sparsity * G)``, so with
-partial blocks the element sparsity can differ slightly from the requested value; the reports always
-give the measured element sparsity.
+bottom/right edges.  Padding never counts toward a group's score or toward sparsity; a partial group is
+scored **per real weight** (its score is rescaled to a full group's: mean |w| for ``l1``, root mean
+square for ``l2``; :func:`prunekit.core.scoring.group_scores`), and with groups of unequal size the
+selection prunes lowest-score groups while at most ``round(sparsity * weights)`` weights are gone, so
+the element sparsity is the requested one within one group's share.  Where all groups are full, the
+number of groups pruned is ``round(sparsity * G)`` (``torch.nn.utils.prune``'s rule).
 
-Strings are parsed once, at the boundary, with :func:`parse_structure`::
+Strings are parsed once, at the boundary, with :func:`parse_structure`; the structures are registered
+in :data:`STRUCTURES` with their syntax and a one-line description (:func:`structure_syntax`)::
 
     unstructured | row | column | block:RxC | nm:N:M | pattern[:K[:P]] [ (Linear tile) @RxC ] [+conn]
 
@@ -30,23 +45,21 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import Tensor
 
-from prunekit.core.scoring import ScoreFn, group_scores, resolve_score, select_keep
+from prunekit.core.errors import UnknownNameError
+from prunekit.core.registry import Registry
+from prunekit.core.scoring import Score, ScoreFn, group_scores, resolve_score, select_groups
 
 __all__ = [
-    "Structure", "Unstructured", "Row", "Column", "Block", "NM", "Pattern",
-    "parse_structure", "as_matrix", "STRUCTURE_SYNTAX",
+    "Structure", "Unstructured", "Row", "Column", "Block", "NM", "Pattern", "STRUCTURES",
+    "parse_structure", "as_matrix", "structure_syntax", "STRUCTURE_SYNTAX", "connectivity_prune",
 ]
 
-STRUCTURE_SYNTAX = (
-    "unstructured | row | column | block:RxC (e.g. block:4x4) | nm:N:M (N kept of M, e.g. nm:2:4) | "
-    "pattern | pattern:K (K kept per tile) | pattern:K:P (set of P patterns) | pattern...@RxC (Linear tile) "
-    "| pattern...+conn (connectivity pruning of whole tiles)"
-)
+ScoreArg = "ScoreFn | str | Tensor | Score"
 
 
 def as_matrix(w: Tensor) -> Tensor:
@@ -56,6 +69,10 @@ def as_matrix(w: Tensor) -> Tensor:
     return w.reshape(w.shape[0], -1)
 
 
+def _matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    return int(shape[0]), math.prod(shape[1:])
+
+
 def _check_sparsity(sparsity: float) -> float:
     s = float(sparsity)
     if not (0.0 <= s < 1.0) or math.isnan(s):
@@ -63,10 +80,42 @@ def _check_sparsity(sparsity: float) -> float:
     return s
 
 
+def _score_input(w: Tensor, score: "ScoreFn | str | Tensor | Score") -> tuple[Tensor, Score]:
+    """What is partitioned and how a group is scored: the weight and ``score``, or an element-wise
+    importance tensor of the weight's shape (then grouped with the L2 norm)."""
+    if isinstance(score, Tensor):
+        if score.shape != w.shape:
+            raise ValueError(f"importance tensor shape {tuple(score.shape)} != weight shape {tuple(w.shape)}")
+        return score.detach(), resolve_score("l2")
+    return w.detach(), resolve_score(score)
+
+
+STRUCTURES: Registry[type] = Registry("structure")
+
+
+def structure_syntax() -> str:
+    """The syntax help of every registered structure (for ``prunekit info`` and error messages)."""
+    return " | ".join(f"{STRUCTURES.get(n).syntax} ({STRUCTURES.get(n).help})" for n in _parse_order())
+
+
+def _parse_order() -> list[str]:
+    return sorted(STRUCTURES.names(), key=lambda n: (STRUCTURES.get(n).order, n))
+
+
 class Structure:
-    """Base class.  Subclasses define ``partition``/``unpartition``; selection is shared."""
+    """The structure protocol (see the module docstring).  Subclasses define the partition and
+    :meth:`select`; :meth:`mask` is the one template."""
 
     name: str = "structure"
+    syntax: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    order: ClassVar[int] = 100
+    selects_groups: ClassVar[bool] = True   # select() keeps or drops whole groups
+
+    @classmethod
+    def parse(cls, text: str) -> "Structure | None":
+        """The structure ``text`` (lower-case, no spaces) names, or None if it is not this kind."""
+        raise NotImplementedError
 
     # -- partition -----------------------------------------------------------------------------
     def partition(self, w: Tensor) -> Tensor:
@@ -77,10 +126,15 @@ class Structure:
         """Inverse of :meth:`partition`: ``(G, S)`` → tensor of ``shape`` (padding dropped)."""
         raise NotImplementedError
 
+    def group_index(self, shape: Sequence[int]) -> Tensor:
+        """``(G, S)`` long: the flat (row-major) index of each slot's element; ``-1`` for padding.
+        The group layout storage encodes."""
+        idx = torch.arange(1, math.prod(shape) + 1, dtype=torch.long).reshape(tuple(shape))
+        return self.partition(idx) - 1
+
     def valid(self, shape: Sequence[int]) -> Tensor:
         """``(G, S)`` bool: which group slots are real weights (False = padding)."""
-        ones = torch.ones(tuple(shape), dtype=torch.float32)
-        return self.partition(ones) > 0
+        return self.group_index(shape) >= 0
 
     def num_groups(self, shape: Sequence[int]) -> int:
         return int(self.partition(torch.zeros(tuple(shape))).shape[0])
@@ -91,41 +145,68 @@ class Structure:
             raise ValueError(f"{self} needs a 2-D (Linear) or 4-D (Conv) weight, got shape {tuple(shape)}")
 
     # -- selection -----------------------------------------------------------------------------
-    def group_mask(self, w: Tensor, sparsity: float, score: ScoreFn | str | Tensor = "l2") -> Tensor:
-        """``(G,)`` bool keep-decision per group: prune ``round(sparsity*G)`` lowest-scoring groups."""
-        scores = self.scores(w, score)
-        return select_keep(scores, _check_sparsity(sparsity))
+    def select(self, parts: Tensor, valid: Tensor, sparsity: float, score: Score,
+               base: Tensor | None = None) -> Tensor:
+        """``(G, S)`` bool keep from the partitioned scores ``parts``; ``base`` entries stay kept.
 
-    def scores(self, w: Tensor, score: ScoreFn | str | Tensor = "l2") -> Tensor:
-        """``(G,)`` group scores.  ``score`` may be a name, a callable on ``(G,S)``, or an element-wise
-        importance tensor of the weight's shape (then grouped and reduced with the L2 norm)."""
-        if isinstance(score, Tensor):
-            if score.shape != w.shape:
-                raise ValueError(f"importance tensor shape {tuple(score.shape)} != weight shape {tuple(w.shape)}")
-            return group_scores(self.partition(score.detach()), resolve_score("l2"))
-        return group_scores(self.partition(w.detach()), resolve_score(score))
+        Default (whole groups): the groups with the lowest per-real-weight scores are dropped
+        (:func:`prunekit.core.scoring.select_groups`); a group holding a ``base`` entry is kept."""
+        sizes = valid.sum(1)
+        scores = group_scores(parts, score, sizes)
+        bg = None
+        if base is not None:
+            bg = base.any(1)
+            scores = scores.masked_fill(bg, math.inf)
+        keep = select_groups(scores, sizes, sparsity)
+        if bg is not None and bool((bg & ~keep).any()):
+            raise ValueError(f"{self}: sparsity {sparsity} keeps fewer groups ({int(keep.sum())}) than the sparser "
+                             f"level ({int(bg.sum())}); give levels sparsest first with decreasing sparsity")
+        return valid & keep[:, None]
 
-    def mask(self, w: Tensor, sparsity: float, score: ScoreFn | str | Tensor = "l2") -> Tensor:
-        """Element keep-mask (True = kept) of ``w.shape``."""
+    def resolve_sparsity(self, shape: Sequence[int], sparsity: float | None) -> float:
+        """``sparsity`` checked; ``None`` = the structure's own (N:M, fixed patterns)."""
+        if sparsity is None:
+            fixed = self.fixed_sparsity(shape)
+            if fixed is None:
+                raise ValueError(f"{self} needs a sparsity")
+            return fixed
+        return _check_sparsity(sparsity)
+
+    def mask(self, w: Tensor, sparsity: float | None = None, score: "ScoreFn | str | Tensor | Score" = "l2",
+             base: Tensor | None = None) -> Tensor:
+        """Element keep-mask (True = kept) of ``w.shape``: partition → score → select → unpartition.
+
+        ``score``: a name, a callable on ``(G, S)``, or an element-wise importance tensor of ``w``'s
+        shape.  ``base``: a keep-mask of ``w``'s shape that the result must contain (nested levels)."""
         self.check_shape(w.shape)
-        keep = self.group_mask(w, sparsity, score)
-        if self._all_valid:
-            g = keep[:, None].expand(-1, self.partition(w).shape[1])
-        else:
-            g = self.valid(w.shape) & keep[:, None]
-        return self.unpartition(g, w.shape).bool()
-
-    _all_valid = False  # True where partition() never pads (skips building the validity tensor)
+        s = self.resolve_sparsity(w.shape, sparsity)
+        src, sc = _score_input(w, score)
+        b = None
+        if base is not None:
+            if base.shape != w.shape:
+                raise ValueError(f"base mask shape {tuple(base.shape)} != weight shape {tuple(w.shape)}")
+            b = self.partition(base.detach().to(torch.uint8)) > 0
+        keep = self.select(self.partition(src), self.valid(w.shape), s, sc, b)
+        m = self.unpartition(keep, w.shape).bool()
+        if base is not None and bool((base.bool() & ~m).any()):
+            raise ValueError(f"{self}: cannot nest sparsity {s} around the sparser level's mask "
+                             f"(base sparsity {1 - base.float().mean().item():.4f}); is the level denser?")
+        return m
 
     def project(self, w: Tensor, sparsity: float) -> Tensor:
-        """Euclidean projection of ``w`` onto {weights with this structure at ``sparsity``}.
-
-        For group structures the projection keeps the groups of largest L2 norm (the ADMM Z-step)."""
+        """Euclidean projection of ``w`` onto {weights with this structure at ``sparsity``}: the
+        ADMM Z-step ``Π_S(W + U)`` (:mod:`prunekit.algorithms.admm`)."""
         return w * self.mask(w, sparsity, "l2").to(w.dtype)
 
-    def group_norms(self, w: Tensor) -> Tensor:
-        """``(G,)`` L2 norms of the groups (group lasso, ADMM diagnostics).  Differentiable."""
-        return self.partition(w).pow(2).sum(1).clamp_min(0).sqrt()
+    def scores(self, w: Tensor, score: "ScoreFn | str | Tensor | Score" = "l2") -> Tensor:
+        """``(G,)`` group scores (partial groups per real weight) — the global ranking's input."""
+        src, sc = _score_input(w, score)
+        return group_scores(self.partition(src), sc, self.valid(w.shape).sum(1))
+
+    def group_norms(self, w: Tensor, smooth: float = 0.0) -> Tensor:
+        """``(G,)`` L2 norms ``sqrt(Σ_g w² + smooth²)`` of the groups (group lasso: every structure's
+        penalty groups are its partition; padding adds nothing).  Differentiable."""
+        return (self.partition(w).pow(2).sum(1) + smooth * smooth).clamp_min(0).sqrt()
 
     def fixed_sparsity(self, shape: Sequence[int]) -> float | None:
         """Sparsity the structure implies by itself (N:M, fixed patterns), else None."""
@@ -144,11 +225,18 @@ class Structure:
         return hash(str(self))
 
 
+@STRUCTURES.register("unstructured", aliases=("irregular",))
 class Unstructured(Structure):
     """Each weight is its own group (irregular, magnitude pruning)."""
 
     name = "unstructured"
-    _all_valid = True
+    syntax = "unstructured"
+    help = "single weights"
+    order = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "Structure | None":
+        return cls() if text in ("unstructured", "irregular") else None
 
     def partition(self, w: Tensor) -> Tensor:
         return w.reshape(-1, 1)
@@ -160,11 +248,18 @@ class Unstructured(Structure):
         return torch.ones(math.prod(shape), 1, dtype=torch.bool)
 
 
+@STRUCTURES.register("row")
 class Row(Structure):
     """Whole rows (output units; conv filters)."""
 
     name = "row"
-    _all_valid = True
+    syntax = "row"
+    help = "whole output rows / conv filters"
+    order = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Structure | None":
+        return cls() if text == "row" else None
 
     def partition(self, w: Tensor) -> Tensor:
         return as_matrix(w)
@@ -176,11 +271,18 @@ class Row(Structure):
         return torch.ones(shape[0], math.prod(shape[1:]), dtype=torch.bool)
 
 
+@STRUCTURES.register("column")
 class Column(Structure):
     """Whole columns (input units of a Linear; im2col columns of a conv)."""
 
     name = "column"
-    _all_valid = True
+    syntax = "column"
+    help = "whole input columns / im2col columns"
+    order = 2
+
+    @classmethod
+    def parse(cls, text: str) -> "Structure | None":
+        return cls() if text == "column" else None
 
     def partition(self, w: Tensor) -> Tensor:
         return as_matrix(w).t()
@@ -213,6 +315,7 @@ def _untiles(t: Tensor, R: int, C: int, r: int, c: int) -> Tensor:
     return m[:R, :C]
 
 
+@STRUCTURES.register("block")
 @dataclass(frozen=True, eq=False)
 class Block(Structure):
     """Whole ``R×C`` blocks of the matrix view (partial blocks on the bottom/right edges)."""
@@ -220,9 +323,24 @@ class Block(Structure):
     r: int
     c: int
 
+    syntax: ClassVar[str] = "block:RxC"
+    help: ClassVar[str] = "whole RxC blocks, e.g. block:4x4"
+    order: ClassVar[int] = 3
+    _RE: ClassVar[re.Pattern] = re.compile(r"^block:(\d+)x(\d+)$")
+
     def __post_init__(self):
         if self.r < 1 or self.c < 1:
             raise ValueError(f"block shape must be positive, got {self.r}x{self.c}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Structure | None":
+        m = cls._RE.match(text)
+        if not m:
+            return None
+        r, c = int(m[1]), int(m[2])
+        if r < 1 or c < 1:
+            raise ValueError(f"bad structure {text!r}: block shape must be positive")
+        return cls(r, c)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -230,7 +348,7 @@ class Block(Structure):
 
     def check_shape(self, shape) -> None:
         super().check_shape(shape)
-        R, C = shape[0], math.prod(shape[1:])
+        R, C = _matrix_shape(shape)
         if self.r > R or self.c > C:
             raise ValueError(
                 f"{self.name} does not fit a weight whose matrix view is {R}x{C} "
@@ -240,26 +358,44 @@ class Block(Structure):
         return _tiles(as_matrix(w), self.r, self.c)
 
     def unpartition(self, groups: Tensor, shape) -> Tensor:
-        R, C = shape[0], math.prod(shape[1:])
+        R, C = _matrix_shape(shape)
         return _untiles(groups, R, C, self.r, self.c).reshape(tuple(shape))
 
 
+@STRUCTURES.register("nm")
 @dataclass(frozen=True, eq=False)
 class NM(Structure):
     """N kept in every M consecutive weights along the input dimension (per row of the matrix view).
 
-    A row length that M does not divide ends with a partial group of ``k < M`` weights, which keeps
-    ``min(N, k)`` of them.  Groups are the M-runs; ``sparsity`` below ``1 - N/M`` (as used by gradual
-    schedules on the way to N:M) keeps ``M - round(sparsity*M)`` per run (never fewer than N);
-    a sparsity above ``1 - N/M`` is an error.
+    Groups are the M-runs of each row; a row length that M does not divide ends with a partial run of
+    ``k < M`` weights, which keeps ``min(N, k)`` of them (the padding is chosen last).  Within a run the
+    weights of largest ``|score|`` are kept (ties: lower index first).  ``sparsity`` below ``1 - N/M``
+    (as used by gradual schedules on the way to N:M) keeps ``M - round(sparsity*M)`` per run (never
+    fewer than N); a sparsity above ``1 - N/M`` is an error.
     """
 
     n: int
     m: int
 
+    syntax: ClassVar[str] = "nm:N:M"
+    help: ClassVar[str] = "N kept of every M consecutive weights, e.g. nm:2:4"
+    order: ClassVar[int] = 4
+    selects_groups: ClassVar[bool] = False
+    _RE: ClassVar[re.Pattern] = re.compile(r"^nm:(\d+):(\d+)$")
+
     def __post_init__(self):
         if not (1 <= self.n <= self.m):
             raise ValueError(f"N:M needs 1 <= N <= M (N kept of every M); got {self.n}:{self.m}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Structure | None":
+        m = cls._RE.match(text)
+        if not m:
+            return None
+        n, mm = int(m[1]), int(m[2])
+        if not (1 <= n <= mm):
+            raise ValueError(f"bad structure {text!r}: N:M needs 1 <= N <= M (N kept of every M)")
+        return cls(n, mm)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -269,11 +405,10 @@ class NM(Structure):
         return 1.0 - self.n / self.m
 
     def partition(self, w: Tensor) -> Tensor:
-        m = as_matrix(w)
-        return _tiles(m, 1, self.m)
+        return _tiles(as_matrix(w), 1, self.m)
 
     def unpartition(self, groups: Tensor, shape) -> Tensor:
-        R, C = shape[0], math.prod(shape[1:])
+        R, C = _matrix_shape(shape)
         return _untiles(groups, R, C, 1, self.m).reshape(tuple(shape))
 
     def keep_per_group(self, sparsity: float) -> int:
@@ -283,21 +418,22 @@ class NM(Structure):
                              f"sparsity {s} is beyond what it allows")
         return max(self.n, self.m - int(round(s * self.m)))
 
-    def mask(self, w: Tensor, sparsity: float | None = None, score="l2") -> Tensor:
-        self.check_shape(w.shape)
-        k = self.n if sparsity is None else self.keep_per_group(sparsity)
-        src = score if isinstance(score, Tensor) else w
-        g = self.partition(src.detach().abs().float())
-        valid = self.valid(w.shape)
-        g = torch.where(valid, g, torch.full_like(g, -1.0))  # padding is chosen last
-        # stable, deterministic: sort descending by score, ties → lower index first
-        order = torch.argsort(-g, dim=1, stable=True)
+    def select(self, parts: Tensor, valid: Tensor, sparsity: float, score: Score,
+               base: Tensor | None = None) -> Tensor:
+        """Per run, the ``k`` entries of largest ``|parts|`` (``base`` entries first, padding last)."""
+        k = self.keep_per_group(sparsity)
+        imp = parts.abs().double()
+        if base is not None:
+            have = int(base.sum(1).max()) if base.numel() else 0
+            if have > k:
+                raise ValueError(f"{self}: the sparser level keeps {have} of {self.m} in some run, level at sparsity "
+                                 f"{sparsity} keeps only {k}: give levels sparsest first with decreasing sparsity")
+            imp = imp.masked_fill(base, math.inf)
+        imp = imp.masked_fill(~valid, -1.0)
+        order = torch.argsort(-imp, dim=1, stable=True)   # ties → lower index first
         keep = torch.zeros_like(valid)
         keep.scatter_(1, order[:, :k], True)
-        return self.unpartition(keep & valid, w.shape).bool()
-
-    def group_mask(self, w, sparsity, score="l2"):
-        raise TypeError(f"{self.name} selects inside each group, not whole groups; use mask()")
+        return keep & valid
 
 
 def _all_patterns(tile: int, keep: int) -> Tensor:
@@ -308,6 +444,7 @@ def _all_patterns(tile: int, keep: int) -> Tensor:
     return p
 
 
+@STRUCTURES.register("pattern")
 @dataclass(frozen=True, eq=False)
 class Pattern(Structure):
     """Pattern pruning (PatDNN, Niu et al. ASPLOS 2020) with optional connectivity pruning.
@@ -316,15 +453,20 @@ class Pattern(Structure):
     Each tile keeps the pattern from the *pattern set* with the largest L2 norm ``‖W_tile ⊙ P‖₂``.
 
     * ``keep`` = entries kept per tile.  ``None``: derived from the requested sparsity,
-      ``ceil((1-sparsity) * tile_size)``.
+      ``ceil((1-sparsity) * tile_size)``, so every tile keeps that many and the sparsity is
+      ``1 - keep/tile`` (at most the requested one).
     * ``set_size`` = number of patterns in the set.  ``None`` = every ``C(tile, keep)`` pattern when
-      there are at most 256 of them (e.g. 126 for 4 of 3×3), else a generated set of 8.  Otherwise the set is *generated* from the weight, as in PatDNN: each tile's own best
-      ``keep``-entry pattern is counted and the ``set_size`` most frequent form the set.
-      An explicit set can be passed as ``patterns`` (a ``(P, tile)`` bool tensor) in Python.
+      there are at most 256 of them (e.g. 126 for 4 of 3×3), else a generated set of 8.  Otherwise the
+      set is *generated* from the weight, as in PatDNN: each tile's own best ``keep``-entry pattern is
+      counted and the ``set_size`` most frequent form the set.  An explicit set can be passed as
+      ``patterns`` (a ``(P, tile)`` bool tensor) in Python.
     * ``conn`` = connectivity pruning: after patterns, whole tiles with the smallest remaining L2
-      norm are removed until the requested sparsity is reached.  Without ``conn``, the sparsity is
-      the pattern's own ``1 - keep/tile`` and a larger request is an error.  With an explicit ``keep``
-      the sparsity is never below ``1 - keep/tile`` (a smaller request gets the pattern's own).
+      norm are removed until the requested sparsity is reached.  **Only** ``conn`` removes whole
+      tiles.  Without ``conn`` and with an explicit ``keep``, the sparsity is the pattern's own
+      ``1 - keep/tile`` and a larger request is an error (a smaller request gets the pattern's own).
+
+    A partial edge tile of a Linear (``v`` real entries, the rest padding) keeps ``min(keep, v)``: the
+    pattern's slots in the padding are dropped, as N:M's partial run keeps ``min(N, k)``.
     """
 
     keep: int | None = None
@@ -333,6 +475,13 @@ class Pattern(Structure):
     conn: bool = False
     patterns: Tensor | None = field(default=None, compare=False)
 
+    syntax: ClassVar[str] = "pattern[:K[:P]][@RxC][+conn]"
+    help: ClassVar[str] = ("per tile (conv kernel, or RxC Linear tile, default 4x4) the best of P patterns "
+                           "keeping K; +conn also removes whole tiles")
+    order: ClassVar[int] = 5
+    selects_groups: ClassVar[bool] = False
+    _RE: ClassVar[re.Pattern] = re.compile(r"^pattern(?::(\d+)(?::(\d+))?)?(?:@(\d+)x(\d+))?(\+conn)?$")
+
     def __post_init__(self):
         if self.keep is not None and self.keep < 1:
             raise ValueError(f"pattern keep must be >= 1, got {self.keep}")
@@ -340,6 +489,15 @@ class Pattern(Structure):
             raise ValueError(f"pattern set size must be >= 1, got {self.set_size}")
         if self.tile is not None and (self.tile[0] < 1 or self.tile[1] < 1):
             raise ValueError(f"pattern tile must be positive, got {self.tile}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Structure | None":
+        m = cls._RE.match(text)
+        if not m:
+            return None
+        tile = (int(m[3]), int(m[4])) if m[3] else None
+        return cls(keep=int(m[1]) if m[1] else None, set_size=int(m[2]) if m[2] else None, tile=tile,
+                   conn=bool(m[5]))
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -354,7 +512,8 @@ class Pattern(Structure):
             s += "+conn"
         return s
 
-    def _tile_shape(self, shape) -> tuple[int, int]:
+    def tile_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        """The tile of a weight of ``shape``: its kernel (Conv), else ``tile`` (default 4x4)."""
         if len(shape) == 4:
             return int(shape[2]), int(shape[3])
         return self.tile or (4, 4)
@@ -363,7 +522,7 @@ class Pattern(Structure):
         super().check_shape(shape)
         if len(shape) == 4 and self.tile is not None and tuple(self.tile) != (shape[2], shape[3]):
             raise ValueError(f"{self.name}: conv tiles are the kernels ({shape[2]}x{shape[3]}), not {self.tile}")
-        tr, tc = self._tile_shape(shape)
+        tr, tc = self.tile_shape(shape)
         if len(shape) == 2 and (tr > shape[0] or tc > shape[1]):
             raise ValueError(f"{self.name}: tile {tr}x{tc} does not fit a {shape[0]}x{shape[1]} weight")
         if self.keep is not None and self.keep > tr * tc:
@@ -372,33 +531,37 @@ class Pattern(Structure):
     def partition(self, w: Tensor) -> Tensor:
         if w.dim() == 4:
             return w.reshape(-1, w.shape[2] * w.shape[3])
-        tr, tc = self._tile_shape(w.shape)
+        tr, tc = self.tile_shape(w.shape)
         return _tiles(as_matrix(w), tr, tc)
 
     def unpartition(self, groups: Tensor, shape) -> Tensor:
         if len(shape) == 4:
             return groups.reshape(tuple(shape))
-        tr, tc = self._tile_shape(shape)
-        R, C = shape[0], math.prod(shape[1:])
+        tr, tc = self.tile_shape(shape)
+        R, C = _matrix_shape(shape)
         return _untiles(groups, R, C, tr, tc).reshape(tuple(shape))
 
-    def keep_for(self, shape, sparsity: float) -> int:
-        tr, tc = self._tile_shape(shape)
-        T = tr * tc
+    def _keep_of(self, T: int, sparsity: float) -> int:
         if self.keep is not None:
             return self.keep
         return max(1, math.ceil((1.0 - _check_sparsity(sparsity)) * T - 1e-9))
 
+    def keep_for(self, shape, sparsity: float) -> int:
+        tr, tc = self.tile_shape(shape)
+        return self._keep_of(tr * tc, sparsity)
+
     def fixed_sparsity(self, shape) -> float | None:
         if self.keep is None or self.conn:
             return None
-        tr, tc = self._tile_shape(shape)
+        tr, tc = self.tile_shape(shape)
         return 1.0 - self.keep / (tr * tc)
 
     def pattern_set(self, w: Tensor, keep: int) -> Tensor:
         """The ``(P, tile)`` bool pattern set for this weight (given, all, or generated)."""
-        tr, tc = self._tile_shape(w.shape)
-        T = tr * tc
+        return self._pattern_set(self.partition(w.detach()), keep)
+
+    def _pattern_set(self, parts: Tensor, keep: int) -> Tensor:
+        T = parts.shape[1]
         if self.patterns is not None:
             p = self.patterns.reshape(self.patterns.shape[0], -1).bool()
             if p.shape[1] != T:
@@ -410,7 +573,7 @@ class Pattern(Structure):
                 return _all_patterns(T, keep)
             size = 8
         # generated: most frequent per-tile top-`keep` patterns (PatDNN's pattern-set generation)
-        g = self.partition(w.detach().abs().float())
+        g = parts.abs().float()
         order = torch.argsort(-g, dim=1, stable=True)[:, :keep]
         own = torch.zeros_like(g, dtype=torch.bool).scatter_(1, order, True)
         uniq, counts = torch.unique(own, dim=0, return_counts=True)
@@ -419,31 +582,34 @@ class Pattern(Structure):
         idx = sorted(range(len(keys)), key=lambda i: keys[i])[:size]
         return uniq[idx]
 
-    def mask(self, w: Tensor, sparsity: float, score="l2") -> Tensor:
-        self.check_shape(w.shape)
-        s = _check_sparsity(sparsity)
-        keep = self.keep_for(w.shape, s)
-        fixed = self.fixed_sparsity(w.shape)
-        if fixed is not None and s > fixed + 1e-9:
-            raise ValueError(f"{self.name} gives sparsity {fixed:.3g} on this weight; {s} needs connectivity "
-                             f"pruning ('{self.name}+conn') or fewer kept entries")
-        pats = self.pattern_set(w, keep).to(torch.float32)
-        src = score if isinstance(score, Tensor) else w
-        g2 = self.partition(src.detach().float()).pow(2)
-        valid = self.valid(w.shape)
-        # energy of each tile under each pattern; argmax → first best (deterministic)
-        energy = g2 @ pats.t()
-        best = torch.argmax(energy, dim=1)
-        keep_mask = pats.bool()[best] & valid
-        if self.conn or self.keep is None:
-            connectivity_prune(keep_mask, g2, valid, s)
-        return self.unpartition(keep_mask, w.shape).bool()
-
-    def project(self, w: Tensor, sparsity: float) -> Tensor:
-        return w * self.mask(w, sparsity).to(w.dtype)
-
-    def group_mask(self, w, sparsity, score="l2"):
-        raise TypeError(f"{self.name} selects a pattern per tile, not whole groups; use mask()")
+    def select(self, parts: Tensor, valid: Tensor, sparsity: float, score: Score,
+               base: Tensor | None = None) -> Tensor:
+        """Per tile, the pattern of largest energy ``Σ parts² ⊙ P`` among those containing the tile's
+        ``base`` entries (if none does: base + largest remaining entries); ``+conn`` then removes the
+        lowest-energy tiles (never a tile holding ``base`` entries)."""
+        T = parts.shape[1]
+        keep = self._keep_of(T, sparsity)
+        if self.keep is not None and not self.conn and sparsity > 1.0 - keep / T + 1e-9:
+            raise ValueError(f"{self.name} gives sparsity {1 - keep / T:.3g} on this weight; {sparsity} needs "
+                             f"connectivity pruning ('{self.name}+conn') or fewer kept entries")
+        pats = self._pattern_set(parts, keep)                     # (P, T) bool
+        g2 = parts.float().pow(2)
+        b = torch.zeros_like(valid) if base is None else base
+        if base is not None and int(b.sum(1).max()) > keep:
+            raise ValueError(f"{self}: the sparser level keeps more than {keep} entries in a tile; levels must get denser")
+        contains = (b.float() @ pats.float().t()) == b.sum(1, keepdim=True).float()   # (G, P) pattern ⊇ base
+        energy = (g2 @ pats.float().t()).masked_fill(~contains, -1.0)
+        km = pats[torch.argmax(energy, 1)] & valid               # argmax → first best (deterministic)
+        lost = ~contains.any(1)
+        if bool(lost.any()):   # no superset pattern in the set: base + largest remaining entries
+            rows = torch.nonzero(lost).flatten()
+            sc = torch.where(b[rows], torch.full_like(g2[rows], math.inf), g2[rows])
+            sc = sc.masked_fill(~valid[rows], -1.0)
+            order = torch.argsort(-sc, dim=1, stable=True)[:, :keep]
+            km[rows] = torch.zeros_like(b[rows]).scatter_(1, order, True) & valid[rows]
+        if self.conn:
+            connectivity_prune(km, g2, valid, sparsity, protected=None if base is None else b.any(1))
+        return km
 
 
 def connectivity_prune(keep_mask: Tensor, g2: Tensor, valid: Tensor, sparsity: float,
@@ -472,41 +638,21 @@ def connectivity_prune(keep_mask: Tensor, g2: Tensor, valid: Tensor, sparsity: f
     return keep_mask
 
 
-_BLOCK_RE = re.compile(r"^block:(\d+)x(\d+)$")
-_NM_RE = re.compile(r"^nm:(\d+):(\d+)$")
-_PAT_RE = re.compile(r"^pattern(?::(\d+)(?::(\d+))?)?(?:@(\d+)x(\d+))?(\+conn)?$")
-
-
 def parse_structure(spec: "str | Structure") -> Structure:
-    """Parse a structure string (see :data:`STRUCTURE_SYNTAX`) into a typed :class:`Structure`."""
+    """Parse a structure string (see :func:`structure_syntax`) into a typed :class:`Structure`: the
+    first registered structure (in :data:`STRUCTURES`) whose ``parse`` accepts it."""
     if isinstance(spec, Structure):
         return spec
     if not isinstance(spec, str):
-        raise ValueError(f"structure must be a string, got {type(spec).__name__} {spec!r}; valid: {STRUCTURE_SYNTAX}")
+        raise ValueError(f"structure must be a string, got {type(spec).__name__} {spec!r}; valid: {structure_syntax()}")
     s = spec.strip().lower().replace(" ", "")
-    if s in ("unstructured", "irregular"):
-        return Unstructured()
-    if s == "row":
-        return Row()
-    if s == "column":
-        return Column()
-    if m := _BLOCK_RE.match(s):
-        r, c = int(m[1]), int(m[2])
-        if r < 1 or c < 1:
-            raise ValueError(f"bad structure {spec!r}: block shape must be positive")
-        return Block(r, c)
-    if m := _NM_RE.match(s):
-        n, mm = int(m[1]), int(m[2])
-        if not (1 <= n <= mm):
-            raise ValueError(f"bad structure {spec!r}: N:M needs 1 <= N <= M (N kept of every M)")
-        return NM(n, mm)
-    if m := _PAT_RE.match(s):
-        keep = int(m[1]) if m[1] else None
-        size = int(m[2]) if m[2] else None
-        tile = (int(m[3]), int(m[4])) if m[3] else None
-        return Pattern(keep=keep, set_size=size, tile=tile, conn=bool(m[5]))
-    raise ValueError(f"unknown structure {spec!r}; valid: {STRUCTURE_SYNTAX}")
+    for name in _parse_order():
+        st = STRUCTURES.get(name).parse(s)
+        if st is not None:
+            return st
+    raise UnknownNameError(f"unknown structure {spec!r}; valid: {structure_syntax()}")
 
 
+STRUCTURE_SYNTAX = structure_syntax()   # as registered at import; call structure_syntax() for later additions
 StructureLike = "str | Structure"
 ScoreLike = "str | Callable[[Tensor], Tensor] | Tensor"

@@ -58,6 +58,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from prunekit.core.bits import pack, unpack
 from prunekit.deploy import storage
 from prunekit.io.checkpoint import CheckpointError, _atomic_replace, state_dict_for_save
 from prunekit.core.nested import NestedMasks
@@ -78,16 +79,12 @@ class SharedFormatError(CheckpointError):
 # One artifact
 # =============================================================================================
 def _pack_levels(m: Tensor, bits: int) -> Tensor:
-    """uint8 level map → bit-packed uint8 (``bits`` per element, LSB first)."""
-    v = m.reshape(-1).numpy().astype(np.uint8)[:, None]
-    planes = (v >> np.arange(bits, dtype=np.uint8)) & 1
-    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
+    """uint8 level map → bit-packed uint8 (``bits`` per element, LSB first; :func:`prunekit.core.bits.pack`)."""
+    return torch.from_numpy(pack(m.reshape(-1).numpy(), bits, bitorder="little"))
 
 
 def _unpack_levels(packed: Tensor, bits: int, shape) -> Tensor:
-    n = math.prod(shape)
-    planes = np.unpackbits(packed.numpy(), count=n * bits, bitorder="little").reshape(n, bits)
-    v = (planes.astype(np.uint8) << np.arange(bits, dtype=np.uint8)).sum(1, dtype=np.uint8)
+    v = unpack(packed.numpy(), bits, math.prod(shape), bitorder="little").astype(np.uint8)
     return torch.from_numpy(v).reshape(tuple(shape))
 
 

@@ -45,6 +45,9 @@ import numpy as np
 import torch
 from prunekit.core.errors import ModelError
 
+from prunekit.core.bits import bits_for as _bits_for, pack, unpack
+from prunekit.core.structures import NM, Pattern, Structure
+
 __all__ = [
     "ENCODINGS",
     "Encoded",
@@ -214,27 +217,6 @@ def _zero_mask(t: torch.Tensor) -> np.ndarray:
     return (t == 0).numpy()
 
 
-def _pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack non-negative integers with ``bits`` bits each, LSB first -> uint8 array."""
-    if bits == 0 or values.size == 0:
-        return np.zeros(0, dtype=np.uint8)
-    v = values.astype(np.uint64).reshape(-1, 1)
-    planes = ((v >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(planes.reshape(-1), bitorder="little")
-
-
-def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    if bits == 0 or count == 0:
-        return np.zeros(count, dtype=np.uint64)
-    planes = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
-    return (planes.astype(np.uint64) << np.arange(bits, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
-
-
-def _bits_for(n_symbols: int) -> int:
-    """Bits needed to tell ``n_symbols`` symbols apart (0 for one symbol)."""
-    return max(0, int(n_symbols - 1).bit_length())
-
-
 def _row_ptr(row_of_entry: np.ndarray, rows: int) -> np.ndarray:
     counts = np.bincount(row_of_entry, minlength=rows) if row_of_entry.size else np.zeros(rows, np.int64)
     ptr = np.zeros(rows + 1, dtype=np.int64)
@@ -260,11 +242,11 @@ def _encode_bitmask_impl(bits2d, nz2d, shape, **opts):
     """``mask``: ``numpy.packbits`` of the row-major nonzero mask (ceil(numel / 8) bytes, MSB
     first); ``values``: the nonzero values in row-major order."""
     _no_opts("bitmask", opts)
-    return {"mask": np.packbits(nz2d.reshape(-1)), "values": bits2d[nz2d]}, {}
+    return {"mask": pack(nz2d, 1, bitorder="big"), "values": bits2d[nz2d]}, {}
 
 
 def _decode_bitmask_impl(arrays, params, rows, cols):
-    mask = np.unpackbits(arrays["mask"], count=rows * cols).astype(bool).reshape(rows, cols)
+    mask = unpack(arrays["mask"], 1, rows * cols, bitorder="big").reshape(rows, cols)
     out = np.zeros((rows, cols), dtype=arrays["values"].dtype)
     out[mask] = arrays["values"]
     return out
@@ -344,7 +326,7 @@ def _encode_relative_impl(bits2d, nz2d, shape, *, bits: int | None = None, **opt
     values[last] = bits2d[nz2d]
     return {
         "row_ptr": _row_ptr(r[owner] if total else np.zeros(0, np.int64), rows),
-        "gaps": _pack(gaps, bits),
+        "gaps": pack(gaps, bits),
         "values": values,
     }, {"bits": bits}
 
@@ -352,7 +334,7 @@ def _encode_relative_impl(bits2d, nz2d, shape, *, bits: int | None = None, **opt
 def _decode_relative_impl(arrays, params, rows, cols):
     ptr = arrays["row_ptr"].astype(np.int64)
     total = int(ptr[-1])
-    step = _unpack(arrays["gaps"], params["bits"], total).astype(np.int64) + 1
+    step = unpack(arrays["gaps"], params["bits"], total).astype(np.int64) + 1
     cs = np.cumsum(step)
     base = np.r_[0, cs][ptr[:-1]]  # cumulative steps before each row starts
     r = np.repeat(np.arange(rows), np.diff(ptr))
@@ -400,24 +382,38 @@ def _decode_bcsr_impl(arrays, params, rows, cols):
     return out.transpose(0, 2, 1, 3).reshape(nbr * R, nbc * C)[:rows, :cols]
 
 
-def _parse_block(block) -> tuple[int, int]:
+def _parse_block(block, what: str = "bcsr: block") -> tuple[int, int]:
     try:
         R, C = (int(b) for b in block)
     except (TypeError, ValueError):
-        raise ModelError(f"bcsr: block must be a pair (R, C) of positive ints, got {block!r}") from None
+        raise ModelError(f"{what} must be a pair (R, C) of positive ints, got {block!r}") from None
     if R < 1 or C < 1:
-        raise ModelError(f"bcsr: block must be a pair (R, C) of positive ints, got {block!r}")
+        raise ModelError(f"{what} must be a pair (R, C) of positive ints, got {block!r}")
     return R, C
 
 
-def _groups(nz2d: np.ndarray, m: int, name: str) -> np.ndarray:
-    rows, cols = nz2d.shape
-    if cols % m:
-        raise ModelError(
-            f"{name}: group size m={m} does not divide the row length {cols} "
-            f"(matrix view {rows}x{cols}); groups are m consecutive elements of a row"
-        )
-    return nz2d.reshape(-1, m)
+def _layout(st: Structure, shape: Sequence[int]) -> np.ndarray:
+    """``(G, S)`` flat row-major element indices of ``st``'s groups on ``shape`` (its
+    :meth:`~prunekit.core.structures.Structure.group_index`), padding slots pointing at ``numel``: one
+    extra, always-zero slot past the end.  The group layout is the structure's, never re-derived here."""
+    n = math.prod(shape)
+    if n == 0:
+        return np.zeros((0, 1), dtype=np.int64)
+    idx = st.group_index(tuple(shape)).numpy()
+    return np.where(idx >= 0, idx, n)
+
+
+def _gather(a2d: np.ndarray, idx: np.ndarray, fill: Any = 0) -> np.ndarray:
+    """``a2d`` (rows x cols) gathered into the ``(G, S)`` layout ``idx`` (padding = ``fill``)."""
+    flat = np.append(a2d.reshape(-1), np.array([fill], dtype=a2d.dtype))
+    return flat[idx]
+
+
+def _scatter(groups: np.ndarray, idx: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Inverse of :func:`_gather`: the ``(G, S)`` values placed back in a ``rows x cols`` matrix."""
+    flat = np.zeros(rows * cols + 1, dtype=groups.dtype)
+    flat[idx.reshape(-1)] = groups.reshape(-1)
+    return flat[:-1].reshape(rows, cols)
 
 
 def _combinations(m: int, n: int) -> np.ndarray:
@@ -428,8 +424,10 @@ def _combinations(m: int, n: int) -> np.ndarray:
 def _encode_nm_impl(bits2d, nz2d, shape, *, n: int | None = None, m: int = 4, index: str = "combination", **opts):
     """N:M storage: every group of ``m`` consecutive elements of a row keeps exactly ``n`` slots.
 
-    ``n=None`` (default) uses the largest nonzero count of any group, so the encoding is
-    lossless for any tensor whose row length ``m`` divides. Groups with fewer than ``n``
+    The groups are those of the N:M structure (:class:`prunekit.core.structures.NM`): the M-runs of
+    each row of the matrix view, the last run of a row partial (zero-padded) when ``m`` does not divide
+    the row length.  ``n=None`` (default) uses the largest nonzero count of any group, so the encoding
+    is lossless for any tensor. Groups with fewer than ``n``
     nonzeros are padded with their lowest-index zero positions (stored as explicit zero values).
     ``values``: n per group, in position order. Index data, exactly:
 
@@ -445,8 +443,9 @@ def _encode_nm_impl(bits2d, nz2d, shape, *, n: int | None = None, m: int = 4, in
         raise ModelError(f"nm: m must be an int in 1..16, got {m!r}")
     if index not in ("combination", "positions"):
         raise ModelError(f"nm: index must be one of ['combination', 'positions'], got {index!r}")
-    g = _groups(nz2d, m, "nm")
-    bg = bits2d.reshape(-1, m)
+    idx = _layout(NM(1, m), nz2d.shape)
+    g = _gather(nz2d, idx, False)
+    bg = _gather(bits2d, idx)
     counts = g.sum(axis=1)
     max_count = int(counts.max()) if counts.size else 0
     if n is None:
@@ -462,64 +461,89 @@ def _encode_nm_impl(bits2d, nz2d, shape, *, n: int | None = None, m: int = 4, in
     values = np.take_along_axis(bg, kept, axis=1).reshape(-1)
     params = {"n": n, "m": m, "index": index}
     if index == "positions":
-        return {"positions": _pack(kept.reshape(-1), _bits_for(m)), "values": values}, params
+        return {"positions": pack(kept.reshape(-1), _bits_for(m)), "values": values}, params
     combos = _combinations(m, n)
     rank_of = np.zeros(1 << m, dtype=np.int64)
     rank_of[(1 << combos).sum(axis=1)] = np.arange(len(combos))
     ranks = rank_of[(1 << kept).sum(axis=1)] if kept.size else np.zeros(len(kept), np.int64)
-    return {"groups": _pack(ranks, _bits_for(len(combos))), "values": values}, params
+    return {"groups": pack(ranks, _bits_for(len(combos))), "values": values}, params
 
 
 def _decode_nm_impl(arrays, params, rows, cols):
     n, m = params["n"], params["m"]
-    n_groups = rows * cols // m if m else 0
+    idx = _layout(NM(1, m), (rows, cols))
+    n_groups = len(idx)
     if params["index"] == "positions":
-        kept = _unpack(arrays["positions"], _bits_for(m), n_groups * n).astype(np.int64).reshape(n_groups, n)
+        kept = unpack(arrays["positions"], _bits_for(m), n_groups * n).astype(np.int64).reshape(n_groups, n)
     else:
         combos = _combinations(m, n)
-        ranks = _unpack(arrays["groups"], _bits_for(len(combos)), n_groups).astype(np.int64)
+        ranks = unpack(arrays["groups"], _bits_for(len(combos)), n_groups).astype(np.int64)
         kept = combos[ranks]
     out = np.zeros((n_groups, m), dtype=arrays["values"].dtype)
     np.put_along_axis(out, kept, arrays["values"].reshape(n_groups, n), axis=1)
-    return out.reshape(rows, cols)
+    return _scatter(out, idx, rows, cols)
 
 
-def _default_pattern_m(shape: Sequence[int]) -> int:
-    if len(shape) == 4 and 1 < shape[2] * shape[3] <= 64:
-        return int(shape[2] * shape[3])
-    return 4
+def _pattern_layout(shape: Sequence[int], m: int | None, tile: Sequence[int] | None) -> tuple[np.ndarray, dict]:
+    """The pattern groups: the pattern structure's tiles (:class:`prunekit.core.structures.Pattern`).
 
-
-def _encode_pattern_impl(bits2d, nz2d, shape, *, m: int | None = None, **opts):
-    """Pattern (dictionary-coded group mask) storage, for kernel-pattern sparsity.
-
-    Groups are ``m`` consecutive elements of a row - by default one conv kernel (``kh * kw``
-    for a 4-d weight), else 4. The distinct group masks form a codebook of K patterns.
-    Arrays: ``patterns`` (K x m mask bits, ``numpy.packbits``), ``ids`` (pattern id per group,
-    packed with ceil(log2 K) bits), ``values`` (the nonzeros, row-major; no padding).
-    """
-    _no_opts("pattern", opts)
-    if m is None:
-        m = _default_pattern_m(shape)
+    ``tile=(R, C)``: R×C tiles of the matrix view (recorded as ``tile``); ``m``: runs of ``m``
+    elements of a row (tile ``1×m``, the layout of files that record no ``tile``); neither: the
+    structure's default, a conv kernel (``kh*kw`` consecutive elements) for a 4-d weight, a 4×4 tile
+    for a 2-d one, else runs of 4."""
+    rows, cols = _matrix_dims(shape)
+    if tile is not None and m is not None:
+        raise ModelError("pattern: give m (runs of m) or tile (R, C), not both")
+    if tile is None and m is None:
+        if len(shape) == 4 and 1 < shape[2] * shape[3] <= 64:
+            m = int(shape[2] * shape[3])           # = Pattern() on the conv weight: one kernel per group
+        elif len(shape) == 2:
+            tile = Pattern().tile_shape(shape)
+        else:
+            m = 4
+    if tile is not None:
+        r, c = _parse_block(tile, "pattern: tile")
+        if r * c > 64:
+            raise ModelError(f"pattern: a tile holds at most 64 elements, got {r}x{c}")
+        return _layout(Pattern(tile=(r, c)), (rows, cols)), {"m": r * c, "tile": [r, c]}
     if not (isinstance(m, int) and 1 <= m <= 64):
         raise ModelError(f"pattern: m must be an int in 1..64, got {m!r}")
-    g = _groups(nz2d, m, "pattern")
+    return _layout(Pattern(tile=(1, m)), (rows, cols)), {"m": m}
+
+
+def _encode_pattern_impl(bits2d, nz2d, shape, *, m: int | None = None, tile: Sequence[int] | None = None, **opts):
+    """Pattern (dictionary-coded group mask) storage, for kernel-pattern sparsity.
+
+    Groups are the pattern structure's tiles (see :func:`_pattern_layout`; a partial edge tile is
+    zero-padded). The distinct group masks form a codebook of K patterns.
+    Arrays: ``patterns`` (K x m mask bits, ``numpy.packbits``), ``ids`` (pattern id per group,
+    packed with ceil(log2 K) bits), ``values`` (the nonzeros, row-major; no padding).
+    Params: ``m`` (entries per group), ``n_patterns``, and ``tile`` ([R, C]) when the groups are
+    R×C tiles rather than runs of ``m``.
+    """
+    _no_opts("pattern", opts)
+    idx, params = _pattern_layout(shape, m, tile)
+    m = params["m"]
+    g = _gather(nz2d, idx, False)
     codes = (g.astype(np.uint64) << np.arange(m, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
     book, ids = np.unique(codes, return_inverse=True)
     book_bits = ((book.reshape(-1, 1) >> np.arange(m, dtype=np.uint64)) & np.uint64(1)).astype(bool)
     return {
-        "patterns": np.packbits(book_bits.reshape(-1)),
-        "ids": _pack(ids.reshape(-1), _bits_for(len(book))),
+        "patterns": pack(book_bits, 1, bitorder="big"),
+        "ids": pack(ids.reshape(-1), _bits_for(len(book))),
         "values": bits2d[nz2d],
-    }, {"m": m, "n_patterns": int(len(book))}
+    }, {**params, "n_patterns": int(len(book))}
 
 
 def _decode_pattern_impl(arrays, params, rows, cols):
     m, k = params["m"], params["n_patterns"]
-    n_groups = rows * cols // m if m else 0
-    book = np.unpackbits(arrays["patterns"], count=k * m).astype(bool).reshape(k, m)
-    ids = _unpack(arrays["ids"], _bits_for(k), n_groups).astype(np.int64)
-    mask = book[ids].reshape(rows, cols) if n_groups else np.zeros((rows, cols), bool)
+    tile = params.get("tile")
+    st = Pattern(tile=(int(tile[0]), int(tile[1])) if tile else (1, m))
+    idx = _layout(st, (rows, cols))
+    n_groups = len(idx) if rows * cols else 0
+    book = unpack(arrays["patterns"], 1, k * m, bitorder="big").reshape(k, m)
+    ids = unpack(arrays["ids"], _bits_for(k), n_groups).astype(np.int64)
+    mask = _scatter(book[ids], idx, rows, cols) if n_groups else np.zeros((rows, cols), bool)
     out = np.zeros((rows, cols), dtype=arrays["values"].dtype)
     out[mask] = arrays["values"]
     return out
@@ -566,7 +590,7 @@ def encode(tensor: torch.Tensor, encoding: str, **opts: Any) -> Encoded:
             as_idx = neg.astype(_uint_for(max(bits.size - 1, 0)))
             flags = np.zeros(bits.size, dtype=bool)
             flags[neg] = True
-            as_mask = np.packbits(flags)
+            as_mask = pack(flags, 1, bitorder="big")
             if as_idx.nbytes <= as_mask.nbytes:
                 arrays["negzero_idx"] = as_idx
             else:
@@ -584,7 +608,7 @@ def decode(enc: Encoded) -> torch.Tensor:
     if "negzero_idx" in enc.arrays:
         out[enc.arrays["negzero_idx"].astype(np.int64)] = sign
     if "negzero_mask" in enc.arrays:
-        out[np.unpackbits(enc.arrays["negzero_mask"], count=out.size).astype(bool)] = sign
+        out[unpack(enc.arrays["negzero_mask"], 1, out.size, bitorder="big")] = sign
     return _from_bits(out, enc.shape, enc.dtype)
 
 
@@ -612,8 +636,8 @@ def encode_nm(tensor: torch.Tensor, *, n: int | None = None, m: int = 4, index: 
     return encode(tensor, "nm", n=n, m=m, index=index)
 
 
-def encode_pattern(tensor: torch.Tensor, *, m: int | None = None) -> Encoded:
-    return encode(tensor, "pattern", m=m)
+def encode_pattern(tensor: torch.Tensor, *, m: int | None = None, tile: Sequence[int] | None = None) -> Encoded:
+    return encode(tensor, "pattern", m=m, tile=tile)
 
 
 for _name, (_impl, _) in _CODECS.items():
@@ -632,8 +656,8 @@ def canonicalize_zeros(tensor: torch.Tensor) -> torch.Tensor:
 # Choosing and comparing
 # --------------------------------------------------------------------------------------------
 def is_applicable(tensor: torch.Tensor, encoding: str, **opts: Any) -> bool:
-    """Whether ``encoding`` (with ``opts``) can encode ``tensor`` (nm/pattern need the group
-    size to divide the row length; nm with an explicit ``n`` needs every group to fit)."""
+    """Whether ``encoding`` (with ``opts``) can encode ``tensor`` (nm with an explicit ``n`` needs
+    every group to fit)."""
     try:
         encode(tensor, encoding, **opts)
     except ValueError as e:

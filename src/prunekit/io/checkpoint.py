@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from prunekit.core.bits import pack_mask, unpack_mask
 from prunekit.core.masks import MaskSet
 from prunekit.core.errors import CheckpointError
 import shutil
@@ -84,17 +85,6 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def pack_mask(m: torch.Tensor) -> torch.Tensor:
-    """Bool mask → uint8 bit-packed 1-D tensor (8 entries per byte)."""
-    return torch.from_numpy(np.packbits(m.detach().cpu().numpy().astype(bool).reshape(-1)))
-
-
-def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
-    n = int(np.prod(shape)) if len(shape) else 1
-    bits = np.unpackbits(packed.numpy(), count=n).astype(bool)
-    return torch.from_numpy(bits).reshape(tuple(shape))
 
 
 def state_dict_for_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
