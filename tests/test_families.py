@@ -50,3 +50,26 @@ def test_flops_count_gpt2_conv1d():
     # per layer: c_attn 32x96, attn c_proj 32x32, c_fc 32x128, mlp c_proj 128x32; plus lm_head 32x100
     macs_per_token = 2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32) + 32 * 100
     assert f["flops"] == 2 * 8 * macs_per_token
+
+
+def _first_conv1d(model):
+    return model.transformer.h[0].attn.c_attn          # weight (in=32, out=96)
+
+
+@pytest.mark.parametrize("structure", ["row", "nm:2:4", "block:4x4"])
+def test_conv1d_structures_run_along_the_input_as_for_linear(structure):
+    """HF Conv1D stores (in, out): the mask must equal the Linear mask of the transposed weight."""
+    model = tiny("gpt2")
+    layer = _first_conv1d(model)
+    masks = compute_masks(model, PruneSpec(structure, 0.5, targets=default_targets(model)))
+    m = masks[f"transformer.h.0.attn.c_attn.weight"]
+    lin = torch.nn.Linear(32, 96, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(layer.weight.t())
+    expected = compute_masks(lin, PruneSpec(structure, 0.5))["weight"]
+    assert torch.equal(m, expected.t())
+    if structure == "row":       # whole output units: whole columns of the (in, out) weight
+        kept_cols = m.all(0)
+        assert int(kept_cols.sum()) == 48 and bool((m.any(0) == kept_cols).all())
+    if structure == "nm:2:4":    # 2 of every 4 consecutive inputs of each output
+        assert bool((m.t().reshape(96, 8, 4).sum(-1) == 2).all())

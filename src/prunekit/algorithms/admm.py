@@ -69,7 +69,8 @@ def project_weights(model: nn.Module, spec, values: dict[str, Tensor], sparsity:
     if spec.scope == "global":
         ms = project_masks(model, spec, values, sparsity)
         return {n: v * ms[n].to(v.dtype) for n, v in values.items()}
-    plan = spec.layer_plan(list(values), sparsity)
+    targets = {n: m for n, m in find_targets(model, spec.targets).items() if n in values}
+    plan = spec.layer_plan(targets, sparsity)
     return {n: st.project(values[n], sp) for n, (st, sp) in plan.items()}
 
 
@@ -97,7 +98,7 @@ class _Splitting(Algorithm):
 
     # -- helpers ---------------------------------------------------------------------------------
     def _bind(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        names = list(self.spec.layer_plan(list(find_targets(model, self.spec.targets))))
+        names = list(self.spec.layer_plan(find_targets(model, self.spec.targets)))
         params = dict(model.named_parameters())
         self._params = {n: params[n] for n in names}
         return self._params

@@ -46,7 +46,7 @@ def full_masks(model: nn.Module, spec: PruneSpec) -> MaskSet:
     """All-True masks on every target (nothing pruned yet)."""
     params = dict(model.named_parameters())
     ms = MaskSet()
-    plan = spec.layer_plan(list(find_targets(model, spec.targets)))
+    plan = spec.layer_plan(find_targets(model, spec.targets))
     for n, (st, _) in plan.items():
         ms.set(n, torch.ones_like(params[n], dtype=torch.bool), str(st))
     return ms

@@ -369,7 +369,7 @@ class PostTraining(Algorithm):
             raise ValueError(f"algorithm {self.name!r} prunes layer by layer; prune.scope must be 'layer', "
                              f"got {self.spec.scope!r}")
         targets = find_targets(model, self.spec.targets)
-        plan = self.spec.layer_plan(list(targets))
+        plan = self.spec.layer_plan(list(targets))   # names only: this module handles Conv1D's (in, out) itself
         if self.params.allocation == "owl":
             plan = owl_plan(model, targets, plan, batches, self.params.owl_m, self.params.owl_lambda)
         return plan

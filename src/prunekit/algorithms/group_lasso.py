@@ -82,7 +82,7 @@ class GroupLasso(Algorithm):
         self._structs: dict[str, Structure] = {}
 
     def begin(self, ctx):
-        plan = self.spec.layer_plan(list(find_targets(ctx.model, self.spec.targets)))
+        plan = self.spec.layer_plan(find_targets(ctx.model, self.spec.targets))
         params = dict(ctx.model.named_parameters())
         self._params = {n: params[n] for n in plan}
         self._structs = {n: st for n, (st, _) in plan.items()}
@@ -117,7 +117,7 @@ class GroupLasso(Algorithm):
 
     def final_masks(self, model):
         params = dict(model.named_parameters())
-        names = self.spec.layer_plan(list(find_targets(model, self.spec.targets)))
+        names = self.spec.layer_plan(find_targets(model, self.spec.targets))
         return compute_masks(model, self.spec, importance={n: params[n].detach() for n in names})
 
     def state_dict(self):

@@ -90,7 +90,7 @@ def layer_sensitivity(model: nn.Module, evaluate, spec: PruneSpec, sparsities=DE
         return float(v)
 
     params = dict(model.named_parameters())
-    plan = spec.layer_plan(list(find_targets(model, spec.targets)))
+    plan = spec.layer_plan(find_targets(model, spec.targets))
     dense = score()
     curves, scores, numel, structs = {}, {}, {}, {}
     for name, (st, _) in plan.items():

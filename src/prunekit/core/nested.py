@@ -119,7 +119,7 @@ def nested_masks(model: nn.Module, spec: PruneSpec, sparsities: Sequence[float],
     then ``sparsities[0]`` (the sparsest) is that level's nominal sparsity and the denser levels nest
     around it.  ``weights``: the weights to score (default: the model's current ones)."""
     levels = sorted_levels(sparsities)
-    targets = list(find_targets(model, spec.targets))
+    targets = find_targets(model, spec.targets)
     params = {n: p.detach() for n, p in model.named_parameters()}
     if weights:
         params.update({n: t.detach() for n, t in weights.items()})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -17,8 +18,8 @@ from torch import Tensor, nn
 
 from prunekit.core.masks import MaskSet
 from prunekit.core.scoring import resolve_score, select_keep_global
-from prunekit.core.structures import Structure, parse_structure
-from prunekit.core.targets import TargetSpec, find_targets
+from prunekit.core.structures import Structure, Transposed, parse_structure
+from prunekit.core.targets import TargetSpec, find_targets, hf_conv1d
 
 __all__ = ["mask_for", "PruneSpec", "compute_masks", "global_masks", "scaled_sparsity", "prune", "validate_overrides"]
 
@@ -110,8 +111,12 @@ class PruneSpec:
 
     def layer_plan(self, names, sparsity: float | None = None) -> dict[str, tuple[Structure, float]]:
         """``{param_name: (structure, sparsity)}`` after overrides; ``sparsity`` moves the whole spec
-        there (overrides scaled by :func:`scaled_sparsity`)."""
+        there (overrides scaled by :func:`scaled_sparsity`).  ``names``: parameter names, or the
+        ``{name: module}`` of :func:`find_targets` — then an HF ``Conv1D`` weight (stored ``(in, out)``)
+        gets its structure as :class:`Transposed`, so rows stay outputs and N:M runs along the input."""
         plan = {}
+        conv1d = hf_conv1d() if isinstance(names, Mapping) else None
+        transposed = {n for n, m in names.items() if conv1d is not None and isinstance(m, conv1d)} if conv1d else set()
         used = set()
         for n in names:
             st, sp = self.structure, float(self.sparsity)
@@ -124,6 +129,7 @@ class PruneSpec:
                     else:
                         sp = float(ov)
                     break
+            st = Transposed(st) if n in transposed else st
             plan[n] = (st, sp if sparsity is None else scaled_sparsity(sp, self.sparsity, sparsity))
         unused = set(self.overrides) - used
         if unused:
@@ -176,7 +182,7 @@ def compute_masks(model: nn.Module, spec: PruneSpec, sparsity: float | None = No
     proportionally — used by schedules).  Pure: the model is not modified."""
     targets = find_targets(model, spec.targets)
     params = {n: p.detach() for n, p in model.named_parameters()}
-    plan = spec.layer_plan(list(targets), sparsity)
+    plan = spec.layer_plan(targets, sparsity)
     imp = importance or {}
     if spec.scope == "global":
         gsp = float(sparsity if sparsity is not None else spec.sparsity)

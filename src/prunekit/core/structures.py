@@ -55,6 +55,7 @@ from prunekit.core.registry import Registry
 from prunekit.core.scoring import Score, ScoreFn, group_scores, resolve_score, select_groups
 
 __all__ = [
+    "Transposed",
     "Structure", "Unstructured", "Row", "Column", "Block", "NM", "Pattern", "STRUCTURES",
     "parse_structure", "as_matrix", "structure_syntax", "STRUCTURE_SYNTAX", "connectivity_prune",
 ]
@@ -224,6 +225,54 @@ class Structure:
     def __hash__(self) -> int:
         return hash(str(self))
 
+
+
+def _swap(shape: Sequence[int]) -> tuple[int, int]:
+    if len(shape) != 2:
+        raise ValueError(f"a transposed (in, out) weight must be 2-D, got shape {tuple(shape)}")
+    return int(shape[1]), int(shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class Transposed(Structure):
+    """``inner`` on a weight stored ``(in, out)`` — HF GPT-2 ``Conv1D`` — so every structure keeps its
+    meaning: rows are output units, N:M and blocks run along the input dimension as for ``nn.Linear``.
+    Not registered: the orientation belongs to the module (see :meth:`PruneSpec.layer_plan`), so the
+    string form is the inner structure's."""
+
+    inner: Structure = field(default_factory=lambda: Unstructured())
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return str(self.inner)
+
+    @property
+    def selects_groups(self) -> bool:  # type: ignore[override]
+        return self.inner.selects_groups
+
+    def partition(self, w: Tensor) -> Tensor:
+        return self.inner.partition(w.t())
+
+    def unpartition(self, groups: Tensor, shape: torch.Size | Sequence[int]) -> Tensor:
+        return self.inner.unpartition(groups, _swap(shape)).t()
+
+    def group_index(self, shape: Sequence[int]) -> Tensor:
+        rows, cols = int(shape[0]), int(shape[1])
+        idx = self.inner.group_index(_swap(shape))      # flat indices into the (cols, rows) transpose
+        return torch.where(idx >= 0, (idx % rows) * cols + idx // rows, idx)
+
+    def check_shape(self, shape: Sequence[int]) -> None:
+        self.inner.check_shape(_swap(shape))
+
+    def select(self, parts: Tensor, valid: Tensor, sparsity: float, score: Score,
+               base: Tensor | None = None) -> Tensor:
+        return self.inner.select(parts, valid, sparsity, score, base)
+
+    def resolve_sparsity(self, shape: Sequence[int], sparsity: float | None) -> float:
+        return self.inner.resolve_sparsity(_swap(shape), sparsity)
+
+    def fixed_sparsity(self, shape: Sequence[int]) -> float | None:
+        return self.inner.fixed_sparsity(_swap(shape))
 
 @STRUCTURES.register("unstructured", aliases=("irregular",))
 class Unstructured(Structure):

@@ -74,7 +74,7 @@ def validate_recipe(recipe: Recipe, workload: Workload) -> tuple[PruneSpec, Any]
     spec = prune_spec_from(recipe)
     try:
         targets = find_targets(workload.model, spec.targets)
-        plan = spec.layer_plan(list(targets))
+        plan = spec.layer_plan(targets)
         params = dict(workload.model.named_parameters())
         for n, (st, sp) in plan.items():
             st.check_shape(params[n].shape)
