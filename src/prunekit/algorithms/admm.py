@@ -201,10 +201,6 @@ class ADMM(_Splitting):
         v = p.detach().clone()
         return v + self.U[name] if self.params.final_with_u and name in self.U else v
 
-    def residual(self) -> float:
-        """Primal residual ``(Σ ‖W − Z‖²)^½`` (how far the weights are from the constraint set)."""
-        return float(sum((p.detach() - self.Z[n]).pow(2).sum() for n, p in self._params.items()) ** 0.5)
-
     def state_dict(self):
         return {"rho": self.rho, "updates": self.updates,
                 "Z": {n: z.clone() for n, z in self.Z.items()}, "U": {n: u.clone() for n, u in self.U.items()}}

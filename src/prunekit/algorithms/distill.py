@@ -25,8 +25,9 @@ Progressive distillation (algorithm ``progressive_distill``): gradual magnitude 
 raised step by step on the cubic schedule of Zhu & Gupta (2018), see :mod:`.gradual` — while the
 student distils from the dense teacher at every step of the ramp (as in the progressive-pruning +
 distillation recipes of e.g. Sanh et al. 2020, "Movement Pruning").  Its ``Params`` are the gradual
-ones plus ``alpha``, ``temperature`` and ``hidden_weight``; the teacher is the model as it enters the
-search phase (the dense fine-tuned one).  ``gradual`` + a ``distill:`` section is equivalent and also
+ones plus ``alpha``, ``temperature`` and ``hidden_weight``; the teacher is the dense fine-tuned model: the
+pipeline hands it over with ``set_teacher`` (the dense stage's weights, reloaded from ``dense/`` on a resume —
+never the resumed student); used alone, the model as it enters the search phase.  ``gradual`` + a ``distill:`` section is equivalent and also
 distils during retraining; ``progressive_distill`` needs no extra section.
 """
 from __future__ import annotations
@@ -184,11 +185,18 @@ class ProgressiveDistill(Gradual):
     def __init__(self, params, spec):
         super().__init__(params, spec)
         self.distiller: Distiller | None = None
+        self.teacher: nn.Module | None = None
+
+    def set_teacher(self, model: nn.Module) -> None:
+        """The dense model to distil from (the pipeline passes the dense weights, also on a resume, where the
+        model entering ``fit`` is not the dense one)."""
+        self.teacher, self.distiller = model, None
 
     def begin(self, ctx):
-        if self.distiller is None:  # teacher = the model entering the ramp (dense fine-tuned)
+        if self.distiller is None:  # teacher = set_teacher's model, else the model entering the ramp
             p = self.params
-            self.distiller = Distiller(ctx.model, ctx.task, DistillConfig(p.alpha, p.temperature, p.hidden_weight))
+            self.distiller = Distiller(self.teacher if self.teacher is not None else ctx.model, ctx.task,
+                                       DistillConfig(p.alpha, p.temperature, p.hidden_weight))
         super().begin(ctx)
 
     def extra_loss(self, ctx, batch, outputs):

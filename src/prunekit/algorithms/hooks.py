@@ -1,7 +1,7 @@
 """The loop's hook protocol: what an algorithm sees (``TrainContext``) and may do (``Hook``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,6 @@ class TrainContext:
     total_steps: int = 0
     steps_per_epoch: int = 0
     phase: str = ""
-    state: dict = field(default_factory=dict)
 
 
 class Hook:

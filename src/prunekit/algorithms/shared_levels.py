@@ -43,6 +43,14 @@ class FreezeShared(Hook):
         for n, p in self.params.items():
             p.copy_(torch.where(self.trainable[n], p, self.saved[n]))
 
+    def state_dict(self) -> dict:
+        """The values every frozen element is held at (a resume restores them after ``begin``)."""
+        return {"saved": {n: v.clone() for n, v in self.saved.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, v in state["saved"].items():
+            self.saved[n].copy_(v)
+
     def release(self) -> None:
         for h in self._handles:
             h.remove()
@@ -116,3 +124,14 @@ class JointLevels(Hook):
 
     def epoch_end(self, ctx):
         self.view.level = self.eval_level   # fit evaluates after the epoch-end hooks
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"level": self.view.level, "counts": list(self.counts), "rng": torch.tensor(internal, dtype=torch.int64),
+                "rng_version": version, "rng_gauss": gauss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.view.level = int(state["level"])
+        self.counts = [int(c) for c in state["counts"]]
+        self.rng.setstate((int(state["rng_version"]), tuple(int(x) for x in state["rng"].tolist()),
+                           state["rng_gauss"]))

@@ -14,15 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 import argparse
-import torch
-from prunekit.io.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
-from prunekit.pipelines.recipe import load_recipe, to_dict
+from prunekit.io.checkpoint import atomic_write_text
+from prunekit.pipelines.recipe import load_recipe
+from prunekit.pipelines.sensitivity import run_sensitivity
 from prunekit.reporting.plots import sensitivity_curves
-from prunekit.pipelines.workloads import build_workload
-from prunekit.pipelines.runner import validate_recipe
-from prunekit.algorithms.sensitivity import (DEFAULT_SPARSITIES, allocate_budget, layer_sensitivity, overall_sparsity, overrides_yaml, parse_sparsities)
-from prunekit.training.loop import fit, seed_everything
-from prunekit.core.errors import RecipeError
+from prunekit.algorithms.sensitivity import DEFAULT_SPARSITIES, overall_sparsity, parse_sparsities
 
 
 def add_parser(sub):
@@ -35,6 +31,7 @@ def add_parser(sub):
     p.add_argument("--budget", type=float, default=None,
                    help="global targeted sparsity to allocate (default: the recipe's prune.sparsity)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<recipe name>-sensitivity)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out (its dense training)")
     p.set_defaults(func=run)
 
 
@@ -52,41 +49,20 @@ def sensitivity_table(sens, ratios=None) -> str:
 
 
 def run(args) -> int:
-
-
     recipe = load_recipe(args.recipe, args.overrides)
     sweep = parse_sparsities(args.sparsities) if args.sparsities else list(DEFAULT_SPARSITIES)
     budget = float(args.budget if args.budget is not None else recipe.prune.sparsity)
-    if not 0.0 < budget < 1.0:
-        raise RecipeError(f"--budget must be in (0, 1); got {budget}")
     out = Path(args.out or Path("runs") / f"{recipe.name}-sensitivity")
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(recipe.seed)
-    wl = build_workload(recipe)
-    spec, _ = validate_recipe(recipe, wl)
-    model, task = wl.model, wl.task
-    if recipe.model.checkpoint:
-        load_checkpoint(recipe.model.checkpoint, model)
-        print(f"loaded dense weights from {recipe.model.checkpoint}")
-    elif recipe.phase("dense").epochs > 0:
-        fit(model, task, wl.train_loader, wl.eval_loader, recipe.phase("dense"), desc="dense")
-        save_checkpoint(out / "dense", model, None, recipe=to_dict(recipe), extra={"stage": "dense"})
-        print(f"trained dense model, saved to {out / 'dense'} (reuse: --set model.checkpoint={out / 'dense'})")
-    model.eval()
-    sens = layer_sensitivity(model, lambda m: task.evaluate(m, wl.eval_loader), spec, sweep, metric=task.metric,
-                             log=print)
-    ratios = allocate_budget(sens, budget)
-    snippet = overrides_yaml(ratios, budget=budget, sens=sens)
-    png = sensitivity_curves(sens.curves, out / "sensitivity.png", metric=task.metric)
+    res, sens = run_sensitivity(recipe, out, sweep, budget, resume=args.resume)
+    ratios, metric = res["allocation"], res["metric"]
+    snippet = (out / "overrides.yaml").read_text()
+    png = sensitivity_curves(sens.curves, out / "sensitivity.png", metric=metric)
     table = sensitivity_table(sens, ratios)
-    md = (f"# Sensitivity: {recipe.name}\n\ndense {task.metric} {sens.dense_score:.4f}; drop = dense − pruned "
+    md = (f"# Sensitivity: {recipe.name}\n\ndense {metric} {sens.dense_score:.4f}; drop = dense − pruned "
           f"(each layer pruned alone, no retraining; structure {recipe.prune.structure}).\n\n{table}\n\n"
           f"Budget {budget}: allocated overall targeted sparsity {overall_sparsity(ratios, sens.numel):.4f}\n\n"
           f"```yaml\n{snippet}```\n\n![sensitivity](sensitivity.png)\n")
     atomic_write_text(out / "sensitivity.md", md)
-    atomic_write_text(out / "overrides.yaml", snippet)
-    atomic_write_json(out / "sensitivity.json", {**sens.to_dict(), "budget": budget, "allocation": ratios,
-                                                 "recipe": to_dict(recipe), "threads": torch.get_num_threads()})
     print(md)
     print(f"wrote {out / 'sensitivity.json'}, {png}, {out / 'sensitivity.md'}, {out / 'overrides.yaml'}")
     return 0

@@ -33,6 +33,10 @@ def add_parser(sub):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value by dotted key")
     p.add_argument("--out", default=None, help="output folder (default: runs/<recipe name>-shared)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --out from its newest good checkpoint (fresh start if none)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="also checkpoint every N optimizer steps (default: recipe key checkpoint_every)")
     p.set_defaults(func=run)
 
     s = sub.add_parser("shared-switch", help="load a level of a shared-weights artifact / switch between levels",
@@ -52,7 +56,8 @@ def run(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = Path(args.out or Path("runs") / f"{recipe.name}-shared")
-    res = run_shared(recipe, out, levels=args.levels, mode=args.mode, schedule=args.schedule)
+    res = run_shared(recipe, out, levels=args.levels, mode=args.mode, schedule=args.schedule, resume=args.resume,
+                     checkpoint_every=args.checkpoint_every)
     print(levels_table(res["levels"]))
     print(json.dumps({"out": str(out), "artifact": res["artifact"], "dense_score": res["dense_score"],
                       "breakeven_sparsity": round(res["breakeven"]["model_breakeven_sparsity"], 6)}, indent=2))

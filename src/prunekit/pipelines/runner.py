@@ -1,4 +1,8 @@
-"""The pipeline a recipe describes: dense → algorithm phase → hard-prune → retrain → results.
+"""The one runner: a run is a list of stages (:mod:`prunekit.pipelines.stages`) over a :class:`RunContext`.
+
+:func:`run_stages` alone owns the run state: the resolved recipe, checkpoints (``out_dir/state``), resume
+(finished stages skipped, the stage in progress restored), the results file.  :func:`run_pipeline` is the
+pipeline a recipe describes: dense → algorithm phase → hard-prune → retrain → results.
 
 ``run_pipeline(recipe, out_dir)`` writes into ``out_dir``::
 
@@ -11,7 +15,6 @@
 """
 from __future__ import annotations
 
-import math
 import os
 import platform
 import time
@@ -25,7 +28,7 @@ from torch import nn
 
 from prunekit.algorithms import get_algorithm_class
 from prunekit.training import distributed as D
-from prunekit.io.checkpoint import (CheckpointError, StateStore, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint)
+from prunekit.io.checkpoint import (CheckpointError, StateStore, atomic_write_json, atomic_write_text, save_checkpoint)
 from prunekit.pipelines.recipe import Recipe, from_dict, to_dict
 from prunekit.core.errors import RecipeError
 from prunekit.core.masks import MaskSet
@@ -35,17 +38,18 @@ from prunekit.core.targets import TargetSpec
 from prunekit.algorithms.hooks import Hook
 from prunekit.training.loop import NonFiniteLoss, fit, rng_state, seed_everything, set_rng_state
 from prunekit.pipelines.workloads import Workload, build_workload
+from prunekit.pipelines.stages import Dense, HardPrune, Retrain, Search, Stage
 from prunekit.core.targets import find_targets
 from prunekit.io.checkpoint import flatten_state
 import shutil
 import signal
-from prunekit.algorithms.distill import make_distiller
+from dataclasses import dataclass, field
 
-__all__ = ["Workload", "build_workload", "prune_spec_from", "run_pipeline", "ResumeError", "STATE_DIR", "KILL_ENV"]
+__all__ = ["Workload", "build_workload", "prune_spec_from", "validate_recipe", "machine_info", "run_pipeline",
+           "run_stages", "RunContext", "ResumeError", "STATE_DIR", "KILL_ENV"]
 
 STATE_DIR = "state"                          # out_dir/state/ckpt-NNNNNN: resumable run state
 KILL_ENV = "PRUNEKIT_TEST_KILL_AT_STEP"      # tests: SIGKILL self after this optimizer step ("N" or "phase:N")
-_STAGES = ("dense", "search", "retrain")
 _NOT_COMPARED = ("checkpoint_every",)        # recipe keys that may change between a run and its resume
 
 
@@ -63,15 +67,16 @@ def prune_spec_from(recipe: Recipe) -> PruneSpec:
         raise RecipeError(f"prune: {e}") from None
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def validate_recipe(recipe: Recipe, workload: Workload) -> tuple[PruneSpec, Any]:
-    """Checks that need the model: targets exist, overrides match, structure fits each target."""
+def validate_recipe(recipe: Recipe, workload: Workload, spec: PruneSpec | None = None) -> tuple[PruneSpec, Any]:
+    """Checks that need the model: targets exist, overrides match, structure fits each target.  Returns the
+    spec and the recipe's algorithm built for ``spec`` (default: the recipe's)."""
 
-    spec = prune_spec_from(recipe)
+    spec = spec or prune_spec_from(recipe)
     try:
         targets = find_targets(workload.model, spec.targets)
         plan = spec.layer_plan(targets)
@@ -116,12 +121,12 @@ class _TestKill(Hook):
     """``$PRUNEKIT_TEST_KILL_AT_STEP`` = ``N`` (optimizer steps counted over all phases of the run) or
     ``phase:N``: SIGKILL this process right after that step — deterministic crash for resume tests."""
 
-    def __init__(self, spec: str, offsets: dict[str, int]):
+    def __init__(self, spec: str, run: "RunContext"):
         phase, _, n = spec.rpartition(":")
-        self.phase, self.n, self.offsets = phase or None, int(n), offsets
+        self.phase, self.n, self.run = phase or None, int(n), run
 
     def after_step(self, ctx):
-        step = ctx.step if self.phase else self.offsets.get(ctx.phase, 0) + ctx.step
+        step = ctx.step if self.phase else self.run.steps_done + ctx.step
         if (self.phase is None or ctx.phase == self.phase) and step == self.n:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -140,12 +145,226 @@ def _recipe_diff(a: dict, b: dict, prefix="") -> list[str]:
     return out
 
 
-def _phase_steps(cfg, loader) -> int:
-    return int(math.ceil(cfg.epochs * len(loader)))
-
 
 def _model_state(model: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class RunContext:
+    """What the stages of a run share.  ``results`` (and ``masks``, the algorithm's state, ``steps_done``) are
+    saved in every checkpoint; ``dense`` (the dense weights, for a teacher or shared levels) and ``cache`` are
+    rebuilt on a resume (by :class:`~prunekit.pipelines.stages.Dense`'s ``skip`` and the stages themselves)."""
+
+    recipe: Recipe
+    resolved: dict
+    workload: Workload
+    spec: PruneSpec
+    algo: Any
+    out: Path
+    log: Callable[[str], None]
+    results: dict
+    store: StateStore
+    every: int = 0
+    is_main: bool = True
+    masks: MaskSet | None = None
+    dense: dict | None = None
+    cache: dict = field(default_factory=dict)
+    steps_done: int = 0                 # optimizer steps of the run's finished fits
+    stage: str = ""
+    fit_resume: dict | None = None      # the snapshot of the fit in progress (resume), used once
+    test_hooks: list = field(default_factory=list)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.workload.model
+
+    @property
+    def task(self):
+        return self.workload.task
+
+    def fit(self, cfg, *, desc: str, hooks=(), masks=None, model: nn.Module | None = None, **kw) -> dict:
+        """The stage's one training phase: checkpoints every ``every`` steps and epoch, resumes its snapshot."""
+        resume, self.fit_resume = self.fit_resume, None
+        r = fit(model if model is not None else self.model, self.task, self.workload.train_loader,
+                self.workload.eval_loader, cfg, hooks=[*hooks, *self.test_hooks], masks=masks, desc=desc,
+                resume=resume, checkpoint_every=self.every, on_checkpoint=self._on_checkpoint, **kw)
+        self.steps_done += r["steps"]
+        return r
+
+    def _on_checkpoint(self, make_snapshot) -> None:
+        if self.is_main:
+            self.save(make_snapshot())
+
+    def save(self, snap: dict | None = None) -> None:
+        """Checkpoint the run: at a stage start (``snap`` None: weights + RNG) or inside its fit."""
+        if not self.is_main:
+            return
+        body = {"stage": self.stage, "fit": snap, "recipe": self.resolved, "results": self.results,
+                "algo": self.algo.state_dict() if self.algo is not None else {}, "steps_done": self.steps_done,
+                "masks": self.masks.state_dict() if self.masks is not None else None}
+        if snap is None:
+            body["model"] = _model_state(self.model)
+            body["rng"] = rng_state(self.workload.train_loader)
+        step = self.steps_done + (snap["position"]["step"] if snap is not None else 0)
+        self.store.save(body, meta={"stage": self.stage, "step": step, "world_size": D.world_size()})
+
+    def restore(self, state: dict) -> None:
+        """Resume at the checkpoint's stage: results, masks, algorithm state, step count; at a stage start
+        the weights and RNG, inside a fit its snapshot (restored by the fit itself, after the hooks' begin)."""
+        self.results, self.steps_done = state["results"], int(state.get("steps_done", 0))
+        if self.algo is not None:
+            self.algo.load_state_dict(state["algo"])
+        if state["masks"] is not None:
+            self.masks = MaskSet()
+            self.masks.load_state_dict(state["masks"])
+        if state["fit"] is None:
+            self.model.load_state_dict(state["model"])
+            set_rng_state(state["rng"], self.workload.train_loader)
+        self.fit_resume = state["fit"]
+
+
+def _merge(results: dict, out: dict) -> None:
+    for k, v in out.items():
+        if k == "seconds":
+            secs = results.setdefault("seconds", {})
+            for name, sec in v.items():
+                secs[name] = secs.get(name, 0.0) + sec
+        elif k in ("metrics", "history") and isinstance(v, dict):
+            results.setdefault(k, {}).update(v)
+        else:
+            results[k] = v
+
+
+def _open_store(out: Path, resolved: dict, resume: bool, log) -> tuple[StateStore, dict | None]:
+    """The run state in ``out/state``: refused without ``resume``, or when the recipe differs."""
+    store = StateStore(out / STATE_DIR)
+    if not store.exists():
+        if resume:
+            log(f"nothing to resume in {out}; starting a fresh run")
+        return store, None
+    if not resume:
+        raise ResumeError(f"{out} holds an unfinished run ({len(store.checkpoints())} checkpoint(s) in "
+                          f"{store.root}); pass --resume to continue it, or pick another --out")
+    state, meta, path = store.load_latest(warn=log)
+    diff = _recipe_diff(resolved, state["recipe"])
+    if diff:
+        raise ResumeError(f"cannot resume {out}: the recipe differs from the one it was started with: "
+                          + "; ".join(diff[:8]) + " — rerun with the original recipe or pick another --out")
+    log(f"resuming from {path} (stage {state['stage']}, step {meta.get('step', 0)})")
+    state["results"].setdefault("resumed", []).append({"stage": state["stage"], "step": meta.get("step", 0),
+                                                       "checkpoint": str(path)})
+    return store, state
+
+
+def open_run(recipe: Recipe, out_dir, *, resolved: dict | None = None, resume: bool = False,
+             checkpoint_every: int | None = None, log: Callable[[str], None] = print,
+             spec: PruneSpec | None = None) -> tuple[RunContext, dict | None]:
+    """Start (or reopen) a run: state store, resolved ``recipe.yaml``, seeded workload, validated spec and
+    algorithm.  Returns the context and the checkpoint to resume (or None)."""
+    D.init_from_env()
+    is_main = D.rank() == 0
+    if not is_main:
+        log = lambda *_a, **_k: None  # noqa: E731
+    out = Path(out_dir)
+    resolved = resolved if resolved is not None else to_dict(recipe)
+    every = int(recipe.checkpoint_every if checkpoint_every is None else checkpoint_every)
+    if every < 0:
+        raise RecipeError(f"checkpoint_every: {every} is out of range (must be >= 0)")
+    store, state = _open_store(out, resolved, resume, log)
+    D.barrier()
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    seed_everything(recipe.seed)
+    wl = build_workload(recipe)
+    wl.train_loader = _resumable_loader(wl.train_loader, recipe.seed)
+    spec, algo = validate_recipe(recipe, wl, spec)
+    algo.calibration_loader = wl.train_loader   # post-training algorithms (wanda, sparsegpt, ...) sample it
+    ctx = RunContext(recipe, resolved, wl, spec, algo, out, log, {}, store, every=every, is_main=is_main)
+    if os.environ.get(KILL_ENV):
+        ctx.test_hooks = [_TestKill(os.environ[KILL_ENV], ctx)]
+    return ctx, state
+
+
+def run_stages(ctx: RunContext, stages: list[Stage], state: dict | None, *,
+               results_file: str = "results.json") -> dict:
+    """Run ``stages`` in order; on a resume skip those finished before the checkpoint's stage and restore it.
+    A stage that trains is preceded by a checkpoint (except the first).  At the end: ``seconds.total``,
+    ``out/results_file``, and the run state is removed."""
+    t_start = time.perf_counter()
+    names = [s.name for s in stages]
+    start = names.index(state["stage"]) if state is not None else 0
+    for i, st in enumerate(stages):
+        ctx.stage = st.name
+        if i < start:
+            st.skip(ctx)
+            continue
+        if i == start and state is not None:
+            ctx.restore(state)
+        elif st.trains and i > 0:
+            ctx.save()
+        try:
+            _merge(ctx.results, st.run(ctx) or {})
+        except NonFiniteLoss as e:
+            last = ctx.store.checkpoints()
+            where = (f"the last good checkpoint is {last[-1]} (read it with prunekit.io.checkpoint.load_state)"
+                     if last else "no checkpoint had been written yet")
+            raise NonFiniteLoss(f"{e}. Stopped; {where}") from None
+    ctx.results.setdefault("seconds", {})["total"] = (ctx.results.get("seconds", {}).get("total", 0.0)
+                                                      + time.perf_counter() - t_start)
+    if ctx.is_main:
+        atomic_write_json(ctx.out / results_file, ctx.results)
+        shutil.rmtree(ctx.store.root, ignore_errors=True)   # finished: the run state is no longer needed
+    D.barrier()
+    return ctx.results
+
+
+class Report(Stage):
+    """The pipeline's numbers (sparsity, compression, per-layer table, FLOPs, …) and the final checkpoint."""
+
+    name = "report"
+
+    def run(self, ctx: RunContext) -> dict:
+        recipe, model, masks, metric = ctx.recipe, ctx.model, ctx.masks, ctx.task.metric
+        res = ctx.results
+        summary = model_summary(model, masks, ctx.workload.example_input)
+        for layer in summary["layers"]:
+            layer["structure"] = masks.structures.get(layer["name"], layer["structure"])
+        out = {k: summary[k] for k in summary}
+        final = res["metrics"]["final"]
+        out.update({"score": final[metric], "dense_score": res["metrics"]["dense"][metric],
+                    "score_after_hard_prune": res["metrics"]["after_hard_prune"][metric],
+                    "retrain_selection": "best of the hard-pruned entry weights and each retraining epoch (dev metric)",
+                    "algorithm": recipe.algorithm.name, "structure": recipe.prune.structure,
+                    "target_sparsity": recipe.prune.sparsity, "machine": machine_info(),
+                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "algorithm_state_keys": sorted(ctx.algo.state_dict())})
+        if D.is_distributed():
+            out["distributed"] = _rank_digests(ctx)
+        if ctx.is_main:
+            save_checkpoint(ctx.out, model, masks, recipe=ctx.resolved,
+                            extra={"stage": "final", "metric": metric, "score": final[metric]})
+        return out
+
+
+def _rank_digests(ctx: RunContext) -> dict:
+    _, algo_tensors = flatten_state(ctx.algo.state_dict())
+    digest = D.tensor_digest({**{f"model.{k}": v for k, v in ctx.model.state_dict().items()},
+                              **{f"mask.{k}": v for k, v in ctx.masks.items()},
+                              **{f"algo.{k}": v for k, v in algo_tensors.items()}})
+    same, digests = D.all_equal(digest)
+    if not same:
+        ctx.log(f"warning: ranks ended with different weights/masks/algorithm state: {digests}")
+    return {"world_size": D.world_size(), "backend": str(torch.distributed.get_backend()),
+            "ranks_identical": same, "digests": digests}
+
+
+def pipeline_stages(recipe: Recipe, algo) -> list[Stage]:
+    """dense → the algorithm's search → hard-prune → retrain → report.  The dense weights are kept (the
+    teacher) when anything distils."""
+    keep = bool(recipe.distill) or callable(getattr(algo, "set_teacher", None))
+    return [Dense(keep=keep), Search(), HardPrune(), Retrain(), Report()]
 
 
 def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], None] = print, resume: bool = False,
@@ -158,185 +377,7 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
     (falling back to the previous one if the newest is corrupt) and ends with the same result as an
     uninterrupted run.  Without ``resume``, an ``out_dir`` holding an unfinished run is an error.
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains data-parallel; only rank 0 writes files."""
-    D.init_from_env()
-    is_main = D.rank() == 0
-    if not is_main:
-        log = lambda *_a, **_k: None  # noqa: E731
-    out = Path(out_dir)
-    store = StateStore(out / STATE_DIR)
-    resolved = to_dict(recipe)
-    every = int(recipe.checkpoint_every if checkpoint_every is None else checkpoint_every)
-    if every < 0:
-        raise RecipeError(f"checkpoint_every: {every} is out of range (must be >= 0)")
-    state = None
-    if store.exists():
-        if not resume:
-            raise ResumeError(f"{out} holds an unfinished run ({len(store.checkpoints())} checkpoint(s) in "
-                              f"{store.root}); pass --resume to continue it, or pick another --out")
-        loaded = store.load_latest(warn=log)
-        state, meta, path = loaded
-        diff = _recipe_diff(resolved, state["recipe"])
-        if diff:
-            raise ResumeError(f"cannot resume {out}: the recipe differs from the one it was started with: "
-                              + "; ".join(diff[:8]) + " — rerun with the original recipe or pick another --out")
-        log(f"resuming from {path} (stage {state['stage']}, step {meta.get('step', 0)})")
-    elif resume:
-        log(f"nothing to resume in {out}; starting a fresh run")
-    D.barrier()
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    seed_everything(recipe.seed)
-    t_start = time.perf_counter()
-    wl = build_workload(recipe)
-    wl.train_loader = _resumable_loader(wl.train_loader, recipe.seed)
-    spec, algo = validate_recipe(recipe, wl)
-    algo.calibration_loader = wl.train_loader   # post-training algorithms (wanda, sparsegpt, ...) sample it
-    model, task = wl.model, wl.task
-    metric = task.metric
-    if recipe.model.checkpoint:          # checked (names, shapes, checksums) before any training
-        load_checkpoint(recipe.model.checkpoint, model)
-        log(f"loaded dense weights from {recipe.model.checkpoint}")
-    if state is not None:
-        results = state["results"]
-        results.setdefault("resumed", []).append({"stage": state["stage"], "step": meta.get("step", 0),
-                                                  "checkpoint": str(path)})
-    else:
-        results = {"name": recipe.name, "metric": metric, "metrics": {}, "seconds": {}, "history": {},
-                   "workload": wl.info}
-    stage = state["stage"] if state is not None else "dense"
-    stage_i = _STAGES.index(stage)
-
-    dense_cfg, search_cfg, retrain_cfg = recipe.phase("dense"), recipe.phase("search"), recipe.phase("retrain")
-    train_dense = dense_cfg.epochs > 0 and not recipe.model.checkpoint
-    offsets = {"dense": 0, "search": _phase_steps(dense_cfg, wl.train_loader) if train_dense else 0}
-    offsets[algo.name] = offsets["search"]
-    offsets["retrain"] = offsets["search"] + (_phase_steps(search_cfg, wl.train_loader) if algo.has_search else 0)
-    test_hooks: list = [_TestKill(os.environ[KILL_ENV], offsets)] if os.environ.get(KILL_ENV) else []
-    masks: MaskSet | None = None
-
-    def save(stage_name: str, snap: dict | None, step: int) -> None:
-        if not is_main:
-            return
-        body = {"stage": stage_name, "fit": snap, "recipe": resolved, "results": results,
-                "algo": algo.state_dict(), "masks": masks.state_dict() if masks is not None else None}
-        if snap is None:
-            body["model"] = _model_state(model)
-            body["rng"] = rng_state(wl.train_loader)
-        store.save(body, meta={"stage": stage_name, "step": step, "world_size": D.world_size()})
-
-    def saver(stage_name: str, offset: int):
-        def on_checkpoint(make_snapshot):
-            if is_main:
-                snap = make_snapshot()
-                save(stage_name, snap, offset + snap["position"]["step"])
-        return on_checkpoint
-
-    def fit_resume(stage_name: str):
-        return state["fit"] if state is not None and state["stage"] == stage_name else None
-
-    def restore_boundary(stage_name: str) -> None:
-        """Resuming at a stage start (no fit in progress): weights, algorithm state, RNG."""
-        if state is not None and state["stage"] == stage_name and state["fit"] is None:
-            model.load_state_dict(state["model"])
-            set_rng_state(state["rng"], wl.train_loader)
-
-    try:
-        # 1. dense ---------------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        if stage_i == 0:
-            if train_dense:
-                r = fit(model, task, wl.train_loader, wl.eval_loader, dense_cfg, desc="dense", hooks=test_hooks,
-                        resume=fit_resume("dense"), checkpoint_every=every, on_checkpoint=saver("dense", 0))
-                results["history"]["dense"] = r["history"]
-                if is_main:
-                    save_checkpoint(out / "dense", model, None, recipe=resolved, extra={"stage": "dense"})
-            results["metrics"]["dense"] = task.evaluate(model, wl.eval_loader)
-            results["seconds"]["dense"] = time.perf_counter() - t0
-            log(f"dense {metric}: {results['metrics']['dense'][metric]:.4f}")
-        extra_hooks = []
-        if recipe.distill:
-            if stage_i > 0 and train_dense:   # the teacher is the dense model: reload it
-                load_checkpoint(out / "dense", model)
-            extra_hooks = [make_distiller(recipe.distill, model, task)]  # frozen copy of the dense model
-        if stage_i == 0:
-            save("search", None, offsets["search"])
-
-        # 2. algorithm phase -----------------------------------------------------------------------
-        t0 = time.perf_counter()
-        if stage_i <= 1:
-            restore_boundary("search")
-            if state is not None and state["stage"] == "search":
-                algo.load_state_dict(state["algo"])
-            if algo.has_search:
-                r = fit(model, task, wl.train_loader, wl.eval_loader, search_cfg, hooks=[algo, *extra_hooks, *test_hooks],
-                        masks=algo.masks_during_search(model), desc=f"{algo.name}", resume=fit_resume("search"),
-                        checkpoint_every=every, on_checkpoint=saver("search", offsets["search"]))
-                results["history"]["search"] = r["history"]
-            masks = algo.final_masks(model)
-            if D.is_distributed():       # identical by construction; rank 0's copy is authoritative
-                D.broadcast_state(dict(masks.items()))
-            masks.apply(model)
-            results["metrics"]["after_hard_prune"] = task.evaluate(model, wl.eval_loader)
-            results["seconds"]["search"] = time.perf_counter() - t0
-            log(f"after hard-prune ({masks.sparsity():.4f} sparsity): {results['metrics']['after_hard_prune'][metric]:.4f}")
-            save("retrain", None, offsets["retrain"])
-        else:
-            algo.load_state_dict(state["algo"])
-            masks = MaskSet()
-            masks.load_state_dict(state["masks"])
-            restore_boundary("retrain")
-
-        # 3. hard-pruned retraining ----------------------------------------------------------------
-        t0 = time.perf_counter()
-        if retrain_cfg.epochs > 0:
-            for h in extra_hooks:
-                getattr(h, "set_stage", lambda *_: None)("retrain")
-            r = fit(model, task, wl.train_loader, wl.eval_loader, retrain_cfg, hooks=[*extra_hooks, *test_hooks],
-                    masks=masks, desc="retrain", restore_best=True, resume=fit_resume("retrain"),
-                    baseline=results["metrics"]["after_hard_prune"],
-                    checkpoint_every=every, on_checkpoint=saver("retrain", offsets["retrain"]))
-            results["history"]["retrain"] = r["history"]
-    except NonFiniteLoss as e:
-        last = store.checkpoints()
-        where = (f"the last good checkpoint is {last[-1]} (read it with prunekit.io.checkpoint.load_state)"
-                 if last else "no checkpoint had been written yet")
-        raise NonFiniteLoss(f"{e}. Stopped; {where}") from None
-    final = task.evaluate(model, wl.eval_loader)
-    results["metrics"]["final"] = final
-    results["seconds"]["retrain"] = time.perf_counter() - t0
-    results["seconds"]["total"] = time.perf_counter() - t_start
-    log(f"final {metric}: {final[metric]:.4f}")
-
-    # 4. numbers + checkpoint --------------------------------------------------------------------
-    summary = model_summary(model, masks, wl.example_input)
-    for layer in summary["layers"]:
-        layer["structure"] = masks.structures.get(layer["name"], layer["structure"])
-    results.update({k: summary[k] for k in summary})
-    results["score"] = final[metric]
-    results["dense_score"] = results["metrics"]["dense"][metric]
-    results["score_after_hard_prune"] = results["metrics"]["after_hard_prune"][metric]
-    results["retrain_selection"] = "best of the hard-pruned entry weights and each retraining epoch (dev metric)"
-    results["algorithm"] = recipe.algorithm.name
-    results["structure"] = recipe.prune.structure
-    results["target_sparsity"] = recipe.prune.sparsity
-    results["machine"] = _machine()
-    results["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    results["algorithm_state_keys"] = sorted(algo.state_dict())
-    if D.is_distributed():
-        _, algo_tensors = flatten_state(algo.state_dict())
-        digest = D.tensor_digest({**{f"model.{k}": v for k, v in model.state_dict().items()},
-                                  **{f"mask.{k}": v for k, v in masks.items()},
-                                  **{f"algo.{k}": v for k, v in algo_tensors.items()}})
-        same, digests = D.all_equal(digest)
-        results["distributed"] = {"world_size": D.world_size(), "backend": str(torch.distributed.get_backend()),
-                                  "ranks_identical": same, "digests": digests}
-        if not same:
-            log(f"warning: ranks ended with different weights/masks/algorithm state: {digests}")
-    if is_main:
-        save_checkpoint(out, model, masks, recipe=resolved,
-                        extra={"stage": "final", "metric": metric, "score": final[metric]})
-        atomic_write_json(out / "results.json", results)
-        shutil.rmtree(store.root, ignore_errors=True)   # finished: the run state is no longer needed
-    D.barrier()
-    return results
+    ctx, state = open_run(recipe, out_dir, resume=resume, checkpoint_every=checkpoint_every, log=log)
+    ctx.results = {"name": recipe.name, "metric": ctx.task.metric, "metrics": {}, "seconds": {}, "history": {},
+                   "workload": ctx.workload.info}
+    return run_stages(ctx, pipeline_stages(recipe, ctx.algo), state)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
@@ -19,15 +18,12 @@ from prunekit.pipelines.recipe import from_dict
 import dataclasses as _dc
 from prunekit.training.config import TrainConfig
 from prunekit.core.errors import RecipeError
-import yaml
 from datetime import datetime, timezone
 from prunekit.algorithms import get_algorithm_class
-from prunekit.io.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from prunekit.pipelines.recipe import to_dict
-from prunekit.pipelines.runner import _machine, validate_recipe
-from prunekit.pipelines.workloads import build_workload
-from prunekit.training.loop import seed_everything
-import copy
+from prunekit.pipelines.runner import machine_info, open_run, prune_spec_from, run_stages
+from prunekit.pipelines.stages import (Dense, HardPrune, JointBase, JointLevelsStage, Retrain, Search, SharedLevel,
+                                       Stage, level_nested)
 
 
 def train_sequential(model: nn.Module, task, train_loader, eval_loader, spec: PruneSpec,
@@ -185,101 +181,82 @@ def _phase_over(recipe, base: str, over: dict, key: str):
     return from_dict(TrainConfig, cfg, key)
 
 
+def shared_stages(recipe, sc: SharedConfig, levels: Sequence[float]) -> list:
+    """dense → (sequential) the algorithm's search, hard-prune and retraining of the sparsest level, one stage per
+    denser level | (joint) the algorithm's search on the dense model, joint training → the levels' report."""
+    if sc.mode == "sequential":
+        level_cfg = _phase_over(recipe, "retrain", sc.level_train, "extra.shared.level_train")
+        return [Dense(keep=True, evaluate=True), Search(desc=None, history_key="level0_search", seconds_key="level0"),
+                HardPrune(evaluate=False, seconds_key="level0"),
+                Retrain(desc="L0 retrain", history_key="level0_retrain", seconds_key="level0", final=False),
+                *[SharedLevel(k, level_cfg) for k in range(1, len(levels))], SharedReport(sc)]
+    joint_cfg = _phase_over(recipe, "retrain", sc.joint_train, "extra.shared.joint_train")
+    return [Dense(keep=True, evaluate=True), Search(seconds_key="joint_search"), JointBase(),
+            JointLevelsStage(joint_cfg, sc.schedule), SharedReport(sc)]
+
+
+class SharedReport(Stage):
+    """Per-level evaluation (loaded in place), switch costs, latency, breakeven → ``shared.safetensors``."""
+
+    name = "shared_report"
+
+    def __init__(self, sc: SharedConfig):
+        self.sc = sc
+
+    def run(self, ctx) -> dict:
+        model, task, metric, lv = ctx.model, ctx.task, ctx.task.metric, ctx.cache["levels"]
+        nested = level_nested(ctx) if self.sc.mode == "sequential" else ctx.cache["nested"]
+        params = dict(model.named_parameters())
+        values = {n: params[n].detach().clone() for n in nested.names()}
+        dtypes = {n: params[n].dtype for n in nested.names()}
+        other = sum(p.numel() * p.element_size() for n, p in params.items() if n not in dtypes)
+        costs = {(c["from"], c["to"]): c for c in switch_table(nested, dtypes, other_bytes=other)}
+        full = sum(p.numel() * p.element_size() for p in params.values())   # every parameter, dense
+        swm = SharedWeightsModel(model, nested, values, level=len(nested) - 1)
+        rows, dense_score = [], ctx.results["dense_score"]
+        for k in range(len(nested)):
+            rec = swm.switch(k)
+            m = task.evaluate(model, ctx.workload.eval_loader)
+            prev = costs.get((k - 1, k))
+            rows.append({"level": k, "target_sparsity": lv[k], "sparsity": nested[k].sparsity(), "metric": metric,
+                         "score": m[metric], "switch_bytes_from_previous": prev["switch_bytes"] if prev else None,
+                         "switch_index_bytes_from_previous": prev["index_bytes"] if prev else None,
+                         "full_rewrite_bytes": full,
+                         "latency_ms": forward_latency_ms(model, ctx.workload.example_input, self.sc.latency_batch),
+                         "inplace_switch_bytes_written": rec.bytes_written if k else None, "dense_score": dense_score})
+            ctx.log(f"level {k}: sparsity {rows[-1]['sparsity']:.4f} {metric} {m[metric]:.4f}")
+        swm.switch(len(nested) - 1)
+        info = [{"level": r["level"], "target_sparsity": r["target_sparsity"], "sparsity": r["sparsity"],
+                 metric: r["score"]} for r in rows]
+        path = ctx.out / "shared.safetensors"
+        if ctx.is_main:
+            save_shared(path, model, nested, levels_info=info,
+                        extra={"recipe": ctx.resolved, "metric": metric, "dense_score": dense_score})
+        return {"levels": rows,
+                "switch_matrix": [{k: v for k, v in c.items() if k != "encodings"} for c in costs.values()],
+                "switch_encodings": {f"{a}->{b}": c["encodings"] for (a, b), c in costs.items()},
+                "breakeven": {k: v for k, v in breakeven_report(model, nested).items() if k != "per_tensor"},
+                "algorithm": ctx.recipe.algorithm.name, "structure": ctx.recipe.prune.structure,
+                "machine": machine_info(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "artifact": str(path), "artifact_bytes": path.stat().st_size if path.exists() else None}
+
+
 def run_shared(recipe, out_dir: str | os.PathLike, *, levels: Sequence[float] | None = None, mode: str | None = None,
-               schedule: str | None = None, log: Callable[[str], None] = print) -> dict:
+               schedule: str | None = None, log: Callable[[str], None] = print, resume: bool = False,
+               checkpoint_every: int | None = None) -> dict:
     """dense (train or ``model.checkpoint``) → nested levels (sequential or joint) → per-level evaluation,
     switch-cost table, breakeven → ``out_dir/shared.safetensors`` (the one artifact), ``results.json``,
-    ``recipe.yaml``.  Returns the results dict."""
-
+    ``recipe.yaml``.  Run by :func:`~prunekit.pipelines.runner.run_stages`: checkpointed, ``resume`` continues
+    an interrupted run.  Returns the results dict."""
     sc = shared_config(recipe, levels, mode, schedule)
     lv = sorted_levels(sc.levels)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     resolved = to_dict(recipe)
     resolved["extra"] = {**resolved.get("extra", {}), "shared": to_dict(sc)}
-    atomic_write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    seed_everything(recipe.seed)
-    t_start = time.perf_counter()
-    wl = build_workload(recipe)
-    spec, _ = validate_recipe(recipe, wl)
-    model, task = wl.model, wl.task
-    metric = task.metric
-    res: dict[str, Any] = {"name": recipe.name, "metric": metric, "mode": sc.mode, "levels_requested": lv,
-                           "workload": wl.info, "seconds": {}, "history": {}}
-    t0 = time.perf_counter()
-    if recipe.model.checkpoint:
-        load_checkpoint(recipe.model.checkpoint, model)
-        log(f"loaded dense weights from {recipe.model.checkpoint}")
-    else:
-        dense_cfg = recipe.phase("dense")
-        if dense_cfg.epochs > 0:
-            r = fit(model, task, wl.train_loader, wl.eval_loader, dense_cfg, desc="dense")
-            res["history"]["dense"] = r["history"]
-            save_checkpoint(out / "dense", model, None, recipe=resolved, extra={"stage": "dense"})
-    dense_metrics = task.evaluate(model, wl.eval_loader)
-    res["dense_score"] = dense_metrics[metric]
-    res["seconds"]["dense"] = time.perf_counter() - t0
-    log(f"dense {metric}: {dense_metrics[metric]:.4f}")
-
-    spec0 = _spec_at(spec, lv[0])
-    cls = get_algorithm_class(recipe.algorithm.name)
-    algo = cls(from_dict(cls.Params, recipe.algorithm.params, "algorithm.params"), spec0)
-    if sc.mode == "sequential":
-        r = train_sequential(model, task, wl.train_loader, wl.eval_loader, spec, lv, algorithm=algo,
-                             search_cfg=recipe.phase("search"), retrain_cfg=recipe.phase("retrain"),
-                             level_cfg=_phase_over(recipe, "retrain", sc.level_train, "extra.shared.level_train"),
-                             log=log)
-    else:
-        base = None
-        if algo.has_search:   # the algorithm picks the sparsest level's mask on a copy of the dense model
-            m2 = copy.deepcopy(model)
-            fit(m2, task, wl.train_loader, wl.eval_loader, recipe.phase("search"), hooks=[algo],
-                masks=algo.masks_during_search(m2), desc=f"L0 {algo.name}")
-            base = algo.final_masks(m2)
-            del m2
-        r = train_joint(model, task, wl.train_loader, wl.eval_loader, spec, lv,
-                        _phase_over(recipe, "retrain", sc.joint_train, "extra.shared.joint_train"),
-                        schedule=sc.schedule, base=base, seed=recipe.seed, log=log)
-        res["steps_per_level"] = r["steps_per_level"]
-    nested, values = r["nested"], r["dense_values"]
-    res["history"].update(r["history"])
-    res["seconds"].update(r["seconds"])
-
-    # per-level evaluation, switching, latency ------------------------------------------------------
-    params = dict(model.named_parameters())
-    dtypes = {n: params[n].dtype for n in nested.names()}
-    other = sum(p.numel() * p.element_size() for n, p in params.items() if n not in dtypes)
-    costs = {(c["from"], c["to"]): c for c in switch_table(nested, dtypes, other_bytes=other)}
-    full = sum(p.numel() * p.element_size() for p in params.values())   # every parameter, dense
-    swm = SharedWeightsModel(model, nested, values, level=len(nested) - 1)
-    rows = []
-    for k in range(len(nested)):
-        rec = swm.switch(k)
-        m = task.evaluate(model, wl.eval_loader)
-        prev = costs.get((k - 1, k))
-        rows.append({"level": k, "target_sparsity": lv[k], "sparsity": nested[k].sparsity(), "metric": metric,
-                     "score": m[metric], "switch_bytes_from_previous": prev["switch_bytes"] if prev else None,
-                     "switch_index_bytes_from_previous": prev["index_bytes"] if prev else None,
-                     "full_rewrite_bytes": full,
-                     "latency_ms": forward_latency_ms(model, wl.example_input, sc.latency_batch),
-                     "inplace_switch_bytes_written": rec.bytes_written if k else None,
-                     "dense_score": dense_metrics[metric]})
-        log(f"level {k}: sparsity {rows[-1]['sparsity']:.4f} {metric} {m[metric]:.4f}")
-    swm.switch(len(nested) - 1)
-    res["levels"] = rows
-    res["switch_matrix"] = [{k: v for k, v in c.items() if k != "encodings"} for c in costs.values()]
-    res["switch_encodings"] = {f"{a}->{b}": c["encodings"] for (a, b), c in costs.items()}
-    res["breakeven"] = {k: v for k, v in breakeven_report(model, nested).items() if k != "per_tensor"}
-    res["algorithm"] = recipe.algorithm.name
-    res["structure"] = recipe.prune.structure
-    res["machine"] = _machine()
-    res["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    info = [{"level": r_["level"], "target_sparsity": r_["target_sparsity"], "sparsity": r_["sparsity"],
-             metric: r_["score"]} for r_ in rows]
-    save_shared(out / "shared.safetensors", model, nested, levels_info=info,
-                extra={"recipe": resolved, "metric": metric, "dense_score": dense_metrics[metric]})
-    res["artifact"] = str(out / "shared.safetensors")
-    res["artifact_bytes"] = (out / "shared.safetensors").stat().st_size
-    res["seconds"]["total"] = time.perf_counter() - t_start
-    atomic_write_json(out / "results.json", res)
-    return res
+    spec = prune_spec_from(recipe)
+    ctx, state = open_run(recipe, out_dir, resolved=resolved, resume=resume, checkpoint_every=checkpoint_every,
+                          log=log, spec=_spec_at(spec, lv[0]))
+    ctx.spec = spec                  # the levels' spec; the algorithm is built for the sparsest level
+    ctx.cache["levels"] = lv
+    ctx.results = {"name": recipe.name, "metric": ctx.task.metric, "mode": sc.mode, "levels_requested": lv,
+                   "workload": ctx.workload.info, "seconds": {}, "history": {}}
+    return run_stages(ctx, shared_stages(recipe, sc, lv), state)

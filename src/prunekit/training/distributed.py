@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["is_distributed", "rank", "world_size", "init_from_env", "barrier", "average_gradients", "ShardedBatchSampler",
-           "broadcast_state", "all_equal", "tensor_digest", "ResumableSampler", "any_flag"]
+           "broadcast_state", "all_equal", "tensor_digest", "ResumableSampler"]
 
 
 def is_distributed() -> bool:
@@ -65,15 +65,6 @@ def shutdown() -> None:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
-
-
-def any_flag(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank."""
-    if not is_distributed():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
 
 
 def average_gradients(params: Iterable[nn.Parameter], local_weight: float, nonfinite: bool = False) -> bool:

@@ -20,7 +20,8 @@ import os
 import random
 import sys
 import time
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -132,9 +133,207 @@ def _params_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def _weights_copy(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _prepare_batch(batch):
+    """Where a batch enters the step (the one place for device transfer)."""
+    return batch
+
+
+@dataclass
+class _Loop:
+    """Everything ``fit`` carries from step to step (and into a snapshot)."""
+
+    model: nn.Module
+    task: Any
+    loader: Iterable
+    eval_loader: Iterable | None
+    cfg: TrainConfig
+    hooks: list
+    masks: MaskSet | None
+    desc: str
+    restore_best: bool
+    ctx: TrainContext
+    opt: torch.optim.Optimizer
+    sched: Any
+    total: int
+    history: list = field(default_factory=list)
+    best: dict | None = None
+    best_state: dict | None = None
+    bad_evals: int = 0
+    stopped: bool = False
+    start_epoch: int = 0
+    skip: int = 0
+    batch_i: int = 0
+    epoch_start_rng: dict | None = None
+
+    def snapshot(self) -> dict:
+        ctx = self.ctx
+        return {"model": _weights_copy(self.model),
+                "masks": self.masks.state_dict() if self.masks is not None else None,
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "hooks": _hook_states(self.hooks), "rng": rng_state(self.loader),
+                "epoch_start_rng": self.epoch_start_rng,
+                "position": {"step": ctx.step, "epoch": ctx.epoch, "batch": self.batch_i},
+                "history": self.history, "best": self.best, "bad_evals": self.bad_evals,
+                "best_state": self.best_state, "stopped": self.stopped, "phase": self.desc}
+
+    def restore(self, resume: dict) -> None:
+        """The one restore of a snapshot — after the hooks' ``begin`` (which built their structures)."""
+        _load_hook_states(self.hooks, resume["hooks"])
+        if self.masks is not None and resume.get("masks") is not None:
+            self.masks.load_state_dict(resume["masks"])
+        self.model.load_state_dict(resume["model"])
+        if self.ctx.hard_prune is not None:
+            self.ctx.hard_prune.refresh()
+        self.opt.load_state_dict(resume["optimizer"])
+        self.sched.load_state_dict(resume["scheduler"])
+        pos = resume["position"]
+        self.ctx.step, self.ctx.epoch = int(pos["step"]), int(pos["epoch"])
+        self.start_epoch, self.skip = int(pos["epoch"]), int(pos["batch"])
+        self.history, self.best, self.bad_evals = list(resume["history"]), resume["best"], int(resume["bad_evals"])
+        self.best_state = resume.get("best_state")
+        self.stopped = bool(resume.get("stopped", False))
+
+
+def _start(model, task, train_loader, eval_loader, cfg, hooks, masks, desc, restore_best, resume, baseline) -> _Loop:
+    """Optimizer, schedule, hard-prune, hooks' ``begin``; then a resume snapshot (once) or the baseline."""
+    steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    total = int(math.ceil(cfg.epochs * steps_per_epoch))
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, total)
+    hp = masks.attach(model, opt) if masks is not None and len(masks) else None
+    ctx = TrainContext(model, opt, masks, hp, task, total_steps=total, steps_per_epoch=steps_per_epoch, phase=desc)
+    for h in hooks:
+        h.begin(ctx)
+    lp = _Loop(model, task, train_loader, eval_loader, cfg, list(hooks), masks, desc, restore_best, ctx, opt, sched,
+               total)
+    if resume is not None:
+        lp.restore(resume)
+    elif baseline is not None and task.metric in baseline:
+        lp.best = {**baseline, "epoch": 0}
+        if restore_best:
+            lp.best_state = _weights_copy(model)
+    return lp
+
+
+def _checkpoint(lp: _Loop, on_checkpoint) -> None:
+    if on_checkpoint is None:
+        return
+    if not _params_finite(lp.model):
+        raise NonFiniteLoss(f"{lp.desc}: weights became NaN/inf at step {lp.ctx.step}; not checkpointed — the "
+                            "last good checkpoint is kept; lower the learning rate or the penalty")
+    on_checkpoint(lp.snapshot)
+
+
+def _epoch_iter(lp: _Loop, epoch: int, resume: dict | None):
+    """The epoch's batches; the first epoch of a resume replays its RNG and skips the batches done."""
+    first = resume is not None and epoch == lp.start_epoch
+    skip = lp.skip if first else 0
+    if first:
+        set_rng_state(resume.get("epoch_start_rng") or resume["rng"], lp.loader)
+    lp.epoch_start_rng = rng_state(lp.loader)
+    batches = _epoch_batches(lp.loader, epoch, skip)
+    if first:
+        set_rng_state(resume["rng"], lp.loader)
+    lp.batch_i = skip
+    return batches
+
+
+def _train_step(lp: _Loop, batch, epoch: int, distributed: bool) -> torch.Tensor:
+    """Forward (task loss + hooks' extra losses), backward, gradient averaging, clip, optimizer step."""
+    ctx, desc = lp.ctx, lp.desc
+    batch = _prepare_batch(batch)
+    loss, outputs = lp.task.step(lp.model, batch)
+    for h in lp.hooks:
+        extra = h.extra_loss(ctx, batch, outputs)
+        if extra is not None:
+            loss = loss + extra
+    finite = bool(torch.isfinite(loss))
+    msg = "" if finite else (f"{desc}: loss is not finite ({float(loss.detach())}) at step {ctx.step} (epoch {epoch}); "
+                             "lower the learning rate or the penalty")
+    if not finite and not distributed:
+        raise NonFiniteLoss(msg)
+    lp.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if distributed:
+        n_local = float(lp.task.batch_size(batch)) if hasattr(lp.task, "batch_size") else 1.0
+        if D.average_gradients(lp.model.parameters(), n_local, nonfinite=not finite):
+            raise NonFiniteLoss(msg or f"{desc}: loss is not finite on another rank at step {ctx.step}; "
+                                       "lower the learning rate or the penalty")
+    if lp.cfg.grad_clip:
+        nn.utils.clip_grad_norm_(lp.model.parameters(), lp.cfg.grad_clip)
+    lp.opt.step()   # hard-prune re-masks here via the optimizer's post-step hook
+    lp.sched.step()
+    ctx.step += 1
+    lp.batch_i += 1
+    for h in lp.hooks:
+        h.after_step(ctx)
+    return loss
+
+
+def _evaluate(lp: _Loop, bar) -> None:
+    """Evaluate, keep the best (and its weights with ``restore_best``), count evaluations without gain."""
+    ctx, task = lp.ctx, lp.task
+    metrics = task.evaluate(lp.model, lp.eval_loader)
+    metrics["epoch"] = ctx.epoch
+    lp.history.append(metrics)
+    if lp.best is None or metrics[task.metric] > lp.best[task.metric]:
+        lp.best, lp.bad_evals = dict(metrics), 0
+        if lp.restore_best:
+            lp.best_state = _weights_copy(lp.model)
+    else:
+        lp.bad_evals += 1
+    line = f"[{lp.desc}] epoch {ctx.epoch:g}: " + ", ".join(
+        f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    if _progress_disabled():   # no bar (log file, CI): still one line per evaluation
+        print(line, file=sys.stderr, flush=True)
+    else:
+        bar.write(line)
+
+
+def _end_epoch(lp: _Loop, epoch: int, n_epochs: int, bar, on_checkpoint) -> None:
+    ctx = lp.ctx
+    ctx.epoch = epoch + 1
+    lp.batch_i = 0
+    lp.epoch_start_rng = None
+    for h in lp.hooks:
+        h.epoch_end(ctx)
+    last = ctx.epoch == n_epochs
+    if lp.eval_loader is not None and (ctx.epoch % lp.cfg.eval_every == 0 or last):
+        _evaluate(lp, bar)
+    lp.stopped = bool(lp.cfg.patience and lp.bad_evals >= lp.cfg.patience)
+    if not last:
+        _checkpoint(lp, on_checkpoint)
+
+
+def _run_epochs(lp: _Loop, resume, checkpoint_every: int, on_checkpoint, bar) -> None:
+    ctx, total = lp.ctx, lp.total
+    distributed = D.is_distributed()
+    n_epochs = int(math.ceil(lp.cfg.epochs)) if total else 0
+    lp.model.train()
+    for epoch in range(lp.start_epoch, n_epochs):
+        if lp.stopped:
+            break
+        for batch in _epoch_iter(lp, epoch, resume):
+            if ctx.step >= total:
+                break
+            loss = _train_step(lp, batch, epoch, distributed)
+            bar.update(1)
+            if ctx.step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if (checkpoint_every and ctx.step % checkpoint_every == 0 and ctx.step < total
+                    and lp.batch_i < ctx.steps_per_epoch):
+                _checkpoint(lp, on_checkpoint)
+        _end_epoch(lp, epoch, n_epochs, bar, on_checkpoint)
+        if lp.stopped:
+            break
+
+
 def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | None, cfg: TrainConfig, *,
         hooks: list[Hook] = (), masks: MaskSet | None = None, desc: str = "train",
-        on_epoch_end: Callable[[TrainContext, dict], None] | None = None,
         restore_best: bool = False, baseline: dict | None = None, resume: dict | None = None, checkpoint_every: int = 0,
         on_checkpoint: Callable[[Callable[[], dict]], None] | None = None) -> dict:
     """Train ``model`` per ``cfg``; returns ``{"history": [...], "best": metrics, "steps": n, "seconds": s}``.
@@ -148,161 +347,25 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
     Resume: ``on_checkpoint(make_snapshot)`` is called after every ``checkpoint_every`` optimizer steps
     and after every epoch; ``make_snapshot()`` returns a plain dict of tensors/numbers (model, masks,
     optimizer, LR scheduler, hook/algorithm states, every RNG, position in the data order, history).
-    Passing that dict back as ``resume=`` continues exactly where it was taken (bitwise on CPU).
+    Passing that dict back as ``resume=`` continues exactly where it was taken (bitwise on CPU).  The
+    snapshot is restored once, after the hooks' ``begin`` (an algorithm builds its structures from the
+    model it is given; the snapshot then overwrites them) — so the model passed in on a resume is the one
+    the phase started from (e.g. the dense teacher of a distillation), not the snapshot's.
 
     Data-parallel: when ``torch.distributed`` is initialised with several ranks, gradients are
     averaged across ranks after ``backward`` (see :mod:`prunekit.training.distributed`)."""
-
-    steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
-    total = int(math.ceil(cfg.epochs * steps_per_epoch))
-    opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg, total)
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        if masks is not None and resume.get("masks") is not None:
-            masks.load_state_dict(resume["masks"])
-        _load_hook_states(hooks, resume["hooks"])
-    hp = masks.attach(model, opt) if masks is not None and len(masks) else None
-    ctx = TrainContext(model, opt, masks, hp, task, total_steps=total, steps_per_epoch=steps_per_epoch, phase=desc)
-    for h in hooks:
-        h.begin(ctx)
-    history: list[dict] = []
-    best: dict | None = None
-    best_state = None
-    bad_evals = 0
-    stopped = False
-    start_epoch, skip = 0, 0
-
-    def weights_copy() -> dict:
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    if resume is None and baseline is not None and task.metric in baseline:   # a resume brings its own best
-        best = {**baseline, "epoch": 0}
-        if restore_best:
-            best_state = weights_copy()
-    if resume is not None:   # begin() may have (re)initialised things: restore over it
-        _load_hook_states(hooks, resume["hooks"])
-        if masks is not None and resume.get("masks") is not None:
-            masks.load_state_dict(resume["masks"])
-        model.load_state_dict(resume["model"])
-        if hp is not None:
-            hp.refresh()
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        pos = resume["position"]
-        ctx.step, ctx.epoch = int(pos["step"]), int(pos["epoch"])
-        start_epoch, skip = int(pos["epoch"]), int(pos["batch"])
-        history, best, bad_evals = list(resume["history"]), resume["best"], int(resume["bad_evals"])
-        best_state = resume.get("best_state")
-        stopped = bool(resume.get("stopped", False))
-    distributed = D.is_distributed()
+    lp = _start(model, task, train_loader, eval_loader, cfg, hooks, masks, desc, restore_best, resume, baseline)
     t0 = time.perf_counter()
-    n_epochs = int(math.ceil(cfg.epochs)) if total else 0
-    bar = tqdm(total=total, initial=ctx.step, desc=desc, disable=_progress_disabled(), dynamic_ncols=True, leave=False)
-    epoch_start_rng = None
-    batch_i = 0
-
-    def snapshot() -> dict:
-        return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                "masks": masks.state_dict() if masks is not None else None,
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "hooks": _hook_states(hooks),
-                "rng": rng_state(train_loader), "epoch_start_rng": epoch_start_rng,
-                "position": {"step": ctx.step, "epoch": ctx.epoch, "batch": batch_i},
-                "history": history, "best": best, "bad_evals": bad_evals, "best_state": best_state,
-                "stopped": stopped, "phase": desc}
-
-    def checkpoint() -> None:
-        if on_checkpoint is None:
-            return
-        if not _params_finite(model):
-            raise NonFiniteLoss(f"{desc}: weights became NaN/inf at step {ctx.step}; not checkpointed — the "
-                                "last good checkpoint is kept; lower the learning rate or the penalty")
-        on_checkpoint(snapshot)
-
+    bar = tqdm(total=lp.total, initial=lp.ctx.step, desc=desc, disable=_progress_disabled(), dynamic_ncols=True,
+               leave=False)
     try:
-        model.train()
-        for epoch in range(start_epoch, n_epochs):
-            if stopped:
-                break
-            first = resume is not None and epoch == start_epoch
-            skip_b = skip if first else 0
-            if first:
-                ck_rng = resume["rng"]
-                set_rng_state(resume.get("epoch_start_rng") or ck_rng, train_loader)
-            epoch_start_rng = rng_state(train_loader)
-            batches = _epoch_batches(train_loader, epoch, skip_b)
-            if first:
-                set_rng_state(ck_rng, train_loader)
-            batch_i = skip_b
-            for batch in batches:
-                if ctx.step >= total:
-                    break
-                loss, outputs = task.step(model, batch)
-                for h in hooks:
-                    extra = h.extra_loss(ctx, batch, outputs)
-                    if extra is not None:
-                        loss = loss + extra
-                finite = bool(torch.isfinite(loss))
-                msg = "" if finite else (f"{desc}: loss is not finite ({float(loss.detach())}) at step {ctx.step} (epoch {epoch}); "
-                                         "lower the learning rate or the penalty")
-                if not finite and not distributed:
-                    raise NonFiniteLoss(msg)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if distributed:
-                    n_local = float(task.batch_size(batch)) if hasattr(task, "batch_size") else 1.0
-                    if D.average_gradients(model.parameters(), n_local, nonfinite=not finite):
-                        raise NonFiniteLoss(msg or f"{desc}: loss is not finite on another rank at step {ctx.step}; lower the learning rate or the penalty")
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()   # hard-prune re-masks here via the optimizer's post-step hook
-                sched.step()
-                ctx.step += 1
-                batch_i += 1
-                for h in hooks:
-                    h.after_step(ctx)
-                bar.update(1)
-                if ctx.step % 20 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                if checkpoint_every and ctx.step % checkpoint_every == 0 and ctx.step < total and batch_i < steps_per_epoch:
-                    checkpoint()
-            ctx.epoch = epoch + 1
-            batch_i = 0
-            epoch_start_rng = None
-            for h in hooks:
-                h.epoch_end(ctx)
-            last = ctx.epoch == n_epochs
-            metrics: dict = {}
-            if eval_loader is not None and (ctx.epoch % cfg.eval_every == 0 or last):
-                metrics = task.evaluate(model, eval_loader)
-                metrics["epoch"] = ctx.epoch
-                history.append(metrics)
-                score = metrics[task.metric]
-                if best is None or score > best[task.metric]:
-                    best, bad_evals = dict(metrics), 0
-                    if restore_best:
-                        best_state = weights_copy()
-                else:
-                    bad_evals += 1
-                line = f"[{desc}] epoch {ctx.epoch:g}: " + ", ".join(
-                    f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-                if _progress_disabled():   # no bar (log file, CI): still one line per evaluation
-                    print(line, file=sys.stderr, flush=True)
-                else:
-                    bar.write(line)
-            if on_epoch_end is not None:
-                on_epoch_end(ctx, metrics)
-            stopped = bool(cfg.patience and bad_evals >= cfg.patience)
-            if not last:
-                checkpoint()
-            if stopped:
-                break
+        _run_epochs(lp, resume, checkpoint_every, on_checkpoint, bar)
     finally:
         bar.close()
-        if hp is not None:
-            hp.detach()
-    if restore_best and best_state is not None:
-        model.load_state_dict(best_state)
+        if lp.ctx.hard_prune is not None:
+            lp.ctx.hard_prune.detach()
+    if restore_best and lp.best_state is not None:
+        model.load_state_dict(lp.best_state)
         if masks is not None and len(masks):
             masks.apply(model)
-    return {"history": history, "best": best, "steps": ctx.step, "seconds": time.perf_counter() - t0}
+    return {"history": lp.history, "best": lp.best, "steps": lp.ctx.step, "seconds": time.perf_counter() - t0}
