@@ -24,6 +24,7 @@ class TrainContext:
     steps_per_epoch: int = 0
     phase: str = ""
     state: dict = field(default_factory=dict)
+    loss: Tensor | None = None    # the last step's total loss (detached), set before ``after_step``
 
 
 class Hook:
@@ -37,3 +38,5 @@ class Hook:
     def after_step(self, ctx: TrainContext) -> None: ...
 
     def epoch_end(self, ctx: TrainContext) -> None: ...
+
+    def evaluated(self, ctx: TrainContext, metrics: dict) -> None: ...

@@ -141,16 +141,17 @@ def compute_masks(model: nn.Module, spec: PruneSpec, sparsity: float | None = No
             raise ValueError("global scope needs one group structure (unstructured/row/column/block) for all targets")
         st = next(iter(plan.values()))[0]
         scores, sizes = [], []
-        for n in plan:
-            w = params[n].detach()
-            scores.append(st.scores(w, imp.get(n, spec.score)))
+        for n in plan:     # on the CPU: one global ranking over tensors that may live on an accelerator
+            w = params[n].detach().cpu()
+            how = imp.get(n, spec.score)
+            scores.append(st.scores(w, how.detach().cpu() if isinstance(how, Tensor) else how))
             sizes.append(st.valid(w.shape).sum(1))
         gsp = float(sparsity if sparsity is not None else spec.sparsity)
         keeps = select_keep_global(scores, sizes, gsp)
         for (n, _), keep in zip(plan.items(), keeps):
             w = params[n]
             m = st.unpartition(st.valid(w.shape) & keep[:, None], w.shape).bool()
-            masks.set(n, m, str(st))
+            masks.set(n, m.to(w.device), str(st))
         return masks
     for n, (st, sp) in plan.items():
         w = params[n].detach()

@@ -40,13 +40,17 @@ from prunekit.io.checkpoint import flatten_state
 import shutil
 import signal
 from prunekit.algorithms.distill import make_distiller
+from prunekit.training.config import Runtime
+from prunekit.training.device import check_precision, resolve_device, set_threads, to_device
+from prunekit.training.progress import TensorBoardLogger
 
 __all__ = ["Workload", "build_workload", "prune_spec_from", "run_pipeline", "ResumeError", "STATE_DIR", "KILL_ENV"]
 
 STATE_DIR = "state"                          # out_dir/state/ckpt-NNNNNN: resumable run state
 KILL_ENV = "PRUNEKIT_TEST_KILL_AT_STEP"      # tests: SIGKILL self after this optimizer step ("N" or "phase:N")
 _STAGES = ("dense", "search", "retrain")
-_NOT_COMPARED = ("checkpoint_every",)        # recipe keys that may change between a run and its resume
+_NOT_COMPARED = ("checkpoint_every", "device", "threads", "log")   # recipe keys that may change between a run and its resume
+FINISHED_FILE = "results.json"               # a folder holding it holds a finished run
 
 
 class ResumeError(CheckpointError):
@@ -63,9 +67,47 @@ def prune_spec_from(recipe: Recipe) -> PruneSpec:
         raise RecipeError(f"prune: {e}") from None
 
 
-def _machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+def _machine(device: torch.device | None = None) -> dict:
+    out = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+           "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device is not None:
+        out["device"] = str(device)
+        if device.type == "cuda":
+            out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def run_device(recipe: Recipe) -> torch.device:
+    """The recipe's device (under torchrun with CUDA: this rank's GPU), its precision checked, and the
+    thread count set — before any work; :class:`RecipeError` if the machine lacks the device."""
+    device = resolve_device(recipe.device)
+    if device.type == "cuda" and device.index in (None, 0) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = resolve_device(f"cuda:{D.local_rank()}")
+    check_precision(recipe.precision, device)
+    set_threads(recipe.threads)
+    return device
+
+
+def _log_hooks(recipe: Recipe, out: Path, offsets: dict, is_main: bool) -> list:
+    return [TensorBoardLogger(out / "tb", offsets)] if recipe.log.tensorboard and is_main else []
+
+
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder holding a finished run (``results.json``) unless ``overwrite`` (or ``resume``
+    of an unfinished one)."""
+    if (out / FINISHED_FILE).exists() and not overwrite and not (out / STATE_DIR).is_dir():
+        raise ResumeError(f"{out} holds a finished run ({out / FINISHED_FILE}); pass --overwrite to replace it "
+                          "(its files, including compact/, are removed first) or pick another --out")
+
+
+def clear_out_dir(out: Path) -> None:
+    """``--overwrite``: remove everything a previous run left in ``out`` (results, checkpoints, compact/, tb/)."""
+    if out.is_dir():
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
 
 
 def validate_recipe(recipe: Recipe, workload: Workload) -> tuple[PruneSpec, Any]:
@@ -149,7 +191,7 @@ def _model_state(model: nn.Module) -> dict:
 
 
 def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], None] = print, resume: bool = False,
-                 checkpoint_every: int | None = None) -> dict:
+                 checkpoint_every: int | None = None, overwrite: bool = False) -> dict:
     """Run the recipe end to end; returns the results dict (also written to ``out_dir/results.json``).
 
     The run checkpoints its whole state into ``out_dir/state/`` after every epoch and every
@@ -157,8 +199,11 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
     and at each stage boundary.  With ``resume=True`` it continues from the newest good checkpoint
     (falling back to the previous one if the newest is corrupt) and ends with the same result as an
     uninterrupted run.  Without ``resume``, an ``out_dir`` holding an unfinished run is an error.
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains data-parallel; only rank 0 writes files."""
-    D.init_from_env()
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains data-parallel; only rank 0 writes files.
+    A folder holding a finished run is refused unless ``overwrite`` (which clears it after validation);
+    nothing is created before the recipe has been validated against the model."""
+    device = run_device(recipe)
+    D.init_from_env(device)
     is_main = D.rank() == 0
     if not is_main:
         log = lambda *_a, **_k: None  # noqa: E731
@@ -169,7 +214,10 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
     if every < 0:
         raise RecipeError(f"checkpoint_every: {every} is out of range (must be >= 0)")
     state = None
-    if store.exists():
+    if overwrite and resume:
+        raise RecipeError("--overwrite and --resume exclude each other")
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    if store.exists() and not overwrite:
         if not resume:
             raise ResumeError(f"{out} holds an unfinished run ({len(store.checkpoints())} checkpoint(s) in "
                               f"{store.root}); pass --resume to continue it, or pick another --out")
@@ -182,10 +230,6 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
         log(f"resuming from {path} (stage {state['stage']}, step {meta.get('step', 0)})")
     elif resume:
         log(f"nothing to resume in {out}; starting a fresh run")
-    D.barrier()
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
     seed_everything(recipe.seed)
     t_start = time.perf_counter()
     wl = build_workload(recipe)
@@ -196,6 +240,13 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
     if recipe.model.checkpoint:          # checked (names, shapes, checksums) before any training
         load_checkpoint(recipe.model.checkpoint, model)
         log(f"loaded dense weights from {recipe.model.checkpoint}")
+    model.to(device)                     # the teacher (a copy, made later) and algorithm state follow it
+    D.barrier()
+    if is_main:                          # validated: only now does the output folder appear
+        if overwrite:
+            clear_out_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
     if state is not None:
         results = state["results"]
         results.setdefault("resumed", []).append({"stage": state["stage"], "step": meta.get("step", 0),
@@ -212,6 +263,8 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
     offsets[algo.name] = offsets["search"]
     offsets["retrain"] = offsets["search"] + (_phase_steps(search_cfg, wl.train_loader) if algo.has_search else 0)
     test_hooks: list = [_TestKill(os.environ[KILL_ENV], offsets)] if os.environ.get(KILL_ENV) else []
+    test_hooks += _log_hooks(recipe, out, offsets, is_main)
+    rt = Runtime(recipe.precision, recipe.log.progress_every_s, recipe.log.progress_every_steps)
     masks: MaskSet | None = None
 
     def save(stage_name: str, snap: dict | None, step: int) -> None:
@@ -246,7 +299,7 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
         if stage_i == 0:
             if train_dense:
                 r = fit(model, task, wl.train_loader, wl.eval_loader, dense_cfg, desc="dense", hooks=test_hooks,
-                        resume=fit_resume("dense"), checkpoint_every=every, on_checkpoint=saver("dense", 0))
+                        resume=fit_resume("dense"), checkpoint_every=every, runtime=rt, on_checkpoint=saver("dense", 0))
                 results["history"]["dense"] = r["history"]
                 if is_main:
                     save_checkpoint(out / "dense", model, None, recipe=resolved, extra={"stage": "dense"})
@@ -266,13 +319,13 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
         if stage_i <= 1:
             restore_boundary("search")
             if state is not None and state["stage"] == "search":
-                algo.load_state_dict(state["algo"])
+                algo.load_state_dict(to_device(state["algo"], device))
             if algo.has_search:
                 r = fit(model, task, wl.train_loader, wl.eval_loader, search_cfg, hooks=[algo, *extra_hooks, *test_hooks],
                         masks=algo.masks_during_search(model), desc=f"{algo.name}", resume=fit_resume("search"),
-                        checkpoint_every=every, on_checkpoint=saver("search", offsets["search"]))
+                        checkpoint_every=every, runtime=rt, on_checkpoint=saver("search", offsets["search"]))
                 results["history"]["search"] = r["history"]
-            masks = algo.final_masks(model)
+            masks = algo.final_masks(model).to(device)
             if D.is_distributed():       # identical by construction; rank 0's copy is authoritative
                 D.broadcast_state(dict(masks.items()))
             masks.apply(model)
@@ -281,9 +334,10 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
             log(f"after hard-prune ({masks.sparsity():.4f} sparsity): {results['metrics']['after_hard_prune'][metric]:.4f}")
             save("retrain", None, offsets["retrain"])
         else:
-            algo.load_state_dict(state["algo"])
+            algo.load_state_dict(to_device(state["algo"], device))
             masks = MaskSet()
             masks.load_state_dict(state["masks"])
+            masks.to(device)
             restore_boundary("retrain")
 
         # 3. hard-pruned retraining ----------------------------------------------------------------
@@ -294,7 +348,7 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
             r = fit(model, task, wl.train_loader, wl.eval_loader, retrain_cfg, hooks=[*extra_hooks, *test_hooks],
                     masks=masks, desc="retrain", restore_best=True, resume=fit_resume("retrain"),
                     baseline=results["metrics"]["after_hard_prune"],
-                    checkpoint_every=every, on_checkpoint=saver("retrain", offsets["retrain"]))
+                    checkpoint_every=every, runtime=rt, on_checkpoint=saver("retrain", offsets["retrain"]))
             results["history"]["retrain"] = r["history"]
     except NonFiniteLoss as e:
         last = store.checkpoints()
@@ -308,7 +362,9 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
     log(f"final {metric}: {final[metric]:.4f}")
 
     # 4. numbers + checkpoint --------------------------------------------------------------------
-    summary = model_summary(model, masks, wl.example_input)
+    for h in test_hooks:
+        getattr(h, "close", lambda: None)()
+    summary = model_summary(model, masks, to_device(wl.example_input, device))
     for layer in summary["layers"]:
         layer["structure"] = masks.structures.get(layer["name"], layer["structure"])
     results.update({k: summary[k] for k in summary})
@@ -319,7 +375,8 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
     results["algorithm"] = recipe.algorithm.name
     results["structure"] = recipe.prune.structure
     results["target_sparsity"] = recipe.prune.sparsity
-    results["machine"] = _machine()
+    results["machine"] = _machine(device)
+    results["precision"] = recipe.precision
     results["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results["algorithm_state_keys"] = sorted(algo.state_dict())
     if D.is_distributed():

@@ -16,18 +16,17 @@ dict`` and ``task.metric`` (the key to maximise).
 from __future__ import annotations
 
 import math
-import os
 import random
-import sys
 import time
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from prunekit.training.config import TrainConfig
+from prunekit.training.config import Runtime, TrainConfig
+from prunekit.training.device import Amp, device_of, to_device
+from prunekit.training.progress import make_progress
 from prunekit.core.masks import MaskSet
 from prunekit.algorithms.hooks import Hook, TrainContext
 from prunekit.core.errors import NonFiniteLoss
@@ -42,10 +41,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def _progress_disabled() -> bool:
-    return os.environ.get("PRUNEKIT_NO_PROGRESS") == "1" or not sys.stderr.isatty()
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -122,10 +117,10 @@ def _hook_states(hooks) -> list:
     return [h.state_dict() if callable(getattr(h, "state_dict", None)) else None for h in hooks]
 
 
-def _load_hook_states(hooks, states) -> None:
+def _load_hook_states(hooks, states, device=None) -> None:
     for h, st in zip(hooks, states):
         if st is not None and callable(getattr(h, "load_state_dict", None)):
-            h.load_state_dict(st)
+            h.load_state_dict(st if device is None else to_device(st, device))   # saved on CPU: map to the device
 
 
 def _params_finite(model: nn.Module) -> bool:
@@ -136,7 +131,7 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
         hooks: list[Hook] = (), masks: MaskSet | None = None, desc: str = "train",
         on_epoch_end: Callable[[TrainContext, dict], None] | None = None,
         restore_best: bool = False, baseline: dict | None = None, resume: dict | None = None, checkpoint_every: int = 0,
-        on_checkpoint: Callable[[Callable[[], dict]], None] | None = None) -> dict:
+        on_checkpoint: Callable[[Callable[[], dict]], None] | None = None, runtime: Runtime | None = None) -> dict:
     """Train ``model`` per ``cfg``; returns ``{"history": [...], "best": metrics, "steps": n, "seconds": s}``.
 
     With ``masks``, training is hard-pruned (weights, gradients, and weights after each step).
@@ -151,17 +146,23 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
     Passing that dict back as ``resume=`` continues exactly where it was taken (bitwise on CPU).
 
     Data-parallel: when ``torch.distributed`` is initialised with several ranks, gradients are
-    averaged across ranks after ``backward`` (see :mod:`prunekit.training.distributed`)."""
+    averaged across ranks after ``backward`` (see :mod:`prunekit.training.distributed`).
+
+    Device and precision: training runs on the model's device (batches are moved there);
+    ``runtime.precision`` (fp32 | bf16 | fp16) runs the forward pass and losses under ``torch.autocast``
+    (see :mod:`prunekit.training.device`)."""
 
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     total = int(math.ceil(cfg.epochs * steps_per_epoch))
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, total)
+    dev = device_of(model)                                   # device: the model's
+    amp = Amp((runtime or Runtime()).precision, dev)         # precision: autocast (+ GradScaler for fp16/CUDA)
     if resume is not None:
         model.load_state_dict(resume["model"])
         if masks is not None and resume.get("masks") is not None:
             masks.load_state_dict(resume["masks"])
-        _load_hook_states(hooks, resume["hooks"])
+        _load_hook_states(hooks, resume["hooks"], dev)
     hp = masks.attach(model, opt) if masks is not None and len(masks) else None
     ctx = TrainContext(model, opt, masks, hp, task, total_steps=total, steps_per_epoch=steps_per_epoch, phase=desc)
     for h in hooks:
@@ -181,7 +182,7 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
         if restore_best:
             best_state = weights_copy()
     if resume is not None:   # begin() may have (re)initialised things: restore over it
-        _load_hook_states(hooks, resume["hooks"])
+        _load_hook_states(hooks, resume["hooks"], dev)
         if masks is not None and resume.get("masks") is not None:
             masks.load_state_dict(resume["masks"])
         model.load_state_dict(resume["model"])
@@ -189,6 +190,7 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
             hp.refresh()
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
+        amp.load_state_dict(resume.get("amp"))
         pos = resume["position"]
         ctx.step, ctx.epoch = int(pos["step"]), int(pos["epoch"])
         start_epoch, skip = int(pos["epoch"]), int(pos["batch"])
@@ -198,7 +200,7 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
     distributed = D.is_distributed()
     t0 = time.perf_counter()
     n_epochs = int(math.ceil(cfg.epochs)) if total else 0
-    bar = tqdm(total=total, initial=ctx.step, desc=desc, disable=_progress_disabled(), dynamic_ncols=True, leave=False)
+    bar = make_progress(total, ctx.step, desc, runtime)   # tqdm on a terminal, a line every N s otherwise
     epoch_start_rng = None
     batch_i = 0
 
@@ -209,7 +211,7 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
                 "rng": rng_state(train_loader), "epoch_start_rng": epoch_start_rng,
                 "position": {"step": ctx.step, "epoch": ctx.epoch, "batch": batch_i},
                 "history": history, "best": best, "bad_evals": bad_evals, "best_state": best_state,
-                "stopped": stopped, "phase": desc}
+                "stopped": stopped, "phase": desc, "amp": amp.state_dict()}
 
     def checkpoint() -> None:
         if on_checkpoint is None:
@@ -237,28 +239,32 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
             for batch in batches:
                 if ctx.step >= total:
                     break
-                loss, outputs = task.step(model, batch)
-                for h in hooks:
-                    extra = h.extra_loss(ctx, batch, outputs)
-                    if extra is not None:
-                        loss = loss + extra
+                batch = to_device(batch, dev)
+                with amp.autocast():
+                    loss, outputs = task.step(model, batch)
+                    for h in hooks:
+                        extra = h.extra_loss(ctx, batch, outputs)
+                        if extra is not None:
+                            loss = loss + extra
                 finite = bool(torch.isfinite(loss))
                 msg = "" if finite else (f"{desc}: loss is not finite ({float(loss.detach())}) at step {ctx.step} (epoch {epoch}); "
                                          "lower the learning rate or the penalty")
                 if not finite and not distributed:
                     raise NonFiniteLoss(msg)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                amp.backward(loss)
                 if distributed:
                     n_local = float(task.batch_size(batch)) if hasattr(task, "batch_size") else 1.0
                     if D.average_gradients(model.parameters(), n_local, nonfinite=not finite):
                         raise NonFiniteLoss(msg or f"{desc}: loss is not finite on another rank at step {ctx.step}; lower the learning rate or the penalty")
                 if cfg.grad_clip:
+                    amp.unscale(opt)
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()   # hard-prune re-masks here via the optimizer's post-step hook
+                amp.step(opt)   # hard-prune re-masks here via the optimizer's post-step hook
                 sched.step()
                 ctx.step += 1
                 batch_i += 1
+                ctx.loss = loss.detach()
                 for h in hooks:
                     h.after_step(ctx)
                 bar.update(1)
@@ -277,6 +283,8 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
                 metrics = task.evaluate(model, eval_loader)
                 metrics["epoch"] = ctx.epoch
                 history.append(metrics)
+                for h in hooks:
+                    getattr(h, "evaluated", lambda *_: None)(ctx, metrics)
                 score = metrics[task.metric]
                 if best is None or score > best[task.metric]:
                     best, bad_evals = dict(metrics), 0
@@ -286,10 +294,7 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
                     bad_evals += 1
                 line = f"[{desc}] epoch {ctx.epoch:g}: " + ", ".join(
                     f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-                if _progress_disabled():   # no bar (log file, CI): still one line per evaluation
-                    print(line, file=sys.stderr, flush=True)
-                else:
-                    bar.write(line)
+                bar.write(line)   # one line per evaluation, bar or not
             if on_epoch_end is not None:
                 on_epoch_end(ctx, metrics)
             stopped = bool(cfg.patience and bad_evals >= cfg.patience)
