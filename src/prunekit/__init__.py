@@ -15,8 +15,10 @@ from prunekit.core.structures import NM, Block, Column, Pattern, Row, Structure,
 from prunekit.core.targets import TargetSpec, find_targets
 
 from prunekit.core.version import __version__
+from prunekit.api import Pruner
+
 
 __all__ = [
     "mask_for", "prune", "compute_masks", "PruneSpec", "MaskSet", "HardPrune", "TargetSpec", "find_targets",
-    "parse_structure", "Structure", "Unstructured", "Row", "Column", "Block", "NM", "Pattern", "__version__",
+    "parse_structure", "Structure", "Unstructured", "Row", "Column", "Block", "NM", "Pattern", "__version__", "Pruner",
 ]

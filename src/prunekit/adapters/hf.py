@@ -129,7 +129,7 @@ class GlueTaskAdapter:
     """The training-loop task for one GLUE task: loss, forward, and the official metrics.
 
     ``metric`` is the primary metric key (``accuracy``, ``f1``, ``matthews_correlation``, ``combined``);
-    values are fractions as :func:`prunekit.data.metrics.glue_metrics` returns them.  Classification
+    values are percentages as :func:`prunekit.data.metrics.glue_metrics` returns them.  Classification
     uses cross-entropy, STS-B (regression, one output) the mean squared error.  Set
     ``output_hidden_states`` to get hidden states in the outputs (hidden-state distillation)."""
 
