@@ -279,3 +279,45 @@ def test_glue_metrics_are_percentages_and_header_only_file_is_a_data_error(tmp_p
     f.write_text("sentence\tlabel\n")
     with pytest.raises(DataError, match="no examples"):
         read_glue_tsv("sst2", f)
+
+
+# -------------------------------------------------------------------------------- GPU (benchmarks/gpu_check.py)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA device on this machine (run benchmarks/gpu_check.py on one)")
+def test_gpu_fit_hard_prune_exact(precision):
+    model, batches = _tiny()
+    model.cuda()
+    masks = prune(model, "unstructured", 0.7).to("cuda")
+    fit(model, ClassificationTask(), batches, batches[:2], TrainConfig(epochs=2, lr=0.1, grad_clip=1.0), masks=masks,
+        runtime=Runtime(precision=precision))
+    for name, p in model.named_parameters():
+        if name in masks:
+            assert p.is_cuda and torch.all(p[~masks[name]] == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA device on this machine (run benchmarks/gpu_check.py on one)")
+@pytest.mark.parametrize("algo,params", [("admm", {"rho": 0.01, "update_every": 2}), ("slr", {}),
+                                         ("group_lasso", {}), ("gradual", {})])
+def test_gpu_pipeline_and_resume_across_devices(tmp_path, algo, params):
+    recipe = _recipe(device="cuda", algorithm={"name": algo, "params": params}, checkpoint_every=2,
+                     distill={"alpha": 0.5})
+    res = run_pipeline(recipe, tmp_path / "gpu", log=lambda *_: None)
+    assert res["machine"]["device"].startswith("cuda") and res["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    # a run state saved on the GPU (CPU tensors on disk) resumes on the CPU
+    from prunekit.io.checkpoint import StateStore
+    env = {**os.environ, "PRUNEKIT_TEST_KILL_AT_STEP": "6"}
+    src = Path(__file__).resolve().parents[1] / "src"
+    rf = tmp_path / "r.yaml"
+    import yaml
+    from prunekit.pipelines.recipe import to_dict
+    rf.write_text(yaml.safe_dump(to_dict(recipe)))
+    cmd = [sys.executable, "-m", "prunekit", "run", str(rf), "--out", str(tmp_path / "x")]
+    subprocess.run(cmd, env={**env, "PYTHONPATH": str(src)}, capture_output=True)
+    assert StateStore(tmp_path / "x" / "state").exists()
+    env.pop("PRUNEKIT_TEST_KILL_AT_STEP")
+    r = subprocess.run(cmd + ["--resume", "--device", "cpu"], env={**env, "PYTHONPATH": str(src)}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
