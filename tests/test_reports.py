@@ -73,7 +73,7 @@ def test_classification_scores_are_not_rescaled(tmp_path):
 def test_levels_table(tmp_path):
     levels = [{"sparsity": 0.5, "score": 91.0, "latency_ms": 4.0, "compression_rate": 2.0},
               {"sparsity": 0.75, "score": 88.0, "latency_ms": 3.0},
-              {"sparsity": 0.9, "accuracy": 0.80}]
+              {"sparsity": 0.9, "accuracy": 80.0}]
     r = load_run(make_run(tmp_path, "shared", levels=levels))
     lines = levels_table(r).splitlines()
     assert lines[0] == "| level | sparsity | accuracy | compression rate | latency (ms) |"
