@@ -24,13 +24,13 @@ MCC = (2 * 1 - 1 * 1) / math.sqrt((2 + 1) * (2 + 1) * (1 + 1) * (1 + 1))  # (TP�
 
 @pytest.mark.parametrize("task", ["sst2", "qnli", "rte", "wnli"])
 def test_accuracy_tasks(task):
-    assert glue_metrics(task, PRED, LABEL) == {"accuracy": pytest.approx(ACC)}
+    assert glue_metrics(task, PRED, LABEL) == {"accuracy": pytest.approx(100 * ACC)}
     assert primary_metric(task) == "accuracy"
 
 
 def test_cola_mcc():
     assert F1 == pytest.approx(2 / 3) and MCC == pytest.approx(1 / 6)
-    assert glue_metrics("cola", PRED, LABEL) == {"matthews_correlation": pytest.approx(MCC)}
+    assert glue_metrics("cola", PRED, LABEL) == {"matthews_correlation": pytest.approx(100 * MCC)}
     assert glue_metrics("CoLA", [1] * 5, LABEL) == {"matthews_correlation": 0.0}  # constant side -> 0
     assert primary_metric("cola") == "matthews_correlation"
 
@@ -39,15 +39,15 @@ def test_cola_mcc():
 def test_f1_accuracy_tasks(task):
     m = glue_metrics(task, PRED, LABEL)
     assert list(m) == ["f1", "accuracy", "combined"]
-    assert m["f1"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(0.6)
-    assert m["combined"] == pytest.approx((2 / 3 + 0.6) / 2)
+    assert m["f1"] == pytest.approx(200 / 3) and m["accuracy"] == pytest.approx(60.0)
+    assert m["combined"] == pytest.approx((200 / 3 + 60) / 2)
     assert primary_metric(task) == "f1"
 
 
 def test_mnli_three_classes_from_logits():
     logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 1.0], [0.0, 1.0, 5.0], [1.0, 0.0, 0.0]])
     assert to_predictions("mnli", logits).tolist() == [0, 1, 2, 0]
-    assert glue_metrics("mnli", logits, [0, 1, 1, 2]) == {"accuracy": pytest.approx(2 / 4)}
+    assert glue_metrics("mnli", logits, [0, 1, 1, 2]) == {"accuracy": pytest.approx(50.0)}
 
 
 def test_stsb_pearson_spearman_by_hand():
@@ -58,8 +58,8 @@ def test_stsb_pearson_spearman_by_hand():
     # Ranks of y: 1, 4, 3, 2; of x: 1, 2, 3, 4; d = 0, -2, 0, 2; rho = 1 - 6·Σd²/(n(n²−1)) = 1 - 48/60
     spearman = 1 - 6 * 8 / (4 * (16 - 1))
     m = glue_metrics("sts-b", np.array(x)[:, None], y)     # (N, 1) regression outputs are accepted
-    assert m == {"pearson": pytest.approx(pearson), "spearmanr": pytest.approx(spearman),
-                 "combined": pytest.approx((pearson + spearman) / 2)}
+    assert m == {"pearson": pytest.approx(100 * pearson), "spearmanr": pytest.approx(100 * spearman),
+                 "combined": pytest.approx(100 * (pearson + spearman) / 2)}
     assert spearman == pytest.approx(0.2) and primary_metric("stsb") == "combined"
 
 

@@ -21,10 +21,10 @@ def _layers(sp1, sp2):
 
 
 def make_run(root, name, *, task="sst2", kind="glue", metric="accuracy", method="admm", structure="unstructured",
-             target=0.5, sparsity=0.5, score=0.9, dense=0.92, cr=2.0, latency=None, levels=None, layers=None):
+             target=0.5, sparsity=0.5, score=90.0, dense=92.0, cr=2.0, latency=None, levels=None, layers=None):
     d = root / name
     d.mkdir(parents=True)
-    res = {"name": name, "metric": metric, "score": score, "dense_score": dense, "score_after_hard_prune": score - 0.1,
+    res = {"name": name, "metric": metric, "score": score, "dense_score": dense, "score_after_hard_prune": score - 10,
            "sparsity": sparsity, "target_sparsity": target, "compression_rate": cr, "params": 1000,
            "nonzero_params": int(1000 / cr), "algorithm": method, "structure": structure,
            "layers": layers if layers is not None else _layers(sparsity, sparsity)}
@@ -41,12 +41,12 @@ def make_run(root, name, *, task="sst2", kind="glue", metric="accuracy", method=
 
 @pytest.fixture
 def glue_runs(tmp_path):
-    return [make_run(tmp_path, "admm-sst2", task="sst2", score=0.9106, dense=0.9200, cr=1.9),
-            make_run(tmp_path, "admm-mrpc", task="mrpc", metric="f1", score=0.8512, dense=0.8800, cr=1.9),
-            make_run(tmp_path, "oneshot-sst2", task="sst2", method="oneshot", score=0.8801, dense=0.9200, cr=1.9,
+    return [make_run(tmp_path, "admm-sst2", task="sst2", score=91.06, dense=92.00, cr=1.9),
+            make_run(tmp_path, "admm-mrpc", task="mrpc", metric="f1", score=85.12, dense=88.00, cr=1.9),
+            make_run(tmp_path, "oneshot-sst2", task="sst2", method="oneshot", score=88.01, dense=92.00, cr=1.9,
                      latency=3.25),
             make_run(tmp_path, "nm-sst2", task="sst2", method="oneshot", structure="nm:2:4", target=0.5,
-                     sparsity=0.5, score=0.8950, dense=0.9200, cr=1.95, latency=2.5)]
+                     sparsity=0.5, score=89.50, dense=92.00, cr=1.95, latency=2.5)]
 
 
 def test_methods_tasks_table_cells(glue_runs):
@@ -71,9 +71,9 @@ def test_classification_scores_are_not_rescaled(tmp_path):
 
 
 def test_levels_table(tmp_path):
-    levels = [{"sparsity": 0.5, "score": 0.91, "latency_ms": 4.0, "compression_rate": 2.0},
-              {"sparsity": 0.75, "score": 0.88, "latency_ms": 3.0},
-              {"sparsity": 0.9, "accuracy": 0.80}]
+    levels = [{"sparsity": 0.5, "score": 91.0, "latency_ms": 4.0, "compression_rate": 2.0},
+              {"sparsity": 0.75, "score": 88.0, "latency_ms": 3.0},
+              {"sparsity": 0.9, "accuracy": 80.0}]
     r = load_run(make_run(tmp_path, "shared", levels=levels))
     lines = levels_table(r).splitlines()
     assert lines[0] == "| level | sparsity | accuracy | compression rate | latency (ms) |"
@@ -85,8 +85,8 @@ def test_levels_table(tmp_path):
 
 
 def test_build_report_writes_markdown_and_pngs_of_exact_size(glue_runs, tmp_path):
-    shared = make_run(tmp_path, "shared", levels=[{"sparsity": 0.5, "score": 0.9, "latency_ms": 4.0},
-                                                  {"sparsity": 0.8, "score": 0.85, "latency_ms": 2.0}],
+    shared = make_run(tmp_path, "shared", levels=[{"sparsity": 0.5, "score": 90.0, "latency_ms": 4.0},
+                                                  {"sparsity": 0.8, "score": 85.0, "latency_ms": 2.0}],
                       layers=_layers(0.2, 0.8))
     rep = build_report(glue_runs + [shared], tmp_path / "rep")
     names = sorted(p.rsplit("/", 1)[1] for p in rep["files"])

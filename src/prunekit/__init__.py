@@ -14,9 +14,11 @@ from prunekit.core.plan import PruneSpec, compute_masks, mask_for, prune
 from prunekit.core.structures import NM, Block, Column, Pattern, Row, Structure, Unstructured, parse_structure
 from prunekit.core.targets import TargetSpec, find_targets
 
-__version__ = "0.1.0"
+from prunekit.core.version import __version__
+from prunekit.api import Pruner
+
 
 __all__ = [
     "mask_for", "prune", "compute_masks", "PruneSpec", "MaskSet", "HardPrune", "TargetSpec", "find_targets",
-    "parse_structure", "Structure", "Unstructured", "Row", "Column", "Block", "NM", "Pattern", "__version__",
+    "parse_structure", "Structure", "Unstructured", "Row", "Column", "Block", "NM", "Pattern", "__version__", "Pruner",
 ]

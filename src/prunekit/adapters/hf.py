@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from prunekit.core.errors import RecipeError
 from prunekit.data.glue import get_task
 from prunekit.data.metrics import glue_metrics
+from prunekit.training.device import device_of, to_device
 
 __all__ = ["MINILM_ALIASES", "RANDOM_CONFIGS", "resolve_model_source", "load_model", "load_tokenizer",
     "GlueTaskAdapter"]
@@ -128,7 +129,7 @@ class GlueTaskAdapter:
     """The training-loop task for one GLUE task: loss, forward, and the official metrics.
 
     ``metric`` is the primary metric key (``accuracy``, ``f1``, ``matthews_correlation``, ``combined``);
-    values are fractions as :func:`prunekit.data.metrics.glue_metrics` returns them.  Classification
+    values are percentages as :func:`prunekit.data.metrics.glue_metrics` returns them.  Classification
     uses cross-entropy, STS-B (regression, one output) the mean squared error.  Set
     ``output_hidden_states`` to get hidden states in the outputs (hidden-state distillation)."""
 
@@ -170,11 +171,13 @@ class GlueTaskAdapter:
         was = model.training
         model.eval()
         logits, labels, loss = [], [], 0.0
+        dev = device_of(model)
         for batch in loader:
+            batch = to_device(batch, dev)
             lg = model(**self.inputs(batch)).logits
             loss += float(self.loss(lg, batch)) * len(batch["labels"])
-            logits.append(lg.float())
-            labels.append(batch["labels"])
+            logits.append(lg.float().cpu())
+            labels.append(batch["labels"].cpu())
         model.train(was)
         lg, y = torch.cat(logits), torch.cat(labels)
         out = glue_metrics(self.spec, lg, y)

@@ -90,7 +90,7 @@ class GroupLasso(Algorithm):
             if self.params.reweight_at_start:
                 self._reweight()
             else:
-                self.alpha = {n: torch.ones(self._structs[n].num_groups(p.shape)) for n, p in self._params.items()}
+                self.alpha = {n: torch.ones(self._structs[n].num_groups(p.shape), device=p.device) for n, p in self._params.items()}
 
     @torch.no_grad()
     def _reweight(self):
@@ -100,7 +100,7 @@ class GroupLasso(Algorithm):
     def penalty(self) -> Tensor:
         tot = None
         for n, p in self._params.items():
-            t = group_lasso_penalty(self._structs[n], p, self.alpha[n].to(p.dtype), self.params.lam, self.params.smooth)
+            t = group_lasso_penalty(self._structs[n], p, self.alpha[n].to(device=p.device, dtype=p.dtype), self.params.lam, self.params.smooth)
             tot = t if tot is None else tot + t
         return tot
 

@@ -23,6 +23,7 @@ class TrainContext:
     total_steps: int = 0
     steps_per_epoch: int = 0
     phase: str = ""
+    loss: Tensor | None = None    # the last step's total loss (detached), set before ``after_step``
 
 
 class Hook:
@@ -36,3 +37,5 @@ class Hook:
     def after_step(self, ctx: TrainContext) -> None: ...
 
     def epoch_end(self, ctx: TrainContext) -> None: ...
+
+    def evaluated(self, ctx: TrainContext, metrics: dict) -> None: ...

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 import os
+from prunekit.core.version import __version__
 from prunekit.cli.errors import USER_ERRORS
 
 # subcommand modules, in help order
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune PyTorch models (CNNs, BERT-family) with typed structures and algorithms; "
                     "measure sparsity, size and speed.",
         epilog="Start with: prunekit run recipes/lenet5_oneshot.yaml --out runs/lenet5 ; prunekit report runs/lenet5")
+    p.add_argument("--version", action="version", version=f"prunekit {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in SUBCOMMANDS:

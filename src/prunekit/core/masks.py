@@ -15,6 +15,7 @@ Masks only shrink: :meth:`MaskSet.update` ANDs a new mask with the current one.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import torch
@@ -62,11 +63,17 @@ class MaskSet:
         mask = mask.detach().bool()
         if name in self._masks:
             old = self._masks[name]
+            mask = mask.to(old.device)
             if old.shape != mask.shape:
                 raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, existing {tuple(old.shape)}")
             mask = old & mask
         self.set(name, mask, structure)
         return self._masks[name]
+
+    def to(self, device) -> "MaskSet":
+        """Move every mask to ``device`` (in place; returns self)."""
+        self._masks = {k: v.to(device) for k, v in self._masks.items()}
+        return self
 
     def copy(self) -> "MaskSet":
         return MaskSet({k: v.clone() for k, v in self._masks.items()}, self.structures)
@@ -113,7 +120,14 @@ class MaskSet:
             p.mul_(self._masks[name].to(device=p.device, dtype=p.dtype))
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> "HardPrune":
-        """Start hard-pruning ``model`` (and re-mask after each step of ``optimizer``)."""
+        """Start hard-pruning ``model`` (and re-mask after each step of ``optimizer``).
+
+        Without ``optimizer`` only the weights (now) and the gradients are masked: momentum, weight decay
+        and Adam's moments can then move pruned weights off zero — a warning says so."""
+        if optimizer is None:
+            warnings.warn("MaskSet.attach(model) without an optimizer: gradients are masked but optimizer state "
+                          "(momentum, weight decay, Adam moments) can revive pruned weights; pass the optimizer "
+                          "(masks.attach(model, optimizer)) to re-mask after every step", stacklevel=2)
         return HardPrune(self, model, optimizer)
 
 

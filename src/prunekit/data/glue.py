@@ -248,6 +248,9 @@ def read_glue_tsv(task: str | GlueTask, path: str | os.PathLike, limit: int | No
                                 f"({', '.join(header)})")
             label = _parse_label(task, row[il], path, reader.line_num)
             examples.append(GlueExample(row[ia], row[ib] if ib is not None else None, label))
+    if not examples:
+        raise DataError(f"{path}: no examples (the file has {'only a header' if task.has_header else 'no rows'}); "
+                        f"a {task.display} file needs at least one example")
     return examples
 
 

@@ -14,7 +14,8 @@ STS-B                  ``pearson``, ``spearmanr``, ``combined``    combined
 
 The GLUE leaderboard shows MRPC/QQP as "F1/accuracy" and STS-B as "Pearson/Spearman"; to rank
 runs by one number we use F1 for MRPC/QQP and the Pearson–Spearman mean for STS-B. All values are
-fractions (0.85, not 85). Degenerate inputs follow the libraries: MCC is 0 when one side is constant;
+percentages (85.0, not 0.85), like every metric prunekit reports (the single-metric functions
+below return fractions). Degenerate inputs follow the libraries: MCC is 0 when one side is constant;
 a correlation with a constant side is NaN.
 """
 from __future__ import annotations
@@ -88,7 +89,7 @@ def glue_metrics(task: str | GlueTask, predictions, labels) -> dict[str, float]:
         raise DataError(f"{len(p)} predictions but {len(y)} labels")
     if len(y) == 0:
         raise DataError("no examples to score")
-    out = {m: _FUNCTIONS[m](p, y) for m in task.metric_names if m != "combined"}
+    out = {m: 100.0 * _FUNCTIONS[m](p, y) for m in task.metric_names if m != "combined"}
     if "combined" in task.metric_names:  # MRPC/QQP: (f1 + accuracy) / 2; STS-B: (pearson + spearmanr) / 2
         out["combined"] = float(np.mean(list(out.values())))
     return out

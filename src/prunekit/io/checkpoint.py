@@ -14,10 +14,13 @@ Loading verifies the checksums, the tensor names and the shapes before touching 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ from prunekit.core.errors import CheckpointError
 import shutil
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_manifest", "atomic_write_text",
-           "atomic_write_json", "sha256_file", "pack_mask", "unpack_mask", "state_dict_for_save"]
+           "atomic_write_json", "sha256_file", "signals_deferred", "pack_mask", "unpack_mask", "state_dict_for_save"]
 
 FORMAT = "prunekit-checkpoint/1"
 MODEL_FILE, MASK_FILE, MANIFEST_FILE = "model.safetensors", "masks.safetensors", "manifest.json"
@@ -48,10 +51,41 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_mode(path: str | os.PathLike, directory: bool = False) -> None:
+    """``mkstemp``/``mkdtemp`` create 0600/0700: give the file the mode ``open()`` would (0644 under umask 022)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT/SIGTERM while a checkpoint is written; they are re-raised once it is whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, lambda n, _f: got.append(n))
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for n in got[:1]:
+            signal.raise_signal(n)
+
+
 def _atomic_replace(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    _normal_mode(tmp)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -323,7 +357,12 @@ class StateStore:
         existing = self.checkpoints()
         seq = int(existing[-1].name[5:]) + 1 if existing else 1
         self.root.mkdir(parents=True, exist_ok=True)
+        with signals_deferred():          # Ctrl-C / SIGTERM wait until the checkpoint is whole
+            return self._save(obj, meta, seq)
+
+    def _save(self, obj: Any, meta: dict | None, seq: int) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=".ckpt-tmp-", dir=self.root))
+        _normal_mode(tmp, directory=True)
         try:
             save_state(tmp, obj, {**(meta or {}), "seq": seq})
             final = self.root / f"ckpt-{seq:06d}"

@@ -27,7 +27,7 @@ from prunekit.data.registry import canonical_dataset_name
 from prunekit.models.registry import list_models
 
 __all__ = ["RecipeError", "Recipe", "TrainConfig", "ModelConfig", "DataConfig", "PruneConfig", "TargetsConfig",
-           "AlgorithmConfig", "load_recipe", "parse_recipe", "apply_overrides", "from_dict", "to_dict"]
+           "AlgorithmConfig", "LogConfig", "load_recipe", "parse_recipe", "apply_overrides", "from_dict", "to_dict"]
 
 
 @dataclass
@@ -94,6 +94,17 @@ class AlgorithmConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = False        # write loss, metric, lr, sparsity per step to out_dir/tb
+    progress_every_s: float = 30.0   # progress line interval when not on a terminal (log files, CI); 0 = off
+    progress_every_steps: int = 0    # ... and/or every N steps; 0 = off
+
+    def __post_init__(self):
+        _range("progress_every_s", self.progress_every_s, 0, None)
+        _range("progress_every_steps", self.progress_every_steps, 0, None)
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     seed: int = 0
@@ -109,8 +120,17 @@ class Recipe:
     distill: dict = field(default_factory=dict)   # knowledge distillation (see prunekit.algorithms.distill)
     extra: dict = field(default_factory=dict)     # copied to results; extra.shared is typed (pipelines.shared.SharedConfig)
     checkpoint_every: int = 0        # also checkpoint the run state every N optimizer steps (0 = per epoch only)
+    device: str = "auto"             # auto | cpu | cuda | cuda:N | mps  (auto = CUDA when available)
+    precision: str = "fp32"          # fp32 | bf16 | fp16 (torch.autocast; fp16 needs CUDA)
+    threads: int | None = None       # torch.set_num_threads (CPU intra-op threads); None = torch's default
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self):
+        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        if not _DEVICE.fullmatch(str(self.device).strip().lower()):
+            raise RecipeError(f"device: {self.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N', 'mps']")
+        if self.threads is not None:
+            _range("threads", self.threads, 1, None)
         _choice("task", self.task, ("classification", "glue"))
         _range("seed", self.seed, 0, 2**63 - 1)
         _range("checkpoint_every", self.checkpoint_every, 0, None)
@@ -128,6 +148,7 @@ class Recipe:
         return from_dict(TrainConfig, base, name)
 
 
+_DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 

@@ -44,13 +44,17 @@ from prunekit.io.checkpoint import flatten_state
 import shutil
 import signal
 from dataclasses import dataclass, field
+from prunekit.training.config import Runtime
+from prunekit.training.device import check_precision, resolve_device, set_threads, to_device
+from prunekit.training.progress import TensorBoardLogger
 
 __all__ = ["Workload", "build_workload", "prune_spec_from", "validate_recipe", "machine_info", "run_pipeline",
            "run_stages", "RunContext", "ResumeError", "STATE_DIR", "KILL_ENV"]
 
 STATE_DIR = "state"                          # out_dir/state/ckpt-NNNNNN: resumable run state
 KILL_ENV = "PRUNEKIT_TEST_KILL_AT_STEP"      # tests: SIGKILL self after this optimizer step ("N" or "phase:N")
-_NOT_COMPARED = ("checkpoint_every",)        # recipe keys that may change between a run and its resume
+_NOT_COMPARED = ("checkpoint_every", "device", "threads", "log")   # recipe keys that may change between a run and its resume
+FINISHED_FILE = "results.json"               # a folder holding it holds a finished run
 
 
 class ResumeError(CheckpointError):
@@ -67,9 +71,51 @@ def prune_spec_from(recipe: Recipe) -> PruneSpec:
         raise RecipeError(f"prune: {e}") from None
 
 
-def machine_info() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+def machine_info(device: torch.device | None = None) -> dict:
+    out = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+           "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device is not None:
+        out["device"] = str(device)
+        if device.type == "cuda":
+            out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def run_device(recipe: Recipe) -> torch.device:
+    """The recipe's device (under torchrun with CUDA: this rank's GPU), its precision checked, and the
+    thread count set — before any work; :class:`RecipeError` if the machine lacks the device."""
+    device = resolve_device(recipe.device)
+    if device.type == "cuda" and device.index in (None, 0) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = resolve_device(f"cuda:{D.local_rank()}")
+    check_precision(recipe.precision, device)
+    set_threads(recipe.threads)
+    return device
+
+
+def _extra_hooks(recipe: Recipe, ctx: "RunContext") -> list:
+    """Hooks every fit of the run gets: the test kill switch, TensorBoard logging (``log.tensorboard``)."""
+    hooks: list = [_TestKill(os.environ[KILL_ENV], ctx)] if os.environ.get(KILL_ENV) else []
+    if recipe.log.tensorboard and ctx.is_main:
+        hooks.append(TensorBoardLogger(ctx.out / "tb", base=lambda: ctx.steps_done))
+    return hooks
+
+
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder holding a finished run (``results.json``) unless ``overwrite`` (or ``resume``
+    of an unfinished one)."""
+    if (out / FINISHED_FILE).exists() and not overwrite and not (out / STATE_DIR).is_dir():
+        raise ResumeError(f"{out} holds a finished run ({out / FINISHED_FILE}); pass --overwrite to replace it "
+                          "(its files, including compact/, are removed first) or pick another --out")
+
+
+def clear_out_dir(out: Path) -> None:
+    """``--overwrite``: remove everything a previous run left in ``out`` (results, checkpoints, compact/, tb/)."""
+    if out.is_dir():
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
 
 
 def validate_recipe(recipe: Recipe, workload: Workload, spec: PruneSpec | None = None) -> tuple[PruneSpec, Any]:
@@ -174,6 +220,8 @@ class RunContext:
     stage: str = ""
     fit_resume: dict | None = None      # the snapshot of the fit in progress (resume), used once
     test_hooks: list = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    runtime: Runtime = field(default_factory=Runtime)
 
     @property
     def model(self) -> nn.Module:
@@ -188,7 +236,8 @@ class RunContext:
         resume, self.fit_resume = self.fit_resume, None
         r = fit(model if model is not None else self.model, self.task, self.workload.train_loader,
                 self.workload.eval_loader, cfg, hooks=[*hooks, *self.test_hooks], masks=masks, desc=desc,
-                resume=resume, checkpoint_every=self.every, on_checkpoint=self._on_checkpoint, **kw)
+                resume=resume, checkpoint_every=self.every, on_checkpoint=self._on_checkpoint,
+                runtime=self.runtime, **kw)
         self.steps_done += r["steps"]
         return r
 
@@ -214,10 +263,11 @@ class RunContext:
         the weights and RNG, inside a fit its snapshot (restored by the fit itself, after the hooks' begin)."""
         self.results, self.steps_done = state["results"], int(state.get("steps_done", 0))
         if self.algo is not None:
-            self.algo.load_state_dict(state["algo"])
+            self.algo.load_state_dict(to_device(state["algo"], self.device))   # saved on the CPU
         if state["masks"] is not None:
             self.masks = MaskSet()
             self.masks.load_state_dict(state["masks"])
+            self.masks.to(self.device)
         if state["fit"] is None:
             self.model.load_state_dict(state["model"])
             set_rng_state(state["rng"], self.workload.train_loader)
@@ -259,10 +309,12 @@ def _open_store(out: Path, resolved: dict, resume: bool, log) -> tuple[StateStor
 
 def open_run(recipe: Recipe, out_dir, *, resolved: dict | None = None, resume: bool = False,
              checkpoint_every: int | None = None, log: Callable[[str], None] = print,
-             spec: PruneSpec | None = None) -> tuple[RunContext, dict | None]:
-    """Start (or reopen) a run: state store, resolved ``recipe.yaml``, seeded workload, validated spec and
-    algorithm.  Returns the context and the checkpoint to resume (or None)."""
-    D.init_from_env()
+             spec: PruneSpec | None = None, overwrite: bool = False) -> tuple[RunContext, dict | None]:
+    """Start (or reopen) a run: device and threads, state store, seeded workload, validated spec and
+    algorithm — and only then the output folder with the resolved ``recipe.yaml`` (a recipe that fails
+    validation leaves nothing behind).  Returns the context and the checkpoint to resume (or None)."""
+    device = run_device(recipe)
+    D.init_from_env(device)
     is_main = D.rank() == 0
     if not is_main:
         log = lambda *_a, **_k: None  # noqa: E731
@@ -271,19 +323,26 @@ def open_run(recipe: Recipe, out_dir, *, resolved: dict | None = None, resume: b
     every = int(recipe.checkpoint_every if checkpoint_every is None else checkpoint_every)
     if every < 0:
         raise RecipeError(f"checkpoint_every: {every} is out of range (must be >= 0)")
-    store, state = _open_store(out, resolved, resume, log)
-    D.barrier()
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    if overwrite and resume:
+        raise RecipeError("--overwrite and --resume exclude each other")
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    store, state = (StateStore(out / STATE_DIR), None) if overwrite else _open_store(out, resolved, resume, log)
     seed_everything(recipe.seed)
     wl = build_workload(recipe)
     wl.train_loader = _resumable_loader(wl.train_loader, recipe.seed)
     spec, algo = validate_recipe(recipe, wl, spec)
     algo.calibration_loader = wl.train_loader   # post-training algorithms (wanda, sparsegpt, ...) sample it
-    ctx = RunContext(recipe, resolved, wl, spec, algo, out, log, {}, store, every=every, is_main=is_main)
-    if os.environ.get(KILL_ENV):
-        ctx.test_hooks = [_TestKill(os.environ[KILL_ENV], ctx)]
+    wl.model.to(device)                         # the teacher, masks and algorithm state follow it
+    D.barrier()
+    if is_main:                                 # validated: only now does the output folder appear
+        if overwrite:
+            clear_out_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    ctx = RunContext(recipe, resolved, wl, spec, algo, out, log, {}, store, every=every, is_main=is_main,
+                     device=device, runtime=Runtime(recipe.precision, recipe.log.progress_every_s,
+                                                    recipe.log.progress_every_steps))
+    ctx.test_hooks = _extra_hooks(recipe, ctx)
     return ctx, state
 
 
@@ -311,6 +370,8 @@ def run_stages(ctx: RunContext, stages: list[Stage], state: dict | None, *,
             where = (f"the last good checkpoint is {last[-1]} (read it with prunekit.io.checkpoint.load_state)"
                      if last else "no checkpoint had been written yet")
             raise NonFiniteLoss(f"{e}. Stopped; {where}") from None
+    for h in ctx.test_hooks:
+        getattr(h, "close", lambda: None)()
     ctx.results.setdefault("seconds", {})["total"] = (ctx.results.get("seconds", {}).get("total", 0.0)
                                                       + time.perf_counter() - t_start)
     if ctx.is_main:
@@ -328,7 +389,7 @@ class Report(Stage):
     def run(self, ctx: RunContext) -> dict:
         recipe, model, masks, metric = ctx.recipe, ctx.model, ctx.masks, ctx.task.metric
         res = ctx.results
-        summary = model_summary(model, masks, ctx.workload.example_input)
+        summary = model_summary(model, masks, to_device(ctx.workload.example_input, ctx.device))
         for layer in summary["layers"]:
             layer["structure"] = masks.structures.get(layer["name"], layer["structure"])
         out = {k: summary[k] for k in summary}
@@ -337,7 +398,8 @@ class Report(Stage):
                     "score_after_hard_prune": res["metrics"]["after_hard_prune"][metric],
                     "retrain_selection": "best of the hard-pruned entry weights and each retraining epoch (dev metric)",
                     "algorithm": recipe.algorithm.name, "structure": recipe.prune.structure,
-                    "target_sparsity": recipe.prune.sparsity, "machine": machine_info(),
+                    "target_sparsity": recipe.prune.sparsity, "machine": machine_info(ctx.device),
+                    "precision": recipe.precision,
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "algorithm_state_keys": sorted(ctx.algo.state_dict())})
         if D.is_distributed():
@@ -368,7 +430,7 @@ def pipeline_stages(recipe: Recipe, algo) -> list[Stage]:
 
 
 def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], None] = print, resume: bool = False,
-                 checkpoint_every: int | None = None) -> dict:
+                 checkpoint_every: int | None = None, overwrite: bool = False) -> dict:
     """Run the recipe end to end; returns the results dict (also written to ``out_dir/results.json``).
 
     The run checkpoints its whole state into ``out_dir/state/`` after every epoch and every
@@ -376,8 +438,10 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], No
     and at each stage boundary.  With ``resume=True`` it continues from the newest good checkpoint
     (falling back to the previous one if the newest is corrupt) and ends with the same result as an
     uninterrupted run.  Without ``resume``, an ``out_dir`` holding an unfinished run is an error.
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains data-parallel; only rank 0 writes files."""
-    ctx, state = open_run(recipe, out_dir, resume=resume, checkpoint_every=checkpoint_every, log=log)
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains data-parallel; only rank 0 writes files.
+    A folder holding a finished run is refused unless ``overwrite`` (which clears it after validation)."""
+    ctx, state = open_run(recipe, out_dir, resume=resume, checkpoint_every=checkpoint_every, log=log,
+                          overwrite=overwrite)
     ctx.results = {"name": recipe.name, "metric": ctx.task.metric, "metrics": {}, "seconds": {}, "history": {},
                    "workload": ctx.workload.info}
     return run_stages(ctx, pipeline_stages(recipe, ctx.algo), state)

@@ -69,7 +69,7 @@ def accuracy_vs_sparsity(runs, path, *, size=DEFAULT_SIZE) -> Path:
         if dense:
             ax.axhline(float(np.mean(dense)), color="grey", linestyle=":", label="dense")
         ax.set_xlabel("sparsity of targeted weights (%)")
-        ax.set_ylabel(f"{metric} ({'×100' if rs[0].kind == 'glue' else '%'})")
+        ax.set_ylabel(f"{metric} (%)")
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -11,7 +11,7 @@ Tables
   papers: one column per task headed ``TASK (metric)``, one row per (method, structure, target
   sparsity) — the method tagged ``(global)`` / ``(per-layer)`` for global scope / per-layer overrides — a ``compression rate`` column (dense count / nonzero count, whole model) and, when every
   task of a row is present, the average.  The first row is the dense model (compression 1.00×).
-  GLUE metrics (fractions in ``results.json``) are shown ×100 like the papers; accuracy of image
+  GLUE metrics are percentages in ``results.json`` (as the papers print them), like accuracy of image
   classification is already a percentage.
 * :func:`levels_table` — a shared-weight run (``results.json`` with a ``levels`` list, see
   :mod:`prunekit.deploy.shared_weights`): one row per level with sparsity, score and latency.
@@ -278,7 +278,7 @@ def render_report(runs: list[RunRecord], images: dict[str, str] | None = None) -
     """The markdown of ``report.md`` (``images``: title → relative PNG path)."""
     parts = ["# prunekit report", "", f"{len(runs)} runs: " + ", ".join(f"`{r.path}`" for r in runs), "",
              "## Methods × tasks", "", methods_tasks_table(runs), "",
-             "Scores: GLUE metrics ×100, image classification accuracy in %. Compression rate = dense "
+             "Scores: percentages (GLUE metrics and image classification accuracy). Compression rate = dense "
              "parameter count / nonzero parameter count (whole model).", "",
              "## Runs", "", summary_table(runs), ""]
     for r in runs:

@@ -20,7 +20,7 @@ def format_table(layers: list[dict], title: str | None = None) -> str:
 
 
 def display_score(value: float | None, kind: str) -> str:
-    """A score as the papers print it: GLUE fractions ×100, percentages as they are, 2 decimals."""
+    """A score as the papers print it: every metric is a percentage (GLUE too), 2 decimals."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return f"{100 * value:.2f}" if kind == "glue" else f"{value:.2f}"
+    return f"{value:.2f}"

@@ -36,6 +36,21 @@ class TrainConfig:
         _range("eval_every", self.eval_every, 1, None)
 
 
+@dataclass
+class Runtime:
+    """How the loop runs (not what it trains): autocast precision and the progress output interval.
+    The device is the model's: move the model first (:func:`prunekit.training.device.resolve_device`)."""
+
+    precision: str = "fp32"          # fp32 | bf16 | fp16 (torch.autocast; GradScaler for fp16 on CUDA)
+    progress_every_s: float = 30.0   # plain progress line interval when stderr is not a terminal (0 = off)
+    progress_every_steps: int = 0    # ... and/or every N steps (0 = off)
+
+    def __post_init__(self):
+        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        _range("progress_every_s", self.progress_every_s, 0, None)
+        _range("progress_every_steps", self.progress_every_steps, 0, None)
+
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["is_distributed", "rank", "world_size", "init_from_env", "barrier", "average_gradients", "ShardedBatchSampler",
+__all__ = ["is_distributed", "rank", "world_size", "local_rank", "init_from_env", "barrier", "average_gradients", "ShardedBatchSampler",
            "broadcast_state", "all_equal", "tensor_digest", "ResumableSampler"]
 
 
@@ -39,18 +39,24 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def init_from_env() -> bool:
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_from_env(device: torch.device | str | None = None) -> bool:
     """Initialise the default process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1).
 
-    Backend: ``nccl`` when CUDA is available, else ``gloo`` (override with ``$PRUNEKIT_DIST_BACKEND``).
+    Backend: follows the training ``device`` — ``nccl`` for CUDA, ``gloo`` otherwise (without a device:
+    ``nccl`` when CUDA is available); override with ``$PRUNEKIT_DIST_BACKEND``.
     Returns whether the run is distributed."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if dist.is_initialized():
         return True
-    backend = os.environ.get("PRUNEKIT_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    dev_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    backend = os.environ.get("PRUNEKIT_DIST_BACKEND") or ("nccl" if dev_type == "cuda" else "gloo")
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend)
     atexit.register(shutdown)   # gloo's threads can abort ("terminate called ...") if the group outlives main
     return True
@@ -60,6 +66,13 @@ def shutdown() -> None:
     """Tear the default process group down (registered at exit by :func:`init_from_env`)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _comm_device() -> torch.device:
+    """Where small collective tensors must live: the current CUDA device under nccl, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier() -> None:
@@ -119,10 +132,10 @@ def all_equal(digest: str) -> tuple[bool, list[str]]:
     """All-gather a digest string; returns (all equal, digests by rank)."""
     if not is_distributed():
         return True, [digest]
-    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)
+    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=_comm_device())
     out = [torch.zeros_like(mine) for _ in range(world_size())]
     dist.all_gather(out, mine)           # tensors, not all_gather_object (which pickles)
-    hexes = [bytes(t.tolist()).hex() for t in out]
+    hexes = [bytes(t.cpu().tolist()).hex() for t in out]
     return len(set(hexes)) == 1, hexes
 
 

@@ -16,9 +16,7 @@ dict`` and ``task.metric`` (the key to maximise).
 from __future__ import annotations
 
 import math
-import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -26,9 +24,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from prunekit.training.config import TrainConfig
+from prunekit.training.config import Runtime, TrainConfig
+from prunekit.training.device import Amp, device_of, to_device
+from prunekit.training.progress import make_progress
 from prunekit.core.masks import MaskSet
 from prunekit.algorithms.hooks import Hook, TrainContext
 from prunekit.core.errors import NonFiniteLoss
@@ -43,10 +42,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def _progress_disabled() -> bool:
-    return os.environ.get("PRUNEKIT_NO_PROGRESS") == "1" or not sys.stderr.isatty()
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -123,10 +118,10 @@ def _hook_states(hooks) -> list:
     return [h.state_dict() if callable(getattr(h, "state_dict", None)) else None for h in hooks]
 
 
-def _load_hook_states(hooks, states) -> None:
+def _load_hook_states(hooks, states, device=None) -> None:
     for h, st in zip(hooks, states):
         if st is not None and callable(getattr(h, "load_state_dict", None)):
-            h.load_state_dict(st)
+            h.load_state_dict(st if device is None else to_device(st, device))   # saved on CPU: map to the device
 
 
 def _params_finite(model: nn.Module) -> bool:
@@ -135,11 +130,6 @@ def _params_finite(model: nn.Module) -> bool:
 
 def _weights_copy(model: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _prepare_batch(batch):
-    """Where a batch enters the step (the one place for device transfer)."""
-    return batch
 
 
 @dataclass
@@ -168,6 +158,8 @@ class _Loop:
     skip: int = 0
     batch_i: int = 0
     epoch_start_rng: dict | None = None
+    device: torch.device | None = None                    # the model's: batches and hook states go there
+    amp: Amp | None = None                                # autocast (+ GradScaler for fp16 on CUDA)
 
     def snapshot(self) -> dict:
         ctx = self.ctx
@@ -178,11 +170,12 @@ class _Loop:
                 "epoch_start_rng": self.epoch_start_rng,
                 "position": {"step": ctx.step, "epoch": ctx.epoch, "batch": self.batch_i},
                 "history": self.history, "best": self.best, "bad_evals": self.bad_evals,
-                "best_state": self.best_state, "stopped": self.stopped, "phase": self.desc}
+                "best_state": self.best_state, "stopped": self.stopped, "phase": self.desc,
+                "amp": self.amp.state_dict() if self.amp is not None else None}
 
     def restore(self, resume: dict) -> None:
         """The one restore of a snapshot — after the hooks' ``begin`` (which built their structures)."""
-        _load_hook_states(self.hooks, resume["hooks"])
+        _load_hook_states(self.hooks, resume["hooks"], self.device)
         if self.masks is not None and resume.get("masks") is not None:
             self.masks.load_state_dict(resume["masks"])
         self.model.load_state_dict(resume["model"])
@@ -190,6 +183,8 @@ class _Loop:
             self.ctx.hard_prune.refresh()
         self.opt.load_state_dict(resume["optimizer"])
         self.sched.load_state_dict(resume["scheduler"])
+        if self.amp is not None:
+            self.amp.load_state_dict(resume.get("amp"))
         pos = resume["position"]
         self.ctx.step, self.ctx.epoch = int(pos["step"]), int(pos["epoch"])
         self.start_epoch, self.skip = int(pos["epoch"]), int(pos["batch"])
@@ -198,7 +193,8 @@ class _Loop:
         self.stopped = bool(resume.get("stopped", False))
 
 
-def _start(model, task, train_loader, eval_loader, cfg, hooks, masks, desc, restore_best, resume, baseline) -> _Loop:
+def _start(model, task, train_loader, eval_loader, cfg, hooks, masks, desc, restore_best, resume, baseline,
+           runtime: Runtime | None = None) -> _Loop:
     """Optimizer, schedule, hard-prune, hooks' ``begin``; then a resume snapshot (once) or the baseline."""
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     total = int(math.ceil(cfg.epochs * steps_per_epoch))
@@ -208,8 +204,9 @@ def _start(model, task, train_loader, eval_loader, cfg, hooks, masks, desc, rest
     ctx = TrainContext(model, opt, masks, hp, task, total_steps=total, steps_per_epoch=steps_per_epoch, phase=desc)
     for h in hooks:
         h.begin(ctx)
+    dev = device_of(model)
     lp = _Loop(model, task, train_loader, eval_loader, cfg, list(hooks), masks, desc, restore_best, ctx, opt, sched,
-               total)
+               total, device=dev, amp=Amp((runtime or Runtime()).precision, dev))
     if resume is not None:
         lp.restore(resume)
     elif baseline is not None and task.metric in baseline:
@@ -245,30 +242,34 @@ def _epoch_iter(lp: _Loop, epoch: int, resume: dict | None):
 def _train_step(lp: _Loop, batch, epoch: int, distributed: bool) -> torch.Tensor:
     """Forward (task loss + hooks' extra losses), backward, gradient averaging, clip, optimizer step."""
     ctx, desc = lp.ctx, lp.desc
-    batch = _prepare_batch(batch)
-    loss, outputs = lp.task.step(lp.model, batch)
-    for h in lp.hooks:
-        extra = h.extra_loss(ctx, batch, outputs)
-        if extra is not None:
-            loss = loss + extra
+    amp = lp.amp or Amp("fp32", lp.device)
+    batch = to_device(batch, lp.device)
+    with amp.autocast():
+        loss, outputs = lp.task.step(lp.model, batch)
+        for h in lp.hooks:
+            extra = h.extra_loss(ctx, batch, outputs)
+            if extra is not None:
+                loss = loss + extra
     finite = bool(torch.isfinite(loss))
     msg = "" if finite else (f"{desc}: loss is not finite ({float(loss.detach())}) at step {ctx.step} (epoch {epoch}); "
                              "lower the learning rate or the penalty")
     if not finite and not distributed:
         raise NonFiniteLoss(msg)
     lp.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    amp.backward(loss)
     if distributed:
         n_local = float(lp.task.batch_size(batch)) if hasattr(lp.task, "batch_size") else 1.0
         if D.average_gradients(lp.model.parameters(), n_local, nonfinite=not finite):
             raise NonFiniteLoss(msg or f"{desc}: loss is not finite on another rank at step {ctx.step}; "
                                        "lower the learning rate or the penalty")
     if lp.cfg.grad_clip:
+        amp.unscale(lp.opt)
         nn.utils.clip_grad_norm_(lp.model.parameters(), lp.cfg.grad_clip)
-    lp.opt.step()   # hard-prune re-masks here via the optimizer's post-step hook
+    amp.step(lp.opt)   # hard-prune re-masks here via the optimizer's post-step hook
     lp.sched.step()
     ctx.step += 1
     lp.batch_i += 1
+    ctx.loss = loss.detach()
     for h in lp.hooks:
         h.after_step(ctx)
     return loss
@@ -280,6 +281,8 @@ def _evaluate(lp: _Loop, bar) -> None:
     metrics = task.evaluate(lp.model, lp.eval_loader)
     metrics["epoch"] = ctx.epoch
     lp.history.append(metrics)
+    for h in lp.hooks:
+        h.evaluated(ctx, metrics)
     if lp.best is None or metrics[task.metric] > lp.best[task.metric]:
         lp.best, lp.bad_evals = dict(metrics), 0
         if lp.restore_best:
@@ -288,10 +291,7 @@ def _evaluate(lp: _Loop, bar) -> None:
         lp.bad_evals += 1
     line = f"[{lp.desc}] epoch {ctx.epoch:g}: " + ", ".join(
         f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-    if _progress_disabled():   # no bar (log file, CI): still one line per evaluation
-        print(line, file=sys.stderr, flush=True)
-    else:
-        bar.write(line)
+    bar.write(line)   # a tqdm bar on a terminal, a plain line otherwise (training.progress)
 
 
 def _end_epoch(lp: _Loop, epoch: int, n_epochs: int, bar, on_checkpoint) -> None:
@@ -335,7 +335,7 @@ def _run_epochs(lp: _Loop, resume, checkpoint_every: int, on_checkpoint, bar) ->
 def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | None, cfg: TrainConfig, *,
         hooks: list[Hook] = (), masks: MaskSet | None = None, desc: str = "train",
         restore_best: bool = False, baseline: dict | None = None, resume: dict | None = None, checkpoint_every: int = 0,
-        on_checkpoint: Callable[[Callable[[], dict]], None] | None = None) -> dict:
+        on_checkpoint: Callable[[Callable[[], dict]], None] | None = None, runtime: Runtime | None = None) -> dict:
     """Train ``model`` per ``cfg``; returns ``{"history": [...], "best": metrics, "steps": n, "seconds": s}``.
 
     With ``masks``, training is hard-pruned (weights, gradients, and weights after each step).
@@ -353,11 +353,15 @@ def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | 
     the phase started from (e.g. the dense teacher of a distillation), not the snapshot's.
 
     Data-parallel: when ``torch.distributed`` is initialised with several ranks, gradients are
-    averaged across ranks after ``backward`` (see :mod:`prunekit.training.distributed`)."""
-    lp = _start(model, task, train_loader, eval_loader, cfg, hooks, masks, desc, restore_best, resume, baseline)
+    averaged across ranks after ``backward`` (see :mod:`prunekit.training.distributed`).
+
+    Device and precision: training runs on the model's device (batches are moved there);
+    ``runtime.precision`` (fp32 | bf16 | fp16) runs the forward pass and losses under ``torch.autocast``
+    (see :mod:`prunekit.training.device`)."""
+    lp = _start(model, task, train_loader, eval_loader, cfg, hooks, masks, desc, restore_best, resume, baseline,
+                runtime)
     t0 = time.perf_counter()
-    bar = tqdm(total=lp.total, initial=lp.ctx.step, desc=desc, disable=_progress_disabled(), dynamic_ncols=True,
-               leave=False)
+    bar = make_progress(lp.total, lp.ctx.step, desc, runtime)   # tqdm on a terminal, a line every N s otherwise
     try:
         _run_epochs(lp, resume, checkpoint_every, on_checkpoint, bar)
     finally:

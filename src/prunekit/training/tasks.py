@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from prunekit.training.device import device_of, to_device
+
 
 class ClassificationTask:
     """Cross-entropy classification on ``(inputs, labels)`` batches; metric: accuracy (%)."""
@@ -24,7 +26,9 @@ class ClassificationTask:
         model.eval()
         correct = total = 0
         loss = 0.0
-        for x, y in loader:
+        dev = device_of(model)
+        for batch in loader:
+            x, y = to_device(batch, dev)
             out = model(x)
             loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())

@@ -1,0 +1,168 @@
+"""Pruning inside your own training loop.
+
+:class:`Pruner` drives any algorithm through the same hooks ``prunekit run``'s loop calls, so a
+hand-written loop reproduces it (same masks, same weights for the same seed and data order)::
+
+    pruner = Pruner(model, spec, optimizer, algorithm="admm", params={"rho": 1e-3},
+                    total_steps=epochs * len(loader), steps_per_epoch=len(loader))
+    for epoch in range(epochs):                      # the algorithm's phase (none for oneshot)
+        for x, y in loader:
+            out = model(x)
+            loss = pruner.loss(F.cross_entropy(out, y), (x, y), out)   # + ADMM/SLR/lasso/distillation terms
+            optimizer.zero_grad(); loss.backward(); optimizer.step()
+            pruner.step()                            # re-mask, schedules, multipliers
+        pruner.epoch_end()                           # ADMM Z/U updates at epoch ends
+    masks = pruner.finalize(new_optimizer)           # hard-prune; masks stay attached for retraining
+    ... retrain with the same loop (pruner.loss / pruner.step keep pruned weights at exactly 0) ...
+    pruner.detach()
+
+Distillation: pass ``teacher=`` (a model; a frozen copy is kept) and optionally ``distill={alpha, temperature,
+stages}``; its term is added by :meth:`loss` in the stages it is configured for.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.algorithms import get_algorithm_class
+from prunekit.algorithms.distill import Distiller, DistillConfig
+from prunekit.algorithms.hooks import Hook, TrainContext
+from prunekit.core.masks import HardPrune, MaskSet
+from prunekit.core.plan import PruneSpec
+from prunekit.core.targets import TargetSpec
+from prunekit.training.device import device_of, to_device
+
+__all__ = ["Pruner", "as_prune_spec", "inner_optimizer"]
+
+
+def as_prune_spec(spec: PruneSpec | dict) -> PruneSpec:
+    """A :class:`PruneSpec` from itself or a dict like a recipe's ``prune:`` section."""
+    if isinstance(spec, PruneSpec):
+        return spec
+    d = dict(spec)
+    t = d.pop("targets", None)
+    targets = t if isinstance(t, TargetSpec) else TargetSpec(**t) if t else TargetSpec()
+    return PruneSpec(d.pop("structure", "unstructured"), float(d.pop("sparsity", 0.5)), d.pop("score", "l2"),
+                     d.pop("scope", "layer"), targets, dict(d.pop("overrides", {}) or {}), **d)
+
+
+def inner_optimizer(opt):
+    """The torch optimizer inside wrappers (``accelerate``'s ``AcceleratedOptimizer`` has ``.optimizer``)."""
+    while opt is not None and not type(opt).__module__.startswith("torch.optim") and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+class Pruner:
+    """An algorithm's hooks for a user's loop (see the module doc)."""
+
+    def __init__(self, model: nn.Module, spec: PruneSpec | dict, optimizer: torch.optim.Optimizer | None = None, *,
+                 algorithm: str = "oneshot", params: Any = None, teacher: nn.Module | None = None,
+                 distill: dict | DistillConfig | None = None, task: Any = None, total_steps: int = 0,
+                 steps_per_epoch: int = 0):
+        self.model, self.spec = model, as_prune_spec(spec)
+        cls = get_algorithm_class(algorithm)
+        if params is None or isinstance(params, dict):
+            params = cls.Params(**(params or {}))
+        self.algorithm = cls(params, self.spec)
+        self.distiller = Distiller(teacher, task, distill) if teacher is not None else None
+        if self.distiller is not None:
+            self.distiller.teacher.to(device_of(model))
+        self.masks: MaskSet | None = None
+        self.hard_prune: HardPrune | None = None
+        self.finalized = False
+        self.ctx = TrainContext(model, optimizer, None, None, task, total_steps=int(total_steps),
+                                steps_per_epoch=int(steps_per_epoch), phase=self.algorithm.name)
+        search = self.algorithm.masks_during_search(model) if self.algorithm.has_search else None
+        self._attach(search, optimizer)
+        for h in self.hooks:
+            h.begin(self.ctx)
+
+    @property
+    def hooks(self) -> list[Hook]:
+        algo = [] if self.finalized or not self.algorithm.has_search else [self.algorithm]
+        return algo + ([self.distiller] if self.distiller is not None else [])
+
+    def _attach(self, masks: MaskSet | None, optimizer) -> None:
+        if self.hard_prune is not None:
+            self.hard_prune.detach()
+            self.hard_prune = None
+        opt = inner_optimizer(optimizer)
+        if masks is not None and len(masks):
+            masks.to(device_of(self.model))
+            self.hard_prune = HardPrune(masks, self.model, opt)   # re-masks after every optimizer step
+        self.masks = masks
+        self.ctx.optimizer, self.ctx.masks, self.ctx.hard_prune = optimizer, masks, self.hard_prune
+
+    def set_optimizer(self, optimizer) -> None:
+        """Bind (another) optimizer: hard-prune re-masks after its steps."""
+        self._attach(self.masks, optimizer)
+
+    # -- the calls of a training loop ---------------------------------------------------------------
+    def loss(self, batch_loss: Tensor, batch: Any = None, outputs: Any = None) -> Tensor:
+        """``batch_loss`` plus the algorithm's extra terms (ADMM/SLR penalty, group lasso, distillation)."""
+        loss = batch_loss
+        for h in self.hooks:
+            extra = h.extra_loss(self.ctx, batch, outputs)
+            if extra is not None:
+                loss = loss + extra
+        return loss
+
+    def step(self) -> None:
+        """After ``optimizer.step()``: re-mask, advance schedules / multipliers."""
+        if self.hard_prune is not None:
+            self.hard_prune.reapply()      # idempotent; also covers optimizers whose step hooks do not fire
+        self.ctx.step += 1
+        for h in self.hooks:
+            h.after_step(self.ctx)
+
+    def epoch_end(self) -> None:
+        self.ctx.epoch += 1
+        for h in self.hooks:
+            h.epoch_end(self.ctx)
+
+    # -- the end of the algorithm's phase -------------------------------------------------------------
+    def final_masks(self) -> MaskSet:
+        """The hard-prune masks the algorithm chooses now (weights untouched); after :meth:`finalize`, its masks."""
+        if self.finalized:
+            return self.masks
+        return self.algorithm.final_masks(self.model)
+
+    def finalize(self, optimizer: torch.optim.Optimizer | None = None) -> MaskSet:
+        """Hard-prune: zero the pruned weights and keep the masks attached (weights, gradients and after
+        every step of ``optimizer`` — default: the current one) for retraining.  Returns the masks."""
+        if self.finalized:
+            if optimizer is not None:
+                self.set_optimizer(optimizer)
+            return self.masks
+        masks = self.algorithm.final_masks(self.model)
+        masks.apply(self.model)
+        self.finalized = True
+        self._attach(masks, optimizer if optimizer is not None else self.ctx.optimizer)
+        self.ctx.step, self.ctx.epoch, self.ctx.phase = 0, 0, "retrain"
+        if self.distiller is not None:
+            self.distiller.set_stage("retrain")
+        return masks
+
+    def detach(self) -> None:
+        """Stop hard-pruning (the weights stay as they are)."""
+        if self.hard_prune is not None:
+            self.hard_prune.detach()
+            self.hard_prune = None
+
+    def sparsity(self) -> float:
+        return self.masks.sparsity() if self.masks is not None else 0.0
+
+    def state_dict(self) -> dict:
+        return {"algorithm": self.algorithm.state_dict(), "masks": self.masks.state_dict() if self.masks else None,
+                "step": self.ctx.step, "epoch": self.ctx.epoch, "finalized": self.finalized}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.algorithm.load_state_dict(to_device(state["algorithm"], device_of(self.model)))
+        self.ctx.step, self.ctx.epoch, self.finalized = int(state["step"]), int(state["epoch"]), bool(state["finalized"])
+        if state.get("masks") is not None:
+            ms = MaskSet()
+            ms.load_state_dict(state["masks"])
+            self._attach(ms, self.ctx.optimizer)
