@@ -100,20 +100,50 @@ def _apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
         t.mul_(m.to(t.device, t.dtype))
 
 
-def plan_removals(groups: Sequence[CoupledGroup], masks: Mapping[str, Tensor]) -> list[tuple[CoupledGroup, Tensor]]:
-    """``(group, keep)`` for every removable group with units to remove (at least one unit kept)."""
-    plan = []
+def unit_status(g: CoupledGroup, masks: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, list[str]]:
+    """``(pruned, partial, kept_in)`` per unit of ``g``.
+
+    A unit is *pruned* when it is zero in every weight slice (a parameter of 2+ dims: the mask, or the
+    values where there is no mask) and all False in every other slice that has a mask; biases, norm
+    parameters and buffers without masks ride along (whatever they hold only reaches zero weights).
+    *partial*: zero in some weight slice but not in all — kept; ``kept_in`` names where it is kept."""
+    pruned = torch.ones(g.count, dtype=torch.bool)
+    some = torch.zeros(g.count, dtype=torch.bool)
+    kept_in: list[str] = []
+    for s in g.slices:
+        t, m = state.get(s.tensor), masks.get(s.tensor)
+        if m is None and (t is None or not isinstance(t, nn.Parameter) or t.dim() < 2):
+            continue
+        alive = s.unit_view(m.bool() if m is not None else t.detach() != 0, g.count).any(1)
+        if isinstance(t, nn.Parameter) and t.dim() >= 2:
+            some |= ~alive
+        if (alive & some).any() or alive.any():
+            kept_in.append(s.tensor)
+        pruned &= ~alive
+    partial = some & ~pruned
+    return pruned, partial, [k for k in dict.fromkeys(kept_in)]
+
+
+def plan_removals(groups: Sequence[CoupledGroup], masks: Mapping[str, Tensor],
+                  state: Mapping[str, Tensor]) -> tuple[list[tuple[CoupledGroup, Tensor]], dict[str, str]]:
+    """``(group, keep)`` for every removable group with units to remove (at least one unit kept), and
+    per group a note on units pruned in some weight slices but kept in coupled ones."""
+    plan, notes = [], {}
     for g in groups:
         if not g.removable:
             continue
-        pruned = g.pruned_units(masks)
+        pruned, partial, kept_in = unit_status(g, masks, state)
+        if partial.any():
+            notes[g.name] = (f"{int(partial.sum())} units are zero in some weights but kept in coupled tensors "
+                             f"({', '.join(kept_in[:4])}{', ...' if len(kept_in) > 4 else ''}), e.g. a residual "
+                             "partner: they stay")
         if not pruned.any():
             continue
         keep = ~pruned
         if not keep.any():
             keep[0] = True
         plan.append((g, keep))
-    return plan
+    return plan, notes
 
 
 # ------------------------------------------------------------------------------------------- slicing
@@ -354,7 +384,7 @@ def compact(model: nn.Module, masks: Any, example_inputs: Any, *, groups: Sequen
         analysis = analyze_model(ref, example_inputs)
     if groups is None:
         groups = build_groups(analysis)
-    plan = plan_removals(groups, mdict)
+    plan, partial = plan_removals(groups, mdict, _state(ref))
     new, diff, rel, err = _try(ref, plan, example_inputs)
     if new is None or rel > rtol:
         bad = _culprits(ref, plan, example_inputs, rtol) or [g.name for g, _ in plan]
@@ -364,7 +394,8 @@ def compact(model: nn.Module, masks: Any, example_inputs: Any, *, groups: Sequen
     updates, notes = _update_config(new, groups, plan)
     keep_of = {g.name: keep for g, keep in plan}
     reports = [GroupReport(g.name, g.kind, g.count, int((~keep_of[g.name]).sum()) if g.name in keep_of else 0,
-                           int(keep_of[g.name].sum()) if g.name in keep_of else g.count, g.removable, g.reason)
+                           int(keep_of[g.name].sum()) if g.name in keep_of else g.count,
+                           g.removable and g.name not in partial, g.reason or partial.get(g.name, ""))
                for g in groups]
     res = CompactResult(new, reports, _nparams(ref), _nparams(new), diff, rel, config_updates=updates, notes=notes)
     if count_macs:
