@@ -1,0 +1,409 @@
+"""Graph-driven compaction: physically remove fully pruned units of coupled groups, verified.
+
+:func:`compact` takes a model, its masks (a :class:`~prunekit.masks.MaskSet` or ``{name: bool
+tensor}``, True = kept; ``None`` = the weights' own zero pattern) and example inputs:
+
+1. the *masked* model (a deep copy with the masks applied) is the reference;
+2. coupled groups come from its traced graph (:func:`prunekit.graph.coupled_groups`) unless given;
+3. a unit of a removable group is removed when it is all False in every slice that has a mask
+   (at least one unit per group is always kept, so every shape stays valid);
+4. on a second copy every slice's tensor — parameters and buffers — is ``index_select`` ed along its
+   dim (fresh contiguous tensors, ``nn.Parameter`` s replaced, tied parameters stay tied), then module
+   attributes are fixed: Linear ``in/out_features``, Conv ``in/out_channels`` (and ``groups`` for
+   depthwise), BatchNorm ``num_features``, LayerNorm ``normalized_shape``, HF ``Conv1D.nf``, attention
+   head counts (``num_attention_heads``/``num_heads``/``n_head``, ``num_key_value_heads``,
+   ``all_head_size``, GPT-2 ``split_size``) and, for HF models where every layer agrees and the family
+   reads it, ``config.num_attention_heads`` / ``num_key_value_heads`` / ``head_dim`` /
+   ``intermediate_size``;
+5. the compacted copy and the masked reference run on ``example_inputs``; the relative error
+   ``max|out_c - out_m| / max|out_m|`` over all output tensors must be ``<= rtol`` (default 1e-4).
+   Otherwise :class:`CompactionError` names the offending group(s) (each group is then tried alone)
+   and the user's model is left untouched.  On success the user's model object takes the compacted
+   state (``inplace=True``, the default) and :class:`CompactResult` reports per group.
+
+:func:`macs` counts multiply-accumulates from the same trace (Linear, Conv, Conv1D, attention).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..core.groups import CoupledGroup
+from ..graph import analyze_model, build_groups, call_model, macs_of
+from ..graph import macs as graph_macs
+
+__all__ = ["compact", "CompactResult", "GroupReport", "CompactionError", "macs"]
+
+macs = graph_macs
+
+
+class CompactionError(RuntimeError):
+    """Compaction would change the model's function (or could not be done); the model is untouched."""
+
+
+@dataclass
+class GroupReport:
+    name: str
+    kind: str
+    count: int
+    removed: int
+    kept: int
+    removable: bool
+    reason: str = ""
+
+
+@dataclass
+class CompactResult:
+    model: nn.Module
+    groups: list[GroupReport]
+    params_before: int
+    params_after: int
+    max_abs_diff: float
+    rel_err: float
+    macs_before: int | None = None
+    macs_after: int | None = None
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def removed(self) -> dict[str, int]:
+        return {g.name: g.removed for g in self.groups if g.removed}
+
+
+# ------------------------------------------------------------------------------------------- masks
+def _state(model: nn.Module) -> dict[str, Tensor]:
+    out = dict(model.named_buffers())
+    out.update(dict(model.named_parameters()))
+    return out
+
+
+def _mask_dict(model: nn.Module, masks: Any) -> dict[str, Tensor]:
+    if masks is None:
+        return {n: p.detach() != 0 for n, p in model.named_parameters()}
+    items = masks.items() if hasattr(masks, "items") else masks
+    return {k: torch.as_tensor(v).bool() for k, v in items}
+
+
+@torch.no_grad()
+def _apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
+    state = _state(model)
+    for name, m in masks.items():
+        if name not in state:
+            raise KeyError(f"mask for {name!r}: the model has no such parameter")
+        t = state[name]
+        if tuple(m.shape) != tuple(t.shape):
+            raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)}, tensor {tuple(t.shape)}")
+        t.mul_(m.to(t.device, t.dtype))
+
+
+def unit_status(g: CoupledGroup, masks: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, list[str]]:
+    """``(pruned, partial, kept_in)`` per unit of ``g``.
+
+    A unit is *pruned* when it is zero in every weight slice (a parameter of 2+ dims: the mask, or the
+    values where there is no mask) and all False in every other slice that has a mask; biases, norm
+    parameters and buffers without masks ride along (whatever they hold only reaches zero weights).
+    *partial*: zero in some weight slice but not in all — kept; ``kept_in`` names where it is kept."""
+    pruned = torch.ones(g.count, dtype=torch.bool)
+    some = torch.zeros(g.count, dtype=torch.bool)
+    kept_in: list[str] = []
+    for s in g.slices:
+        t, m = state.get(s.tensor), masks.get(s.tensor)
+        if m is None and (t is None or not isinstance(t, nn.Parameter) or t.dim() < 2):
+            continue
+        alive = s.unit_view(m.bool() if m is not None else t.detach() != 0, g.count).any(1)
+        if isinstance(t, nn.Parameter) and t.dim() >= 2:
+            some |= ~alive
+        if (alive & some).any() or alive.any():
+            kept_in.append(s.tensor)
+        pruned &= ~alive
+    partial = some & ~pruned
+    return pruned, partial, [k for k in dict.fromkeys(kept_in)]
+
+
+def plan_removals(groups: Sequence[CoupledGroup], masks: Mapping[str, Tensor],
+                  state: Mapping[str, Tensor]) -> tuple[list[tuple[CoupledGroup, Tensor]], dict[str, str]]:
+    """``(group, keep)`` for every removable group with units to remove (at least one unit kept), and
+    per group a note on units pruned in some weight slices but kept in coupled ones."""
+    plan, notes = [], {}
+    for g in groups:
+        if not g.removable:
+            continue
+        pruned, partial, kept_in = unit_status(g, masks, state)
+        if partial.any():
+            notes[g.name] = (f"{int(partial.sum())} units are zero in some weights but kept in coupled tensors "
+                             f"({', '.join(kept_in[:4])}{', ...' if len(kept_in) > 4 else ''}), e.g. a residual "
+                             "partner: they stay")
+        if not pruned.any():
+            continue
+        keep = ~pruned
+        if not keep.any():
+            keep[0] = True
+        plan.append((g, keep))
+    return plan, notes
+
+
+# ------------------------------------------------------------------------------------------- slicing
+def _keep_vectors(plan, state: Mapping[str, Tensor]) -> dict[tuple[str, int], Tensor]:
+    keeps: dict[tuple[str, int], Tensor] = {}
+    for g, keep in plan:
+        for s in g.slices:
+            if s.tensor not in state:
+                raise CompactionError(f"group {g.name}: the model has no tensor {s.tensor!r}")
+            size = state[s.tensor].shape[s.dim]
+            along = keeps.setdefault((s.tensor, s.dim), torch.ones(size, dtype=torch.bool))
+            start, stop = s.span(g.count)
+            along[start:stop] &= keep.repeat_interleave(s.width)
+    return keeps
+
+
+def _select(t: Tensor, dim: int, idx: Tensor) -> Tensor:
+    """The kept entries along ``dim`` as a fresh contiguous tensor (a hook for tests)."""
+    return t.detach().index_select(dim, idx.to(t.device)).contiguous().clone()
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
+    out: dict[int, list[tuple[nn.Module, str, bool]]] = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is not None:
+                out.setdefault(id(t), []).append((mod, attr, attr in mod._parameters))
+    return out
+
+
+@torch.no_grad()
+def _slice_tensors(model: nn.Module, keeps: Mapping[tuple[str, int], Tensor]) -> set[int]:
+    """Cut every tensor along its kept indices; returns the ids of the modules touched."""
+    state, owners, touched = _state(model), _owners(model), set()
+    by_tensor: dict[str, list[tuple[int, Tensor]]] = {}
+    for (name, dim), along in keeps.items():
+        by_tensor.setdefault(name, []).append((dim, along))
+    for name, cuts in by_tensor.items():
+        old = state[name]
+        new = old.detach()
+        for dim, along in cuts:
+            new = _select(new, dim, torch.nonzero(along).reshape(-1))
+        for mod, attr, is_param in owners.get(id(old), []):
+            if is_param:
+                mod._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
+            else:
+                mod._buffers[attr] = new
+            touched.add(id(mod))
+        if is_param_shared(owners.get(id(old), [])):
+            p = owners[id(old)][0][0]._parameters[owners[id(old)][0][1]]
+            for mod, attr, is_param in owners[id(old)]:
+                if is_param:
+                    mod._parameters[attr] = p
+    return touched
+
+
+def is_param_shared(owned: list[tuple[nn.Module, str, bool]]) -> bool:
+    return sum(1 for _, _, p in owned if p) > 1
+
+
+# ------------------------------------------------------------------------------------------- attributes
+def _depthwise(model: nn.Module) -> set[int]:
+    return {id(m) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)
+            and m.groups > 1 and m.groups == m.in_channels == m.out_channels}
+
+
+def _fix_module(m: nn.Module, depthwise: bool) -> None:
+    w = getattr(m, "weight", None)
+    if isinstance(m, nn.Linear):
+        m.out_features, m.in_features = int(w.shape[0]), int(w.shape[1])
+    elif isinstance(m, nn.modules.conv._ConvNd):
+        m.out_channels = int(w.shape[0])
+        if depthwise:
+            m.groups = m.in_channels = int(w.shape[0])
+        else:
+            m.in_channels = int(w.shape[1]) * m.groups
+    elif isinstance(m, nn.modules.batchnorm._NormBase):
+        ref = w if w is not None else m.running_mean
+        m.num_features = int(ref.shape[0])
+    elif isinstance(m, nn.LayerNorm) and w is not None:
+        m.normalized_shape = tuple(int(s) for s in w.shape)
+    elif isinstance(m, nn.GroupNorm) and w is not None:
+        m.num_channels = int(w.shape[0])
+    elif isinstance(m, nn.Embedding):
+        m.num_embeddings, m.embedding_dim = int(w.shape[0]), int(w.shape[1])
+    elif type(m).__name__ == "Conv1D" and w is not None:   # HF GPT-2 style (in, out) weight
+        m.nf = int(w.shape[1])
+        if hasattr(m, "nx"):
+            m.nx = int(w.shape[0])
+
+
+_HEAD_ATTRS = ("num_attention_heads", "num_heads", "n_head", "n_heads")
+_KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+_WIDTH_ATTRS = ("all_head_size", "split_size", "inner_dim")
+
+
+def _fix_attention(model: nn.Module, g: CoupledGroup, keep: Tensor) -> None:
+    """Head counts on the attention module (and its children) after removing units of ``g``."""
+    if not g.attention:
+        return
+    kept = int(keep.sum())
+    heads = kept * g.heads_per_unit
+    for _, m in model.get_submodule(g.attention).named_modules():
+        for a in _HEAD_ATTRS:
+            if isinstance(getattr(m, a, None), int):
+                setattr(m, a, heads)
+        for a in _KV_ATTRS:
+            if isinstance(getattr(m, a, None), int):
+                setattr(m, a, kept if g.kind == "kv_groups" else heads)
+        for a in _WIDTH_ATTRS:
+            if isinstance(getattr(m, a, None), int):
+                setattr(m, a, heads * g.head_dim)
+
+
+def _apply(model: nn.Module, plan) -> None:
+    """Slice ``model`` in place according to ``plan`` and fix module attributes."""
+    dw = _depthwise(model)
+    touched = _slice_tensors(model, _keep_vectors(plan, _state(model)))
+    for m in model.modules():
+        if id(m) in touched:
+            _fix_module(m, id(m) in dw)
+    for g, keep in plan:
+        _fix_attention(model, g, keep)
+
+
+# ------------------------------------------------------------------------------------------- config
+_FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim", "d_ff")
+
+
+def _uniform(values: Iterable[int]) -> int | None:
+    vals = set(values)
+    return vals.pop() if len(vals) == 1 else None
+
+
+def _update_config(model: nn.Module, groups: Sequence[CoupledGroup], plan) -> tuple[dict, list[str]]:
+    """Set HF config sizes when every layer agrees and the family reads them (see module doc)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return {}, []
+    keep_of = {g.name: keep for g, keep in plan}
+    kept = {g.name: int(keep_of[g.name].sum()) if g.name in keep_of else g.count for g in groups if g.removable}
+    upd, notes = {}, []
+    kv = _uniform(kept[g.name] for g in groups if g.kind == "kv_groups" and g.name in kept)
+    heads = _uniform(kept[g.name] for g in groups if g.kind == "heads" and g.name in kept)
+    attn = [g for g in groups if g.kind in ("heads", "kv_groups") and g.name in kept]
+    if attn and (kv is not None or heads is not None):
+        if hasattr(cfg, "head_dim") and hasattr(cfg, "num_attention_heads"):
+            g0 = attn[0]
+            upd["head_dim"] = g0.head_dim
+            upd["num_attention_heads"] = (kv * g0.heads_per_unit) if kv is not None else heads
+            if hasattr(cfg, "num_key_value_heads"):
+                upd["num_key_value_heads"] = kv if kv is not None else heads
+        elif any(g.name in keep_of for g in attn):
+            notes.append(f"{type(cfg).__name__} derives head size from hidden_size / heads: config head "
+                         "counts left as they are; the compacted model does not reload with from_pretrained")
+    elif attn:
+        notes.append("head counts differ across layers: config left as it is (per-layer attributes set)")
+    key = next((k for k in _FFN_KEYS if isinstance(getattr(cfg, k, None), int)), None)
+    if key is not None:
+        old = getattr(cfg, key)
+        ffn = [kept[g.name] for g in groups if g.kind == "neurons" and g.count == old and g.name in kept]
+        size = _uniform(ffn)
+        if size is not None and size != old:
+            upd[key] = size
+        elif ffn and size is None:
+            notes.append(f"FFN sizes differ across layers: config.{key} left as it is")
+    for k, v in upd.items():
+        setattr(cfg, k, v)
+    return upd, notes
+
+
+# ------------------------------------------------------------------------------------------- verify
+def _tensors(out: Any) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+def _errors(ref: nn.Module, new: nn.Module, example_inputs: Any) -> tuple[float, float]:
+    """``(max_abs_diff, rel_err)`` between two models' outputs; ``inf`` when shapes differ."""
+    a = _tensors(call_model(ref, example_inputs))
+    b = _tensors(call_model(new, example_inputs))
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return float("inf"), float("inf")
+    diff = max((float((x.float() - y.float()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
+    scale = max((float(x.float().abs().max()) for x in a if x.numel()), default=0.0)
+    return diff, diff / max(scale, 1e-12)
+
+
+def _try(ref: nn.Module, plan, example_inputs: Any) -> tuple[nn.Module | None, float, float, str]:
+    new = copy.deepcopy(ref)
+    try:
+        _apply(new, plan)
+        diff, rel = _errors(ref, new, example_inputs)
+    except Exception as e:  # noqa: BLE001 - any failure of the compacted model is a refusal
+        return None, float("inf"), float("inf"), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return new, diff, rel, ""
+
+
+def _culprits(ref: nn.Module, plan, example_inputs: Any, rtol: float) -> list[str]:
+    bad = []
+    for g, keep in plan:
+        _, _, rel, err = _try(ref, [(g, keep)], example_inputs)
+        if err or rel > rtol:
+            bad.append(f"{g.name} ({err or f'relative error {rel:.3g}'})")
+    return bad
+
+
+def _swap(model: nn.Module, new: nn.Module, training: bool) -> None:
+    """Give ``model`` (the user's object) the compacted state of ``new``."""
+    model.__dict__.clear()
+    model.__dict__.update(new.__dict__)
+    model.train(training)
+
+
+def _nparams(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------- entry
+def compact(model: nn.Module, masks: Any, example_inputs: Any, *, groups: Sequence[CoupledGroup] | None = None,
+            rtol: float = 1e-4, inplace: bool = True, count_macs: bool = True) -> CompactResult:
+    """Remove the fully pruned units of every removable coupled group, verified (module docstring).
+
+    Raises :class:`CompactionError` (model untouched) when the compacted model's outputs differ from
+    the masked model's by more than ``rtol`` (relative to the largest output), naming the group(s);
+    :class:`prunekit.graph.TraceError` when the model cannot be traced."""
+    training = model.training
+    ref = copy.deepcopy(model).eval()
+    mdict = _mask_dict(ref, masks)
+    _apply_masks(ref, mdict)
+    analysis = None
+    if groups is None or count_macs:
+        analysis = analyze_model(ref, example_inputs)
+    if groups is None:
+        groups = build_groups(analysis)
+    plan, partial = plan_removals(groups, mdict, _state(ref))
+    new, diff, rel, err = _try(ref, plan, example_inputs)
+    if new is None or rel > rtol:
+        bad = _culprits(ref, plan, example_inputs, rtol) or [g.name for g, _ in plan]
+        why = err or f"relative output error {rel:.3g} > rtol {rtol:g} (max abs diff {diff:.3g})"
+        raise CompactionError(f"compaction refused, the model is unchanged: {why}; offending group(s): "
+                              + "; ".join(bad))
+    updates, notes = _update_config(new, groups, plan)
+    keep_of = {g.name: keep for g, keep in plan}
+    reports = [GroupReport(g.name, g.kind, g.count, int((~keep_of[g.name]).sum()) if g.name in keep_of else 0,
+                           int(keep_of[g.name].sum()) if g.name in keep_of else g.count,
+                           g.removable and g.name not in partial, g.reason or partial.get(g.name, ""))
+               for g in groups]
+    res = CompactResult(new, reports, _nparams(ref), _nparams(new), diff, rel, config_updates=updates, notes=notes)
+    if count_macs:
+        res.macs_before = macs_of(analysis.traced)["total"]
+        res.macs_after = graph_macs(new, example_inputs)["total"]
+    if inplace:
+        _swap(model, new, training)
+        res.model = model
+    else:
+        new.train(training)
+    return res
