@@ -11,7 +11,7 @@ from torch import nn
 from prunekit.deploy import surgery
 from prunekit.deploy.surgery import CompactionError, compact
 from prunekit.graph import coupled_groups
-from prunekit.masks import MaskSet
+from prunekit.core.masks import MaskSet
 from prunekit.models.lenet import lenet5
 
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM

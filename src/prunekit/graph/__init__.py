@@ -18,7 +18,8 @@ from typing import Any
 from torch import nn
 
 from ..core.groups import CoupledGroup
-from .analyze import Analysis, analyze, op_name
+from .analyze import Analysis, op_name
+from .rules import analyze
 from .groups import build_groups
 from .trace import TraceError, Traced, call_model, normalize_inputs, trace
 

@@ -28,7 +28,7 @@ from torch import fx
 from .spaces import Spaces
 from .trace import Traced
 
-__all__ = ["Analysis", "analyze", "op_name"]
+__all__ = ["Analysis", "op_name"]
 
 Dims = list[int]
 
@@ -114,28 +114,6 @@ def _opaque(a: Analysis, node: fx.Node) -> Any:
     for x in node.all_input_nodes:
         a.flag_dims(a.d(x), range(len(a.d(x) or [])), why)
     return a.fresh(node)
-
-
-def analyze(traced: Traced) -> Analysis:
-    """Relate all dimensions of ``traced`` (see the module docstring)."""
-    from . import rules  # noqa: F401,PLC0415 - registers RULES
-
-    a = Analysis(traced)
-    user = {n.name for n in traced.user_inputs}
-    for node in traced.graph.nodes:
-        if node.op in ("placeholder", "get_attr"):
-            a.dims[node.name] = a.fresh(node)
-            if node.name in user:
-                a.flag_dims(a.d(node), range(len(a.d(node) or [])), f"model input {node.name}")
-            name = traced.tensors.get(node.name)
-            if name is not None and a.d(node) is not None:
-                a.tensor_dims[name] = a.d(node)
-        elif node.op == "call_function":
-            fn = RULES.get(op_name(node), _opaque)
-            a.dims[node.name] = fn(a, node)
-        elif node.op == "output":
-            _flag_outputs(a, node)
-    return a
 
 
 def _flag_outputs(a: Analysis, node: fx.Node) -> None:

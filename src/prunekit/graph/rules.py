@@ -5,7 +5,8 @@ from typing import Any
 
 from torch import fx
 
-from .analyze import Analysis, Dims, _shape, _where, broadcast, reshape_dims, rule
+from .analyze import RULES, Analysis, _flag_outputs, _opaque, _shape, _where, broadcast, op_name, reshape_dims, rule
+from .trace import Traced
 
 _UNARY = ("relu", "relu_", "gelu", "gelu_", "silu", "silu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "neg",
           "hardtanh", "hardtanh_", "hardswish", "hardswish_", "hardsigmoid", "leaky_relu", "leaky_relu_", "elu",
@@ -140,7 +141,6 @@ def _conv(a: Analysis, node: fx.Node) -> Any:
 
 
 def op_is(node: fx.Node, *names: str) -> bool:
-    from .analyze import op_name  # noqa: PLC0415
     return op_name(node) in names
 
 
@@ -230,7 +230,6 @@ def _reduce(a: Analysis, node: fx.Node) -> Any:
 
 
 def _opaque_fallback(a: Analysis, node: fx.Node) -> Any:
-    from .analyze import _opaque  # noqa: PLC0415
     return _opaque(a, node)
 
 
@@ -267,7 +266,6 @@ def _pool(a: Analysis, node: fx.Node) -> Any:
 
 
 def op_name_tail(node: fx.Node) -> str:
-    from .analyze import op_name  # noqa: PLC0415
     name = op_name(node)
     for t in ("1d", "2d", "3d"):
         if name.endswith(t) or name.endswith(t + "_with_indices"):
@@ -434,3 +432,22 @@ def _sdpa(a: Analysis, node: fx.Node) -> Any:
         a.attention[a.spaces.find(q[-3])] = (module, head_dim)
     return out
 
+
+def analyze(traced: Traced) -> Analysis:
+    """Relate all dimensions of ``traced`` (see the module docstring)."""
+    a = Analysis(traced)
+    user = {n.name for n in traced.user_inputs}
+    for node in traced.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            a.dims[node.name] = a.fresh(node)
+            if node.name in user:
+                a.flag_dims(a.d(node), range(len(a.d(node) or [])), f"model input {node.name}")
+            name = traced.tensors.get(node.name)
+            if name is not None and a.d(node) is not None:
+                a.tensor_dims[name] = a.d(node)
+        elif node.op == "call_function":
+            fn = RULES.get(op_name(node), _opaque)
+            a.dims[node.name] = fn(a, node)
+        elif node.op == "output":
+            _flag_outputs(a, node)
+    return a

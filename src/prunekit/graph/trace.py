@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
 __all__ = ["TraceError", "Traced", "trace", "call_model", "normalize_inputs"]
 
@@ -86,7 +87,6 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
 
 
 def _make_fx(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
-    from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
     names = list(dict(model.named_parameters()).keys()) + list(dict(model.named_buffers()).keys())
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     tensors = [state[n] for n in names]
