@@ -281,8 +281,8 @@ def _evaluate(lp: _Loop, bar) -> None:
     metrics = task.evaluate(lp.model, lp.eval_loader)
     metrics["epoch"] = ctx.epoch
     lp.history.append(metrics)
-    for h in lp.hooks:
-        h.evaluated(ctx, metrics)
+    for h in lp.hooks:                                   # optional: duck-typed hooks may lack it
+        getattr(h, "evaluated", lambda *_: None)(ctx, metrics)
     if lp.best is None or metrics[task.metric] > lp.best[task.metric]:
         lp.best, lp.bad_evals = dict(metrics), 0
         if lp.restore_best:
