@@ -2,7 +2,6 @@
 models, ``model.checkpoint`` (strict), percent metrics, and ``run_pipeline`` end to end on tiny files."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -16,16 +15,16 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from prunekit.core.errors import CheckpointError, DataError, RecipeError
-from prunekit.io.checkpoint import load_checkpoint, save_checkpoint
-from prunekit.pipelines.recipe import parse_recipe
 from prunekit.data.factory import load_factory
 from prunekit.data.imagefolder import load_imagefolder
 from prunekit.data.table import load_hf_disk, load_table, load_table_splits
 from prunekit.data.task_metrics import task_metrics
+from prunekit.io.checkpoint import load_checkpoint, save_checkpoint
 from prunekit.models.user import ModelImportError, build_model, build_user_model, load_weights
+from prunekit.pipelines.recipe import parse_recipe
 from prunekit.pipelines.runner import run_pipeline
-from prunekit.pipelines.workloads import build_workload
 from prunekit.pipelines.user_workloads import UserTask
+from prunekit.pipelines.workloads import build_workload
 
 os.environ.setdefault("PRUNEKIT_NO_PROGRESS", "1")
 

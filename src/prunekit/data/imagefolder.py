@@ -14,9 +14,9 @@ the same size.  Every problem — no images, an unreadable or corrupt file, mixe
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

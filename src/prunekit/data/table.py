@@ -26,9 +26,10 @@ import math
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from prunekit.core.errors import DataError
 from prunekit.data.glue import GlueExample

@@ -22,13 +22,13 @@ import importlib
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-
-from torch import nn
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 
 from prunekit.core.errors import CheckpointError, ModelError, UnknownNameError
 from prunekit.io.checkpoint import load_checkpoint, load_into

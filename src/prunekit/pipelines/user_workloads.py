@@ -7,8 +7,9 @@ or MSE by ``data.task_type``, metrics from :mod:`prunekit.data.task_metrics` in 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
