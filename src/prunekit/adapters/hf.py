@@ -89,11 +89,12 @@ def _random_config(family: str, num_labels: int, overrides: dict):
     return cls(num_labels=num_labels, **overrides)
 
 
-def load_model(name: str, num_labels: int, **args) -> nn.Module:
+def load_model(name: str, num_labels: int, *, trust_remote_code: bool = False, **args) -> nn.Module:
     """A sequence-classification model by alias, folder, random config, or hub name (see module doc).
 
     For ``*-config`` names, ``args`` are config fields; otherwise ``args`` may hold ``config`` (a dict
-    of config overrides, e.g. dropout)."""
+    of config overrides, e.g. dropout).  ``trust_remote_code`` (recipe ``model.trust_remote_code``,
+    default false) lets Hugging Face run Python code shipped with the model."""
     from transformers import AutoModelForSequenceClassification  # noqa: PLC0415
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
@@ -108,20 +109,21 @@ def load_model(name: str, num_labels: int, **args) -> nn.Module:
     hf_logging.set_verbosity_error()  # "some weights newly initialised" (the classifier) is expected
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            where, num_labels=num_labels, local_files_only=(kind == "folder"), **extra)
+            where, num_labels=num_labels, local_files_only=(kind == "folder"), trust_remote_code=trust_remote_code,
+            **extra)
     except OSError as e:
         raise RecipeError(f"cannot load model {name!r}: {e}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     """The tokenizer of a model source (random configs use the packaged MiniLM/BERT-uncased one)."""
     from transformers import AutoTokenizer  # noqa: PLC0415
     kind, where = resolve_model_source(name)
     if kind == "random":
         where, kind = str(minilm_path()), "folder"
-    return AutoTokenizer.from_pretrained(where, local_files_only=(kind == "folder"))
+    return AutoTokenizer.from_pretrained(where, local_files_only=(kind == "folder"), trust_remote_code=trust_remote_code)
 
 
 # --------------------------------------------------------------------------------------------- task

@@ -24,7 +24,9 @@ from prunekit.core.errors import RecipeError, UnknownNameError
 from prunekit.training.config import TrainConfig, _choice, _range
 from prunekit.algorithms import get_algorithm_class
 from prunekit.data.registry import canonical_dataset_name
+from prunekit.data.user import is_user_data, validate_user_data
 from prunekit.models.registry import list_models
+from prunekit.models.user import is_import_path
 
 __all__ = ["RecipeError", "Recipe", "TrainConfig", "ModelConfig", "DataConfig", "PruneConfig", "TargetsConfig",
            "AlgorithmConfig", "LogConfig", "load_recipe", "parse_recipe", "apply_overrides", "from_dict", "to_dict"]
@@ -34,7 +36,8 @@ __all__ = ["RecipeError", "Recipe", "TrainConfig", "ModelConfig", "DataConfig", 
 class ModelConfig:
     name: str = "lenet5"
     args: dict = field(default_factory=dict)      # keyword arguments of the model factory
-    checkpoint: str | None = None                 # dense weights to start from (prunekit checkpoint dir)
+    checkpoint: str | None = None                 # weights to start from: prunekit run folder or .safetensors file
+    trust_remote_code: bool = False               # HF models: run the model repository's own code (opt-in)
 
 
 @dataclass
@@ -47,6 +50,19 @@ class DataConfig:
     eval_batch_size: int = 256
     max_length: int = 128            # NLP: tokens per example
     augment: bool = False            # CV: random crop + flip
+    # the user's own data (see prunekit.data.user): name imagefolder | table | hf_disk, or a factory
+    factory: str | None = None       # package.module:function -> (train_dataset, eval_dataset)
+    factory_args: dict = field(default_factory=dict)   # keyword arguments of data.factory
+    train: str | None = None         # table: train file (csv/tsv/jsonl); hf_disk: train split name
+    eval: str | None = None          # table: eval file; hf_disk: eval split name
+    format: str | None = None        # table: csv | tsv | jsonl (default: from the file extension)
+    text_columns: list[str] = field(default_factory=list)   # table/hf_disk: [text] or [text_a, text_b]
+    label_column: str = "label"      # table/hf_disk
+    task_type: str = "classification"  # user data: classification | regression
+    image_size: int | list[int] | None = None   # imagefolder: resize to N x N or [H, W]
+    mean: list[float] | None = None  # imagefolder: per-channel normalisation (after scaling to [0, 1])
+    std: list[float] | None = None
+    grayscale: bool = False          # imagefolder: read as one channel
 
     def __post_init__(self):
         for k in ("limit", "eval_limit"):
@@ -56,6 +72,15 @@ class DataConfig:
         _range("batch_size", self.batch_size, 1, None)
         _range("eval_batch_size", self.eval_batch_size, 1, None)
         _range("max_length", self.max_length, 8, None)
+        _choice("task_type", self.task_type, ("classification", "regression"))
+        if self.format is not None:
+            _choice("format", self.format, ("csv", "tsv", "jsonl"))
+        if isinstance(self.image_size, list) and len(self.image_size) != 2:
+            raise RecipeError(f"image_size: expected an int or [height, width], got {self.image_size!r}")
+        for v in [self.image_size] if isinstance(self.image_size, int) else (self.image_size or []):
+            _range("image_size", v, 1, None)
+        for v in self.std or []:
+            _range("std", v, 0, None, lo_open=True)
 
 
 @dataclass
@@ -268,9 +293,12 @@ def parse_recipe(raw: dict, overrides: list[str] | None = None) -> Recipe:
     except UnknownNameError as e:
         raise RecipeError(f"algorithm.name: {e}") from None
     from_dict(cls.Params, recipe.algorithm.params, "algorithm.params")
-    if recipe.task == "classification":
-        if recipe.model.name not in list_models():
-            raise RecipeError(f"model.name: unknown model {recipe.model.name!r}; valid: {list_models()}")
+    if is_user_data(recipe.data):
+        validate_user_data(recipe.data, recipe.model.name)
+    elif recipe.task == "classification":
+        if recipe.model.name not in list_models() and not is_import_path(recipe.model.name):
+            raise RecipeError(f"model.name: unknown model {recipe.model.name!r}; valid: {list_models()} "
+                              "or an import path package.module:factory")
         try:
             canonical_dataset_name(recipe.data.name)
         except UnknownNameError as e:

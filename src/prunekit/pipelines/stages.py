@@ -22,6 +22,7 @@ from prunekit.algorithms.shared_levels import FreezeShared, JointLevels, LevelVi
 from prunekit.core.masks import MaskSet
 from prunekit.core.nested import NestedMasks, nested_masks
 from prunekit.io.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from prunekit.models.user import load_weights
 from prunekit.training import distributed as D
 
 __all__ = ["Stage", "Dense", "Search", "HardPrune", "Retrain", "JointBase", "SharedLevel", "JointLevelsStage",
@@ -73,8 +74,8 @@ class Dense(Stage):
 
     def _load_given(self, ctx) -> None:
         if ctx.recipe.model.checkpoint:          # checked (names, shapes, checksums) before any training
-            load_checkpoint(ctx.recipe.model.checkpoint, ctx.model)
-            ctx.log(f"loaded dense weights from {ctx.recipe.model.checkpoint}")
+            # a prunekit run folder or a .safetensors file, loaded strictly (prunekit.models.user)
+            ctx.log(f"loaded dense weights from {load_weights(ctx.model, ctx.recipe.model.checkpoint)}")
 
     def _keep(self, ctx) -> None:
         if self.keep:

@@ -15,8 +15,10 @@ from prunekit.graph.families import default_targets
 from prunekit.training.tasks import ClassificationTask
 from prunekit.data.glue import encode_examples, get_task, load_glue, make_loader
 from prunekit.data.registry import get_dataset
-from prunekit.models.registry import get_model
 from prunekit.core.registry import Registry
+from prunekit.models.user import build_model
+from prunekit.data.user import is_user_data
+from prunekit.pipelines.user_workloads import build_user_workload
 
 
 def build_glue_workload(recipe: Recipe):
@@ -39,8 +41,9 @@ def build_glue_workload(recipe: Recipe):
     num_labels = int(args.pop("num_labels", spec.num_labels))
     if num_labels != spec.num_labels:
         raise RecipeError(f"model.args.num_labels={num_labels} but {spec.display} needs {spec.num_labels}")
-    model = load_model(recipe.model.name, num_labels, **args)
-    tok = load_tokenizer(recipe.model.name)
+    trust = recipe.model.trust_remote_code
+    model = load_model(recipe.model.name, num_labels, trust_remote_code=trust, **args)
+    tok = load_tokenizer(recipe.model.name, trust_remote_code=trust)
     enc_train = encode_examples(train, tok, d.max_length)
     enc_dev = encode_examples(dev, tok, d.max_length)
     if not _uses_token_types(model):  # DistilBERT takes none; RoBERTa has a single token type
@@ -100,8 +103,7 @@ def _classification_workload(recipe: Recipe) -> Workload:
     train_loader = torch.utils.data.DataLoader(train, batch_size=d.batch_size, shuffle=True, generator=g)
     eval_loader = torch.utils.data.DataLoader(test, batch_size=d.eval_batch_size)
     n_classes = len(getattr(train, "classes", ())) or 10
-    args = {"num_classes": n_classes, **recipe.model.args}
-    model = get_model(recipe.model.name, **args)
+    model = build_model(recipe.model.name, recipe.model.args, num_classes=n_classes)  # built-in or import path
     x0 = train[0][0].unsqueeze(0)
     info = {"train_examples": len(train), "eval_examples": len(test)}
     if getattr(train, "note", None):
@@ -115,5 +117,8 @@ TASKS.add("glue", build_glue_workload)
 
 
 def build_workload(recipe: Recipe) -> Workload:
-    """The workload of ``recipe.task`` (a :data:`TASKS` entry)."""
+    """The workload of ``recipe.task`` (a :data:`TASKS` entry), or of the user's own data (imagefolder /
+    table / hf_disk / data.factory: :mod:`prunekit.pipelines.user_workloads`)."""
+    if is_user_data(recipe.data):
+        return Workload(*build_user_workload(recipe))
     return TASKS.get(recipe.task)(recipe)

@@ -1,0 +1,231 @@
+"""Workloads for the user's own data: ``imagefolder``, ``table``, ``hf_disk`` and ``data.factory``
+(which recipes, which keys and models: :mod:`prunekit.data.user`).
+
+:func:`build_user_workload` returns a :class:`UserWorkload` (the fields of
+:class:`prunekit.pipelines.workloads.Workload`, which wraps it), with a :class:`UserTask`: cross-entropy
+or MSE by ``data.task_type``, metrics from :mod:`prunekit.data.task_metrics` in **percent**.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.adapters.hf import load_model, load_tokenizer
+from prunekit.core.errors import DataError, RecipeError
+from prunekit.data.factory import load_factory
+from prunekit.data.glue import encode_examples, make_loader
+from prunekit.data.imagefolder import load_imagefolder
+from prunekit.data.table import load_hf_disk, load_table_splits, subsample
+from prunekit.data.task_metrics import primary_metric, task_metrics
+from prunekit.data.user import TEXT_DATASETS, user_data_kind
+from prunekit.graph.families import default_targets
+from prunekit.models.user import build_model
+from prunekit.pipelines.recipe import Recipe
+
+__all__ = ["UserTask", "UserWorkload", "build_user_workload"]
+
+
+class UserWorkload(NamedTuple):
+    """The parts of a :class:`~prunekit.pipelines.workloads.Workload`, in its field order."""
+
+    model: nn.Module
+    task: Any
+    train_loader: Any
+    eval_loader: Any
+    example_input: Any
+    info: dict
+
+
+# --------------------------------------------------------------------------------------------- task
+class UserTask:
+    """The training-loop task for user data.  Batches are ``(input, labels)`` pairs (``input`` a tensor
+    or a dict of keyword arguments) or dicts with ``labels`` (tokenised text).  Classification uses
+    cross-entropy, regression the mean squared error of the single output; ``evaluate`` returns
+    :func:`~prunekit.data.task_metrics.task_metrics` (percent) plus ``loss`` and ``examples``."""
+
+    def __init__(self, task_type: str = "classification", num_classes: int | None = None, text: bool = False):
+        self.task_type, self.num_classes = task_type, num_classes
+        self.metric = primary_metric(task_type)
+        if text:
+            self.output_hidden_states = False      # hidden-state distillation is possible for HF models
+
+    @property
+    def is_regression(self) -> bool:
+        return self.task_type == "regression"
+
+    @staticmethod
+    def split(batch) -> tuple[Any, Tensor]:
+        if isinstance(batch, Mapping):
+            return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+        x, y = batch
+        return x, y
+
+    def forward(self, model: nn.Module, batch, output_hidden_states: bool | None = None):
+        x, _ = self.split(batch)
+        if isinstance(x, Mapping):
+            ohs = getattr(self, "output_hidden_states", False) if output_hidden_states is None else output_hidden_states
+            return model(**x, output_hidden_states=ohs) if hasattr(self, "output_hidden_states") else model(**x)
+        return model(x)
+
+    @staticmethod
+    def logits(outputs) -> Tensor:
+        return outputs.logits if hasattr(outputs, "logits") else outputs
+
+    def loss(self, logits: Tensor, batch) -> Tensor:
+        _, y = self.split(batch)
+        if self.is_regression:
+            return nn.functional.mse_loss(logits.reshape(-1).float(), y.float())
+        return nn.functional.cross_entropy(logits, y)
+
+    def step(self, model: nn.Module, batch):
+        out = self.forward(model, batch)
+        return self.loss(self.logits(out), batch), out
+
+    def batch_size(self, batch) -> int:
+        return len(self.split(batch)[1])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+        was = model.training
+        model.eval()
+        outs, labels, loss = [], [], 0.0
+        for batch in loader:
+            lg = self.logits(self.forward(model, batch, output_hidden_states=False))
+            loss += float(self.loss(lg, batch)) * self.batch_size(batch)
+            outs.append(lg.float())
+            labels.append(self.split(batch)[1])
+        model.train(was)
+        lg, y = torch.cat(outs), torch.cat(labels)
+        out = task_metrics(self.task_type, lg, y, None if self.is_regression else self.num_classes)
+        out["loss"] = loss / max(len(y), 1)
+        out["examples"] = int(len(y))
+        return out
+
+
+# --------------------------------------------------------------------------------------------- workloads
+def _check_outputs(model: nn.Module, x: Any, n_out: int, what: str) -> None:
+    """One forward pass on an example: the model must give ``n_out`` values per example."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(**x) if isinstance(x, Mapping) else model(x)
+    except Exception as e:  # noqa: BLE001 - surface a shape problem before training
+        raise RecipeError(f"model {type(model).__name__} fails on an example input of the data set "
+                          f"({what}): {type(e).__name__}: {e}") from None
+    finally:
+        model.train(was)
+    out = UserTask.logits(out)
+    got = out.shape[-1] if out.dim() > 1 else 1
+    if got != n_out:
+        raise RecipeError(f"model {type(model).__name__} gives {got} output(s) per example but the data set "
+                          f"needs {n_out} ({what})")
+
+
+def _image_workload(recipe: Recipe) -> UserWorkload:
+    d = recipe.data
+    opts = {"image_size": d.image_size, "mean": d.mean, "std": d.std, "grayscale": d.grayscale}
+    train = load_imagefolder(d.root, "train", limit=d.limit, augment=d.augment, **opts)
+    val = load_imagefolder(d.root, "val", limit=d.eval_limit or d.limit, **opts)
+    model = build_model(recipe.model.name, recipe.model.args, num_classes=train.num_classes)
+    x0 = train.images[:1]
+    _check_outputs(model, x0, train.num_classes, f"{train.num_classes} classes {list(train.classes)}")
+    g = torch.Generator().manual_seed(recipe.seed)
+    info = {"data": "imagefolder", "root": str(Path(d.root).expanduser()), "classes": list(train.classes),
+            "train_examples": len(train), "eval_examples": len(val), "image_shape": list(x0.shape[1:])}
+    return UserWorkload(model, UserTask("classification", train.num_classes),
+                    torch.utils.data.DataLoader(train, batch_size=d.batch_size, shuffle=True, generator=g),
+                    torch.utils.data.DataLoader(val, batch_size=d.eval_batch_size), x0, info)
+
+
+def _factory_workload(recipe: Recipe) -> UserWorkload:
+    d = recipe.data
+    fd = load_factory(d.factory, d.factory_args, d.task_type)
+    train, ev = fd.train, fd.eval
+    if d.limit is not None and d.limit < len(train):
+        train = torch.utils.data.Subset(train, range(d.limit))
+    if (d.eval_limit or d.limit) is not None and (d.eval_limit or d.limit) < len(ev):
+        ev = torch.utils.data.Subset(ev, range(d.eval_limit or d.limit))
+    n_classes = None if d.task_type == "regression" else fd.num_classes
+    model = build_model(recipe.model.name, recipe.model.args, num_classes=n_classes)
+    x0 = torch.utils.data.default_collate([train[0]])[0]
+    _check_outputs(model, x0, fd.num_classes, d.task_type)
+    g = torch.Generator().manual_seed(recipe.seed)
+    info = {"data": f"factory {d.factory}", "task_type": d.task_type, "num_classes": fd.num_classes,
+            "train_examples": len(train), "eval_examples": len(ev)}
+    return UserWorkload(model, UserTask(d.task_type, n_classes),
+                    torch.utils.data.DataLoader(train, batch_size=d.batch_size, shuffle=True, generator=g),
+                    torch.utils.data.DataLoader(ev, batch_size=d.eval_batch_size), x0, info)
+
+
+def _table_path(d, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or not d.root else Path(d.root).expanduser() / p
+
+
+def _text_splits(recipe: Recipe):
+    d = recipe.data
+    if user_data_kind(recipe.data) == "hf_disk":
+        train, ev = load_hf_disk(d.root, d.text_columns, d.label_column, d.task_type, d.train, d.eval)
+    else:
+        train, ev = load_table_splits(_table_path(d, d.train), _table_path(d, d.eval), d.text_columns,
+                                      d.label_column, d.task_type, d.format)
+    train = subsample(train, d.limit, recipe.seed)
+    if (d.eval_limit or d.limit) is not None:
+        ev.examples = ev.examples[: d.eval_limit or d.limit]
+    return train, ev
+
+
+def _uses_token_types(model: nn.Module) -> bool:   # as pipelines.workloads (DistilBERT/RoBERTa: none)
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", "") != "distilbert" and getattr(cfg, "type_vocab_size", 2) >= 2
+
+
+def _is_default_targets(recipe: Recipe) -> bool:
+    t = recipe.prune.targets
+    return list(t.include) == ["*"] and not t.exclude
+
+
+def _text_workload(recipe: Recipe) -> UserWorkload:
+    d = recipe.data
+    train, ev = _text_splits(recipe)
+    args = dict(recipe.model.args)
+    num_labels = int(args.pop("num_labels", train.num_labels))
+    if num_labels != train.num_labels:
+        raise RecipeError(f"model.args.num_labels={num_labels} but the data set needs {train.num_labels} "
+                          f"({'regression' if train.is_regression else f'classes {list(train.label_names)}'})")
+    trust = recipe.model.trust_remote_code
+    model = load_model(recipe.model.name, num_labels, trust_remote_code=trust, **args)
+    tok = load_tokenizer(recipe.model.name, trust_remote_code=trust)
+    enc_train = encode_examples(train.examples, tok, d.max_length, is_regression=train.is_regression)
+    enc_eval = encode_examples(ev.examples, tok, d.max_length, is_regression=train.is_regression)
+    if not _uses_token_types(model):
+        for f in enc_train.features + enc_eval.features:
+            f.pop("token_type_ids", None)
+    if _is_default_targets(recipe):
+        ts = default_targets(model)
+        recipe.prune.targets.include, recipe.prune.targets.types = list(ts.include), list(ts.types)
+    example = next(iter(make_loader(enc_eval, 1)))
+    example.pop("labels")
+    info = {"data": user_data_kind(recipe.data), "train": train.path, "eval": ev.path, "task_type": train.task_type,
+            "labels": list(train.label_names), "train_examples": len(enc_train), "eval_examples": len(enc_eval),
+            "max_length": d.max_length, "model": recipe.model.name, "targets": list(recipe.prune.targets.include)}
+    task = UserTask(train.task_type, None if train.is_regression else train.num_labels, text=True)
+    return UserWorkload(model, task, make_loader(enc_train, d.batch_size, shuffle=True, seed=recipe.seed),
+                    make_loader(enc_eval, d.eval_batch_size), example, info)
+
+
+def build_user_workload(recipe: Recipe) -> UserWorkload:
+    """The workload parts of a user-data recipe (see :mod:`prunekit.data.user`)."""
+    kind = user_data_kind(recipe.data)
+    if kind == "imagefolder":
+        return _image_workload(recipe)
+    if kind == "factory":
+        return _factory_workload(recipe)
+    if kind in TEXT_DATASETS:
+        return _text_workload(recipe)
+    raise DataError(f"data.name {recipe.data.name!r} is not user data")
