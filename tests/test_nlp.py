@@ -180,7 +180,7 @@ def test_glue_task_metrics_and_losses():
     batch = {"input_ids": torch.arange(4)[:, None], "labels": y}
     out = t.evaluate(Fixed(), [batch])
     # predictions 1,0,1,0 vs 1,1,0,0: TP=1, FP=1, FN=1 → F1 = 2/(2+1+1) = 0.5; accuracy 0.5
-    assert out["f1"] == pytest.approx(0.5) and out["accuracy"] == pytest.approx(0.5) and out["examples"] == 4
+    assert out["f1"] == pytest.approx(50.0) and out["accuracy"] == pytest.approx(50.0) and out["examples"] == 4
     assert out["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, y)))
     s = GlueTaskAdapter("stsb")
     assert s.metric == "combined" and s.is_regression

@@ -39,6 +39,7 @@ from prunekit.core.masks import MaskSet
 from prunekit.core.plan import compute_masks
 from prunekit.core.targets import find_targets
 from prunekit.algorithms.base import Algorithm, full_masks, register
+from prunekit.core.errors import RecipeError
 
 __all__ = ["ADMM", "ProgressiveADMM", "admm_penalty", "project_masks", "project_weights"]
 
@@ -50,7 +51,7 @@ def admm_penalty(weights: dict[str, Tensor], Z: dict[str, Tensor], U: dict[str, 
         t = (w - Z[n] + U[n]).pow(2).sum()
         total = t if total is None else total + t
     if total is None:
-        raise ValueError("ADMM has no target weights")
+        raise RecipeError("ADMM has no target weights")
     return 0.5 * rho * total
 
 
@@ -76,11 +77,11 @@ def project_weights(model: nn.Module, spec, values: dict[str, Tensor], sparsity:
 
 def _check_rho(rho, growth, rho_max):
     if not rho > 0:
-        raise ValueError(f"algorithm.params.rho must be > 0, got {rho}")
+        raise RecipeError(f"algorithm.params.rho must be > 0, got {rho}")
     if not growth >= 1:
-        raise ValueError(f"algorithm.params.rho_growth must be >= 1, got {growth}")
+        raise RecipeError(f"algorithm.params.rho_growth must be >= 1, got {growth}")
     if not rho_max >= rho:
-        raise ValueError(f"algorithm.params.rho_max ({rho_max}) must be >= rho ({rho})")
+        raise RecipeError(f"algorithm.params.rho_max ({rho_max}) must be >= rho ({rho})")
 
 
 class _Splitting(Algorithm):
@@ -165,7 +166,7 @@ class ADMM(_Splitting):
         def __post_init__(self):
             _check_rho(self.rho, self.rho_growth, self.rho_max)
             if self.update_every < 0:
-                raise ValueError(f"algorithm.params.update_every must be >= 0, got {self.update_every}")
+                raise RecipeError(f"algorithm.params.update_every must be >= 0, got {self.update_every}")
 
     def __init__(self, params, spec):
         super().__init__(params, spec)
@@ -227,15 +228,15 @@ class ProgressiveADMM(ADMM):
             super().__post_init__()
             for i, t in enumerate(self.targets):
                 if not (0 < t < 1):
-                    raise ValueError(f"algorithm.params.targets[{i}] = {t} must be in (0, 1)")
+                    raise RecipeError(f"algorithm.params.targets[{i}] = {t} must be in (0, 1)")
             if any(b <= a for a, b in zip(self.targets, self.targets[1:])):
-                raise ValueError(f"algorithm.params.targets must increase strictly, got {self.targets}")
+                raise RecipeError(f"algorithm.params.targets must increase strictly, got {self.targets}")
 
     def __init__(self, params, spec):
         super().__init__(params, spec)
         targets = list(params.targets) or [float(spec.sparsity)]
         if abs(targets[-1] - float(spec.sparsity)) > 1e-9:
-            raise ValueError(f"algorithm.params.targets must end at prune.sparsity ({spec.sparsity}); "
+            raise RecipeError(f"algorithm.params.targets must end at prune.sparsity ({spec.sparsity}); "
                              f"got {targets}")
         self.targets = targets
         self.stage = 0

@@ -28,6 +28,7 @@ from prunekit.core.masks import MaskSet
 from prunekit.core.targets import find_targets
 from prunekit.algorithms.base import Algorithm
 from prunekit.algorithms.owl import owl_allocation
+from prunekit.core.errors import RecipeError
 
 __all__ = [
     "LayerStats",
@@ -60,9 +61,9 @@ def collect_batches(loader: Any, samples: int, batch_size: int, max_length: int 
     to ``max_length``.  A loader without a map-style ``dataset`` is read in order instead."""
     for k, v in (("calibration_samples", samples), ("calibration_batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{k} must be a positive integer, got {v!r}")
+            raise RecipeError(f"{k} must be a positive integer, got {v!r}")
     if max_length is not None and max_length < 1:
-        raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
+        raise RecipeError(f"max_length must be a positive integer or None, got {max_length!r}")
     data = getattr(loader, "dataset", None)
     if data is not None and hasattr(data, "__len__") and hasattr(data, "__getitem__"):
         collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
@@ -131,9 +132,9 @@ def _layer_rows(module: nn.Module, x: Tensor) -> Tensor:
     """Input rows ``(n, in')`` of a target layer."""
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
-            raise ValueError(f"grouped convolutions (groups={module.groups}) are not supported by calibration")
+            raise RecipeError(f"grouped convolutions (groups={module.groups}) are not supported by calibration")
         if isinstance(module.padding, str):
-            raise ValueError(f"Conv2d padding={module.padding!r} is not supported by calibration; use integers")
+            raise RecipeError(f"Conv2d padding={module.padding!r} is not supported by calibration; use integers")
         cols = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return x.reshape(-1, x.shape[-1])
@@ -166,7 +167,7 @@ class LayerStats:
     def H(self) -> Tensor:
         """``2/n Σ x xᵀ`` (float32)."""
         if self.xtx is None:
-            raise ValueError("these statistics were collected without the Hessian (hessian=False)")
+            raise RecipeError("these statistics were collected without the Hessian (hessian=False)")
         return (self.xtx * (2.0 / max(self.n, 1))).float()
 
     @property
@@ -248,7 +249,7 @@ def _next_inputs(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict
     if args:
         return (hidden, *args[1:]), kwargs
     if "hidden_states" not in kwargs:
-        raise ValueError(f"cannot find the hidden states among the block's arguments {sorted(kwargs)}")
+        raise RecipeError(f"cannot find the hidden states among the block's arguments {sorted(kwargs)}")
     return args, {**kwargs, "hidden_states": hidden}
 
 
@@ -318,15 +319,15 @@ class PostTrainingParams:
         for k in ("calibration_samples", "calibration_batch_size"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"algorithm.params.{k} must be a positive integer, got {v!r}")
+                raise RecipeError(f"algorithm.params.{k} must be a positive integer, got {v!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
-            raise ValueError(f"algorithm.params.max_length must be a positive integer or null, got {self.max_length!r}")
+            raise RecipeError(f"algorithm.params.max_length must be a positive integer or null, got {self.max_length!r}")
         if self.allocation not in ("uniform", "owl"):
-            raise ValueError(f"algorithm.params.allocation must be 'uniform' or 'owl', got {self.allocation!r}")
+            raise RecipeError(f"algorithm.params.allocation must be 'uniform' or 'owl', got {self.allocation!r}")
         if not self.owl_m > 0:
-            raise ValueError(f"algorithm.params.owl_m must be > 0, got {self.owl_m}")
+            raise RecipeError(f"algorithm.params.owl_m must be > 0, got {self.owl_m}")
         if not 0 <= self.owl_lambda < 1:
-            raise ValueError(f"algorithm.params.owl_lambda must be in [0, 1), got {self.owl_lambda}")
+            raise RecipeError(f"algorithm.params.owl_lambda must be in [0, 1), got {self.owl_lambda}")
 
 
 def owl_plan(model: nn.Module, targets: dict[str, nn.Module], plan: dict[str, tuple[Any, float]],
@@ -334,10 +335,10 @@ def owl_plan(model: nn.Module, targets: dict[str, nn.Module], plan: dict[str, tu
     """The layer plan with OWL sparsities (Wanda scores from one dense forward pass over ``batches``)."""
     sps = {sp for _, sp in plan.values()}
     if len(sps) != 1:
-        raise ValueError("allocation 'owl' re-allocates one uniform sparsity; remove the per-layer overrides")
+        raise RecipeError("allocation 'owl' re-allocates one uniform sparsity; remove the per-layer overrides")
     for n, (st, _) in plan.items():
         if st.fixed_sparsity(targets[n].weight.shape) is not None:
-            raise ValueError(f"allocation 'owl' needs a structure with a free sparsity; {n} uses {st}")
+            raise RecipeError(f"allocation 'owl' needs a structure with a free sparsity; {n} uses {st}")
     mods = {n: targets[n] for n in plan}
     stats = collect_stats(model, batches, mods, hessian=False)
     scores = {n: weight_matrix(mod).abs() * stats[n].col_norms[None, :] for n, mod in mods.items()}
@@ -357,7 +358,7 @@ class PostTraining(Algorithm):
 
     def calibration_batches(self) -> list[Any]:
         if self.calibration_loader is None:
-            raise ValueError(f"algorithm {self.name!r} needs calibration data: set .calibration_loader "
+            raise RecipeError(f"algorithm {self.name!r} needs calibration data: set .calibration_loader "
                              "(run_pipeline sets it to the workload's train loader)")
         p = self.params
         return collect_batches(self.calibration_loader, p.calibration_samples, p.calibration_batch_size,
@@ -366,7 +367,7 @@ class PostTraining(Algorithm):
     def layer_plan(self, model: nn.Module, batches: list[Any]) -> dict[str, tuple[Any, float]]:
         """``{param: (structure, sparsity)}``: the spec's plan, re-allocated by OWL if asked."""
         if self.spec.scope != "layer":
-            raise ValueError(f"algorithm {self.name!r} prunes layer by layer; prune.scope must be 'layer', "
+            raise RecipeError(f"algorithm {self.name!r} prunes layer by layer; prune.scope must be 'layer', "
                              f"got {self.spec.scope!r}")
         targets = find_targets(model, self.spec.targets)
         plan = self.spec.layer_plan(list(targets))   # names only: this module handles Conv1D's (in, out) itself

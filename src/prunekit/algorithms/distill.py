@@ -58,16 +58,16 @@ class DistillConfig:
 
     def __post_init__(self):
         if not (0.0 <= float(self.alpha) <= 1.0):
-            raise ValueError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+            raise RecipeError(f"distill.alpha must be in [0, 1], got {self.alpha}")
         if not float(self.temperature) > 0:
-            raise ValueError(f"distill.temperature must be > 0, got {self.temperature}")
+            raise RecipeError(f"distill.temperature must be > 0, got {self.temperature}")
         if not float(self.hidden_weight) >= 0:
-            raise ValueError(f"distill.hidden_weight must be >= 0, got {self.hidden_weight}")
+            raise RecipeError(f"distill.hidden_weight must be >= 0, got {self.hidden_weight}")
         if isinstance(self.stages, str):
             self.stages = [self.stages]
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
-            raise ValueError(f"distill.stages: {bad} not in {list(STAGES)}")
+            raise RecipeError(f"distill.stages: {bad} not in {list(STAGES)}")
 
     @classmethod
     def from_dict(cls, cfg: dict | None) -> "DistillConfig":
@@ -75,10 +75,10 @@ class DistillConfig:
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(cfg) - set(valid))
         if unknown:
-            raise ValueError(f"unknown distill key(s) {unknown}; valid keys: {valid}")
+            raise RecipeError(f"unknown distill key(s) {unknown}; valid keys: {valid}")
         for k in ("alpha", "temperature", "hidden_weight"):
             if k in cfg and (isinstance(cfg[k], bool) or not isinstance(cfg[k], (int, float))):
-                raise ValueError(f"distill.{k}: expected a number, got {cfg[k]!r}")
+                raise RecipeError(f"distill.{k}: expected a number, got {cfg[k]!r}")
         return cls(**cfg)
 
 
@@ -108,12 +108,12 @@ class Distiller(Hook):
         self.stage = "search"
         if self.cfg.hidden_weight > 0:
             if not hasattr(task, "output_hidden_states"):
-                raise ValueError("distill.hidden_weight > 0 needs a task that can return hidden states (GLUE)")
+                raise RecipeError("distill.hidden_weight > 0 needs a task that can return hidden states (GLUE)")
             task.output_hidden_states = True
 
     def set_stage(self, stage: str) -> None:
         if stage not in STAGES:
-            raise ValueError(f"stage {stage!r} not in {list(STAGES)}")
+            raise RecipeError(f"stage {stage!r} not in {list(STAGES)}")
         self.stage = stage
 
     @property
@@ -145,7 +145,7 @@ class Distiller(Hook):
         if self.cfg.hidden_weight > 0:
             hs, ht = getattr(outputs, "hidden_states", None), getattr(t_out, "hidden_states", None)
             if hs is None or ht is None:
-                raise ValueError("hidden-state distillation: the model outputs have no hidden_states")
+                raise RecipeError("hidden-state distillation: the model outputs have no hidden_states")
             mse = torch.stack([nn.functional.mse_loss(a_.float(), b_.float()) for a_, b_ in zip(hs, ht)]).mean()
             total = total + float(self.cfg.hidden_weight) * mse
         return total

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from prunekit.core.plan import compute_masks
 from prunekit.core.schedules import cubic_sparsity
 from prunekit.algorithms.base import Algorithm, full_masks, register
+from prunekit.core.errors import RecipeError
 
 
 @register
@@ -27,11 +28,11 @@ class Gradual(Algorithm):
 
         def __post_init__(self):
             if not (0 <= self.initial_sparsity < 1):
-                raise ValueError(f"initial_sparsity must be in [0, 1), got {self.initial_sparsity}")
+                raise RecipeError(f"initial_sparsity must be in [0, 1), got {self.initial_sparsity}")
             if not (0 <= self.begin <= self.end <= 1):
-                raise ValueError(f"need 0 <= begin <= end <= 1, got begin={self.begin} end={self.end}")
+                raise RecipeError(f"need 0 <= begin <= end <= 1, got begin={self.begin} end={self.end}")
             if self.frequency < 0:
-                raise ValueError("frequency must be >= 0")
+                raise RecipeError("frequency must be >= 0")
 
     def __init__(self, params, spec):
         super().__init__(params, spec)

@@ -30,6 +30,7 @@ from prunekit.core.plan import compute_masks
 from prunekit.core.structures import Structure
 from prunekit.core.targets import find_targets
 from prunekit.algorithms.base import Algorithm, register
+from prunekit.core.errors import RecipeError
 
 __all__ = ["GroupLasso", "group_lasso_penalty", "reweight"]
 
@@ -66,13 +67,13 @@ class GroupLasso(Algorithm):
 
         def __post_init__(self):
             if not self.lam >= 0:
-                raise ValueError(f"algorithm.params.lam must be >= 0, got {self.lam}")
+                raise RecipeError(f"algorithm.params.lam must be >= 0, got {self.lam}")
             if not self.eps > 0:
-                raise ValueError(f"algorithm.params.eps must be > 0, got {self.eps}")
+                raise RecipeError(f"algorithm.params.eps must be > 0, got {self.eps}")
             if self.reweight_every < 0:
-                raise ValueError(f"algorithm.params.reweight_every must be >= 0, got {self.reweight_every}")
+                raise RecipeError(f"algorithm.params.reweight_every must be >= 0, got {self.reweight_every}")
             if self.smooth < 0:
-                raise ValueError(f"algorithm.params.smooth must be >= 0, got {self.smooth}")
+                raise RecipeError(f"algorithm.params.smooth must be >= 0, got {self.smooth}")
 
     def __init__(self, params, spec):
         super().__init__(params, spec)

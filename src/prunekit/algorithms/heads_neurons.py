@@ -18,6 +18,7 @@ from torch import nn
 from prunekit.core.masks import MaskSet
 from prunekit.algorithms.base import Algorithm, register
 from prunekit.graph.families import head_neuron_masks
+from prunekit.core.errors import RecipeError
 
 
 @register
@@ -37,11 +38,11 @@ class HeadsNeurons(Algorithm):
 
         def __post_init__(self):
             if self.structure not in ("heads", "neurons", "heads+neurons"):
-                raise ValueError(f"structure {self.structure!r} is not one of ['heads', 'neurons', 'heads+neurons']")
+                raise RecipeError(f"structure {self.structure!r} is not one of ['heads', 'neurons', 'heads+neurons']")
             for k in ("head_sparsity", "neuron_sparsity"):
                 v = getattr(self, k)
                 if v is not None and not (0 <= v < 1):
-                    raise ValueError(f"{k} must be in [0, 1), got {v}")
+                    raise RecipeError(f"{k} must be in [0, 1), got {v}")
 
     def sparsities(self) -> tuple[float, float]:
         p, s = self.params, float(self.spec.sparsity)

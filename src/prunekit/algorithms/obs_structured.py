@@ -36,6 +36,7 @@ from prunekit.algorithms.calibration import (
     set_weight_matrix,
     weight_matrix,
 )
+from prunekit.core.errors import RecipeError
 
 __all__ = ["OBSStructured", "least_squares_refit", "obs_group_prune", "obs_group_saliency"]
 
@@ -78,9 +79,9 @@ def obs_group_prune(W: Tensor, H: Tensor, count: int, size: int, n_prune: int, p
     """Remove ``n_prune`` of the ``count`` column groups of ``W`` (``rows × count·size``); returns the
     least-squares re-fitted weights and the ``(count,)`` group keep-mask."""
     if count * size != W.shape[1]:
-        raise ValueError(f"{count} groups of {size} columns do not tile {W.shape[1]} columns")
+        raise RecipeError(f"{count} groups of {size} columns do not tile {W.shape[1]} columns")
     if not 0 <= n_prune <= count:
-        raise ValueError(f"cannot prune {n_prune} of {count} groups")
+        raise RecipeError(f"cannot prune {n_prune} of {count} groups")
     Hinv = torch.linalg.inv(_damped(H, percdamp))
     Wc = W.double().clone()
     removed = torch.zeros(count, dtype=torch.bool)
@@ -124,15 +125,15 @@ class OBSStructured(PostTraining):
         def __post_init__(self):
             super().__post_init__()
             if self.kinds not in KINDS:
-                raise ValueError(f"algorithm.params.kinds must be one of {list(KINDS)}, got {self.kinds!r}")
+                raise RecipeError(f"algorithm.params.kinds must be one of {list(KINDS)}, got {self.kinds!r}")
             for k in ("head_sparsity", "neuron_sparsity"):
                 v = getattr(self, k)
                 if v is not None and not 0 <= v < 1:
-                    raise ValueError(f"algorithm.params.{k} must be in [0, 1), got {v}")
+                    raise RecipeError(f"algorithm.params.{k} must be in [0, 1), got {v}")
             if not 0 <= self.percdamp < 1:
-                raise ValueError(f"algorithm.params.percdamp must be in [0, 1), got {self.percdamp}")
+                raise RecipeError(f"algorithm.params.percdamp must be in [0, 1), got {self.percdamp}")
             if self.allocation != "uniform":
-                raise ValueError("algorithm.params.allocation: obs_structured supports only 'uniform'")
+                raise RecipeError("algorithm.params.allocation: obs_structured supports only 'uniform'")
 
     def _sparsity(self, kind: str) -> float:
         v = self.params.head_sparsity if kind == "heads" else self.params.neuron_sparsity
@@ -185,7 +186,7 @@ class OBSStructured(PostTraining):
     @torch.no_grad()
     def _prune_group(self, g, mod: nn.Module, stats: LayerStats, params: dict, masks: MaskSet) -> None:
         if is_hf_conv1d(mod):
-            raise ValueError("obs_structured heads/neurons support encoder Linear layers only")
+            raise RecipeError("obs_structured heads/neurons support encoder Linear layers only")
         W = weight_matrix(mod)
         n_prune = int(round(self._sparsity(g.kind) * g.count))
         W_new, keep = obs_group_prune(W, stats.H, g.count, g.size, n_prune, self.params.percdamp,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from prunekit.core.errors import RecipeError
 
 __all__ = ["outlier_ratio", "owl_allocation"]
 
@@ -26,13 +27,13 @@ def owl_allocation(scores: dict[str, Tensor], target: float, m: float = 5.0, lam
     """``{name: sparsity}`` from per-layer element ``scores`` (see the module doc).  ``sizes``: parameter
     counts for the weighted mean (default: the scores' sizes)."""
     if not 0.0 <= target < 1.0:
-        raise ValueError(f"OWL target sparsity must be in [0, 1), got {target}")
+        raise RecipeError(f"OWL target sparsity must be in [0, 1), got {target}")
     if not 0.0 <= lam < 1.0:
-        raise ValueError(f"owl_lambda must be in [0, 1), got {lam}")
+        raise RecipeError(f"owl_lambda must be in [0, 1), got {lam}")
     if target - lam < 0.0 or target + lam >= 1.0:
-        raise ValueError(f"owl_lambda={lam} moves the target {target} outside [0, 1); use a smaller owl_lambda")
+        raise RecipeError(f"owl_lambda={lam} moves the target {target} outside [0, 1); use a smaller owl_lambda")
     if not scores:
-        raise ValueError("OWL needs at least one layer")
+        raise RecipeError("OWL needs at least one layer")
     names = list(scores)
     d = torch.tensor([outlier_ratio(scores[n], m) for n in names], dtype=torch.float64)
     p = torch.tensor([float((sizes or {}).get(n, scores[n].numel())) for n in names], dtype=torch.float64)

@@ -30,6 +30,7 @@ from torch import nn
 
 from prunekit.core.plan import PruneSpec
 from prunekit.core.targets import find_targets
+from prunekit.core.errors import RecipeError
 
 __all__ = ["Sensitivity", "layer_sensitivity", "allocate_budget", "overall_sparsity", "overrides_yaml",
            "parse_sparsities", "DEFAULT_SPARSITIES"]
@@ -60,12 +61,12 @@ def parse_sparsities(text: str) -> list[float]:
     try:
         vals = [float(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"--sparsities expects comma-separated numbers like 0.1,0.5,0.9; got {text!r}") from None
+        raise RecipeError(f"--sparsities expects comma-separated numbers like 0.1,0.5,0.9; got {text!r}") from None
     if not vals:
-        raise ValueError("--sparsities is empty")
+        raise RecipeError("--sparsities is empty")
     bad = [v for v in vals if not 0.0 < v < 1.0]
     if bad:
-        raise ValueError(f"--sparsities values must be in (0, 1); got {bad}")
+        raise RecipeError(f"--sparsities values must be in (0, 1); got {bad}")
     return sorted(set(vals))
 
 
@@ -78,14 +79,14 @@ def layer_sensitivity(model: nn.Module, evaluate, spec: PruneSpec, sparsities=DE
     ``evaluate(model) -> float`` (higher is better) or ``-> dict`` (then ``metric`` names the key)."""
     sparsities = [float(s) for s in sparsities]
     if not sparsities or any(not 0.0 < s < 1.0 for s in sparsities):
-        raise ValueError(f"sparsities must be a non-empty list of values in (0, 1); got {sparsities}")
+        raise RecipeError(f"sparsities must be a non-empty list of values in (0, 1); got {sparsities}")
     sparsities = sorted(set(sparsities))
 
     def score() -> float:
         v = evaluate(model)
         if isinstance(v, dict):
             if metric is None or metric not in v:
-                raise ValueError(f"evaluate returned {sorted(v)}; pass metric= one of them")
+                raise RecipeError(f"evaluate returned {sorted(v)}; pass metric= one of them")
             v = v[metric]
         return float(v)
 
@@ -141,7 +142,7 @@ def allocate_budget(sens: Sensitivity, budget: float, *, iters: int = 100) -> di
     """Per-layer sparsities with parameter-weighted mean exactly ``budget``, equalising the metric drop
     (see the module docstring).  ``budget`` must be in (0, max sweep sparsity]."""
     if not 0.0 < budget < 1.0:
-        raise ValueError(f"budget must be in (0, 1); got {budget}")
+        raise RecipeError(f"budget must be in (0, 1); got {budget}")
     curves = {n: _monotone(p) for n, p in sens.curves.items()}
     numel = sens.numel
 
@@ -151,7 +152,7 @@ def allocate_budget(sens: Sensitivity, budget: float, *, iters: int = 100) -> di
     top = max(float(ys[-1]) for _, ys in curves.values())
     cap = overall_sparsity(at(top), numel)
     if budget > cap + 1e-12:
-        raise ValueError(f"budget {budget} exceeds what the sweep covers ({cap:.4f} with every layer at its "
+        raise RecipeError(f"budget {budget} exceeds what the sweep covers ({cap:.4f} with every layer at its "
                          f"largest swept sparsity {max(sens.sparsities)}); add larger --sparsities")
     lo, hi = -1e-12, top
     for _ in range(iters):             # invariant: overall(at(lo)) < budget ≤ overall(at(hi))

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 from prunekit.algorithms.hooks import Hook, TrainContext
 from prunekit.core.nested import NestedMasks
+from prunekit.core.errors import RecipeError
 
 
 # =============================================================================================
@@ -90,7 +91,7 @@ class JointLevels(Hook):
 
     def __init__(self, view: LevelView, schedule: str = "cycle", eval_level: int = 0, seed: int = 0):
         if schedule not in self.SCHEDULES:
-            raise ValueError(f"joint schedule {schedule!r} is not one of {list(self.SCHEDULES)}")
+            raise RecipeError(f"joint schedule {schedule!r} is not one of {list(self.SCHEDULES)}")
         self.view, self.schedule, self.eval_level = view, schedule, view.nested._idx(eval_level)
         self.K = len(view.nested)
         self.rng = random.Random(seed)

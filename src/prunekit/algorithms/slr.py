@@ -49,6 +49,7 @@ from torch import Tensor
 
 from prunekit.algorithms.admm import _check_rho, _Splitting
 from prunekit.algorithms.base import register
+from prunekit.core.errors import RecipeError
 
 __all__ = ["SLR", "slr_alpha", "slr_step_size"]
 
@@ -56,14 +57,14 @@ __all__ = ["SLR", "slr_alpha", "slr_step_size"]
 def slr_alpha(j: int, M: float, r: float) -> float:
     """``α_j = 1 − 1 / (M · j^(1 − 1/j^r))`` (Gurevin et al. 2021, eq. 8; Bragin et al. 2015)."""
     if j < 1:
-        raise ValueError(f"SLR step index starts at 1, got {j}")
+        raise RecipeError(f"SLR step index starts at 1, got {j}")
     return 1.0 - 1.0 / (M * j ** (1.0 - 1.0 / j ** r))
 
 
 def slr_step_size(s_prev: float, j: int, M: float, r: float, g_prev_norm: float, g_norm: float) -> float:
     """``s_j = α_j s_{j−1} ‖g_{j−1}‖ / ‖g_j‖`` (eq. 7)."""
     if g_norm <= 0:
-        raise ValueError("SLR step size needs a nonzero subgradient norm ‖g_j‖")
+        raise RecipeError("SLR step size needs a nonzero subgradient norm ‖g_j‖")
     return slr_alpha(j, M, r) * s_prev * g_prev_norm / g_norm
 
 
@@ -86,13 +87,13 @@ class SLR(_Splitting):
         def __post_init__(self):
             _check_rho(self.rho, self.rho_growth, self.rho_max)
             if not self.M > 1:
-                raise ValueError(f"algorithm.params.M must be > 1, got {self.M}")
+                raise RecipeError(f"algorithm.params.M must be > 1, got {self.M}")
             if not 0 < self.r < 1:
-                raise ValueError(f"algorithm.params.r must be in (0, 1), got {self.r}")
+                raise RecipeError(f"algorithm.params.r must be in (0, 1), got {self.r}")
             if self.s0 is not None and not self.s0 > 0:
-                raise ValueError(f"algorithm.params.s0 must be > 0, got {self.s0}")
+                raise RecipeError(f"algorithm.params.s0 must be > 0, got {self.s0}")
             if self.update_every < 0:
-                raise ValueError(f"algorithm.params.update_every must be >= 0, got {self.update_every}")
+                raise RecipeError(f"algorithm.params.update_every must be >= 0, got {self.update_every}")
 
     def __init__(self, params, spec):
         super().__init__(params, spec)

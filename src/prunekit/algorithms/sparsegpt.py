@@ -34,6 +34,7 @@ from torch import Tensor
 from prunekit.core.structures import NM, Structure, Unstructured, parse_structure
 from prunekit.algorithms.base import register
 from prunekit.algorithms.calibration import PostTraining, PostTrainingParams
+from prunekit.core.errors import RecipeError
 
 __all__ = ["SparseGPT", "inverse_cholesky", "sparsegpt_prune"]
 
@@ -53,7 +54,7 @@ def inverse_cholesky(H: Tensor, percdamp: float) -> Tensor:
             if int(info2) == 0:
                 return U.float()
         damp = max(damp * 10.0, 1e-8 * float(H.diagonal().mean()) + 1e-10)
-    raise ValueError("the calibration Hessian is not positive definite even after dampening; raise percdamp")
+    raise RecipeError("the calibration Hessian is not positive definite even after dampening; raise percdamp")
 
 
 def _structure_keep(W: Tensor, U: Tensor, structure: Structure, sparsity: float, shape) -> Tensor:
@@ -97,14 +98,14 @@ def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstruct
     shape = tuple(shape or W.shape)
     st.check_shape(shape)
     if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        raise RecipeError(f"sparsity must be in [0, 1), got {sparsity}")
     if blocksize < 1:
-        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
+        raise RecipeError(f"blocksize must be >= 1, got {blocksize}")
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     rows, cols = W.shape
     if H.shape != (cols, cols):
-        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match {cols} weight columns")
+        raise RecipeError(f"Hessian shape {tuple(H.shape)} does not match {cols} weight columns")
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -163,9 +164,9 @@ class SparseGPT(PostTraining):
         def __post_init__(self):
             super().__post_init__()
             if not (0.0 <= self.percdamp < 1.0):
-                raise ValueError(f"algorithm.params.percdamp must be in [0, 1), got {self.percdamp}")
+                raise RecipeError(f"algorithm.params.percdamp must be in [0, 1), got {self.percdamp}")
             if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
-                raise ValueError(f"algorithm.params.blocksize must be a positive integer, got {self.blocksize!r}")
+                raise RecipeError(f"algorithm.params.blocksize must be a positive integer, got {self.blocksize!r}")
 
     def prune_matrix(self, W, stats, structure, sparsity, shape):
         return sparsegpt_prune(W, stats.H, structure, sparsity, self.params.percdamp, self.params.blocksize, shape)

@@ -18,6 +18,7 @@ from torch import Tensor
 from prunekit.core.structures import Structure, Unstructured, parse_structure
 from prunekit.algorithms.base import register
 from prunekit.algorithms.calibration import PostTraining, PostTrainingParams
+from prunekit.core.errors import RecipeError
 
 __all__ = ["Wanda", "wanda_mask", "wanda_scores"]
 
@@ -25,7 +26,7 @@ __all__ = ["Wanda", "wanda_mask", "wanda_scores"]
 def wanda_scores(W: Tensor, col_norms: Tensor) -> Tensor:
     """``|W_ij| · ‖X_j‖₂`` for an ``(out, in)`` matrix and the per-input norms ``(in,)``."""
     if col_norms.shape != (W.shape[1],):
-        raise ValueError(f"input norms of shape {tuple(col_norms.shape)} do not match {W.shape[1]} weight columns")
+        raise RecipeError(f"input norms of shape {tuple(col_norms.shape)} do not match {W.shape[1]} weight columns")
     return W.detach().abs().float() * col_norms.float()[None, :]
 
 
@@ -36,7 +37,7 @@ def wanda_mask(W: Tensor, col_norms: Tensor, structure: str | Structure = "unstr
     shape = tuple(shape or W.shape)
     st.check_shape(shape)
     if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        raise RecipeError(f"sparsity must be in [0, 1), got {sparsity}")
     score = wanda_scores(W, col_norms)
     if isinstance(st, Unstructured):
         k = int(round(float(sparsity) * W.shape[1]))

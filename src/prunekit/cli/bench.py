@@ -21,7 +21,9 @@ from prunekit.deploy.timing import call_model, interleaved_ms, repeat_batch
 
 
 def add_parser(sub):
-    p = sub.add_parser("bench", help="latency (batch 1/32, threads 1/2) and size table: dense vs compacted vs sparse")
+    p = sub.add_parser("bench", help="latency (batch 1/32, threads 1/2) and size table: dense vs compacted vs sparse",
+                       description="Measure a finished run: file sizes and interleaved CPU latency of the masked (dense) model, "
+                                   "the compacted model and the model with CSR Linear layers where they are faster.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder written by `prunekit run`")
     p.add_argument("--repeats", type=int, default=9, help="timed calls per variant (default 9)")
     p.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default 1,32)")

@@ -28,7 +28,9 @@ from prunekit.deploy.storage import encode_state_dict
 
 def add_parser(sub):
     p = sub.add_parser("compact", help="physically remove structured sparsity of a run; write compacted "
-                                       "safetensors + shape manifest + sparse storage file; print sizes")
+                                       "safetensors + shape manifest + sparse storage file; print sizes",
+                       description="Physically remove the fully pruned units of a finished run and write the "
+                                   "compacted model, its shape manifest and a sparse storage file.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder written by `prunekit run`")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/compact)")
     p.set_defaults(func=run)

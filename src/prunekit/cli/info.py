@@ -8,7 +8,8 @@ from prunekit.core.structures import structure_syntax
 
 
 def add_parser(sub):
-    p = sub.add_parser("info", help="list structures, algorithms, models and datasets")
+    p = sub.add_parser("info", help="list structures, algorithms, models and datasets",
+                       description="List the registered structures (with their syntax), scores, algorithms, models and datasets.")
     p.set_defaults(func=run)
 
 

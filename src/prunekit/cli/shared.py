@@ -28,7 +28,8 @@ def add_parser(sub):
     p.add_argument("recipe", help="recipe YAML (see recipes/*_shared.yaml)")
     p.add_argument("--levels", type=_levels, default=None,
                    help="level sparsities, comma separated, any order (default: the recipe's extra.shared.levels)")
-    p.add_argument("--mode", choices=["sequential", "joint"], default=None)
+    p.add_argument("--mode", choices=["sequential", "joint"], default=None,
+                   help="sequential: train the sparsest level, freeze it, add the next (default); joint: all levels share one training run")
     p.add_argument("--schedule", choices=["cycle", "sample", "all"], default=None, help="joint: level per step")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value by dotted key")
@@ -47,7 +48,8 @@ def add_parser(sub):
     s.add_argument("--from", dest="src", type=int, default=-1, help="level to load first (0 = sparsest; -1 = densest)")
     s.add_argument("--to", dest="dst", type=int, required=True, help="level to switch to")
     s.add_argument("--recipe", default=None, help="recipe to rebuild the model (default: the one in the artifact)")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key (dotted), e.g. --set data.limit=1000")
     s.add_argument("--eval", action="store_true", help="evaluate the model at --to")
     s.set_defaults(func=switch)
 

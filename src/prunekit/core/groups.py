@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
+from prunekit.core.errors import RecipeError
 
 __all__ = ["Slice", "CoupledGroup", "groups_by_kind"]
 
@@ -90,7 +91,7 @@ class CoupledGroup:
         """Boolean mask of ``shape`` for slice ``s``: False on the entries of units with ``keep=False``."""
         keep = torch.as_tensor(keep, dtype=torch.bool).reshape(-1)
         if keep.numel() != self.count:
-            raise ValueError(f"group {self.name}: keep has {keep.numel()} entries, group has {self.count} units")
+            raise RecipeError(f"group {self.name}: keep has {keep.numel()} entries, group has {self.count} units")
         along = torch.ones(shape[s.dim], dtype=torch.bool)
         start, stop = s.span(self.count)
         along[start:stop] = keep.repeat_interleave(s.width)

@@ -10,6 +10,7 @@ from prunekit.core.masks import MaskSet
 from prunekit.core.plan import PruneSpec, global_masks
 from prunekit.core.structures import Structure, parse_structure
 from prunekit.core.targets import find_targets
+from prunekit.core.errors import RecipeError
 
 
 # =============================================================================================
@@ -23,7 +24,7 @@ class NestedMasks:
 
     def __init__(self, levels: Sequence[MaskSet]):
         if len(levels) < 1:
-            raise ValueError("NestedMasks needs at least one level")
+            raise RecipeError("NestedMasks needs at least one level")
         self.levels: list[MaskSet] = [lv.copy() for lv in levels]
         self.check()
 
@@ -32,14 +33,14 @@ class NestedMasks:
         names = self.levels[0].names()
         for k, lv in enumerate(self.levels[1:], 1):
             if lv.names() != names and set(lv.names()) != set(names):
-                raise ValueError(f"level {k} masks {sorted(set(lv.names()) ^ set(names))[:5]} differ from level 0's names")
+                raise RecipeError(f"level {k} masks {sorted(set(lv.names()) ^ set(names))[:5]} differ from level 0's names")
             for n in names:
                 a, b = self.levels[k - 1][n], lv[n]
                 if a.shape != b.shape:
-                    raise ValueError(f"{n}: level {k - 1} mask shape {tuple(a.shape)} != level {k} {tuple(b.shape)}")
+                    raise RecipeError(f"{n}: level {k - 1} mask shape {tuple(a.shape)} != level {k} {tuple(b.shape)}")
                 bad = int((a & ~b).sum())
                 if bad:
-                    raise ValueError(f"masks are not nested: {n} keeps {bad} weights at level {k - 1} (sparser) "
+                    raise RecipeError(f"masks are not nested: {n} keeps {bad} weights at level {k - 1} (sparser) "
                                      f"that level {k} (denser) drops; levels must be sparsest first")
 
     # -- access -------------------------------------------------------------------------------
@@ -145,12 +146,12 @@ def sorted_levels(sparsities: Sequence[float]) -> list[float]:
     """Level sparsities sparsest first; duplicates and values outside [0, 1) are errors."""
     lv = [float(s) for s in sparsities]
     if not lv:
-        raise ValueError("need at least one sparsity level")
+        raise RecipeError("need at least one sparsity level")
     for s in lv:
         if not (0.0 <= s < 1.0) or math.isnan(s):
-            raise ValueError(f"level sparsity must be in [0, 1) (fraction of zeros); got {s}")
+            raise RecipeError(f"level sparsity must be in [0, 1) (fraction of zeros); got {s}")
     if len(set(lv)) != len(lv):
-        raise ValueError(f"level sparsities must be distinct; got {lv}")
+        raise RecipeError(f"level sparsities must be distinct; got {lv}")
     return sorted(lv, reverse=True)
 
 

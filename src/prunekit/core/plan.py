@@ -20,6 +20,7 @@ from prunekit.core.masks import MaskSet
 from prunekit.core.scoring import resolve_score, select_keep_global
 from prunekit.core.structures import Structure, Transposed, parse_structure
 from prunekit.core.targets import TargetSpec, find_targets, hf_conv1d
+from prunekit.core.errors import RecipeError
 
 __all__ = ["mask_for", "PruneSpec", "compute_masks", "global_masks", "scaled_sparsity", "prune", "validate_overrides"]
 
@@ -44,11 +45,11 @@ def scaled_sparsity(layer_sparsity: float, spec_sparsity: float, sparsity: float
 
 def _check_fraction(key: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{key}: expected a number, got {value!r}")
+        raise RecipeError(f"{key}: expected a number, got {value!r}")
     if not math.isfinite(value):
-        raise ValueError(f"{key}: {value} is not a finite number")
+        raise RecipeError(f"{key}: {value} is not a finite number")
     if not (0.0 <= value < 1.0):
-        raise ValueError(f"{key}: {value} is out of range (must be >= 0 and < 1)")
+        raise RecipeError(f"{key}: {value} is out of range (must be >= 0 and < 1)")
 
 
 def validate_overrides(overrides: dict) -> None:
@@ -56,22 +57,22 @@ def validate_overrides(overrides: dict) -> None:
 
     The one validator for per-layer overrides: recipes (:mod:`prunekit.pipelines.recipe`) and :class:`PruneSpec` use it."""
     if not isinstance(overrides, dict):
-        raise ValueError(f"overrides: expected a mapping of name pattern → sparsity, got {overrides!r}")
+        raise RecipeError(f"overrides: expected a mapping of name pattern → sparsity, got {overrides!r}")
     for pat, ov in overrides.items():
         key = f"overrides[{pat!r}]"
         if not isinstance(pat, str):
-            raise ValueError(f"{key}: the pattern must be a string")
+            raise RecipeError(f"{key}: the pattern must be a string")
         if isinstance(ov, dict):
             bad = set(ov) - {"sparsity", "structure"}
             if bad:
-                raise ValueError(f"{key}: unknown keys {sorted(map(str, bad))}; valid: sparsity, structure")
+                raise RecipeError(f"{key}: unknown keys {sorted(map(str, bad))}; valid: sparsity, structure")
             if "sparsity" in ov:
                 _check_fraction(f"{key}.sparsity", ov["sparsity"])
             if "structure" in ov:
                 try:
                     parse_structure(ov["structure"])
                 except ValueError as e:
-                    raise ValueError(f"{key}.structure: {e}") from None
+                    raise RecipeError(f"{key}.structure: {e}") from None
         else:
             _check_fraction(key, ov)
 
@@ -98,16 +99,16 @@ class PruneSpec:
     def __post_init__(self):
         self.structure = parse_structure(self.structure)
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
-            raise ValueError(f"prune.sparsity must be a number in [0, 1); got {self.sparsity!r}")
+            raise RecipeError(f"prune.sparsity must be a number in [0, 1); got {self.sparsity!r}")
         if not (0.0 <= float(self.sparsity) < 1.0):
-            raise ValueError(f"prune.sparsity must be in [0, 1); got {self.sparsity}")
+            raise RecipeError(f"prune.sparsity must be in [0, 1); got {self.sparsity}")
         if self.scope not in ("layer", "global"):
-            raise ValueError(f"prune.scope must be 'layer' or 'global'; got {self.scope!r}")
+            raise RecipeError(f"prune.scope must be 'layer' or 'global'; got {self.scope!r}")
         resolve_score(self.score)
         try:
             validate_overrides(self.overrides)
         except ValueError as e:
-            raise ValueError(f"prune.{e}") from None
+            raise RecipeError(f"prune.{e}") from None
 
     def layer_plan(self, names, sparsity: float | None = None) -> dict[str, tuple[Structure, float]]:
         """``{param_name: (structure, sparsity)}`` after overrides; ``sparsity`` moves the whole spec
@@ -133,7 +134,7 @@ class PruneSpec:
             plan[n] = (st, sp if sparsity is None else scaled_sparsity(sp, self.sparsity, sparsity))
         unused = set(self.overrides) - used
         if unused:
-            raise ValueError(f"prune.overrides patterns {sorted(unused)} match no targeted parameter; "
+            raise RecipeError(f"prune.overrides patterns {sorted(unused)} match no targeted parameter; "
                              f"targets: {list(names)[:20]}")
         return plan
 
@@ -157,7 +158,7 @@ def global_masks(plan: dict[str, tuple[Structure, float]], weights: dict[str, Te
     sts = {str(st) for st, _ in plan.values()}
     st = next(iter(plan.values()))[0]
     if len(sts) != 1 or not st.selects_groups:
-        raise ValueError("global scope needs one group structure (unstructured/row/column/block) for all targets")
+        raise RecipeError("global scope needs one group structure (unstructured/row/column/block) for all targets")
     imp = importance or {}
     scores, sizes = [], []
     for n in plan:
@@ -171,7 +172,7 @@ def global_masks(plan: dict[str, tuple[Structure, float]], weights: dict[str, Te
         shape = weights[n].shape
         m = st.unpartition(st.valid(shape) & keep[:, None], shape).bool()
         if base is not None and bool((base[n] & ~m).any()):
-            raise ValueError(f"global sparsity {sparsity} keeps fewer weights than the sparser level; levels must get denser")
+            raise RecipeError(f"global sparsity {sparsity} keeps fewer weights than the sparser level; levels must get denser")
         masks.set(n, m, str(st))
     return masks
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from prunekit.core.registry import Registry
+from prunekit.core.errors import RecipeError
 
 ScoreFn = Callable[[Tensor], Tensor]
 
@@ -67,11 +68,11 @@ def resolve_score(score: "str | ScoreFn | Score") -> Score:
     if callable(score):
         return Score(getattr(score, "__name__", "custom"), score, 1.0)
     if not isinstance(score, str):
-        raise ValueError(f"unknown score {score!r}; valid: {SCORES.names()} or a callable")
+        raise RecipeError(f"unknown score {score!r}; valid: {SCORES.names()} or a callable")
     try:
         return SCORES.get(score)
     except ValueError:
-        raise ValueError(f"unknown score {score!r}; valid: {SCORES.names()} or a callable") from None
+        raise RecipeError(f"unknown score {score!r}; valid: {SCORES.names()} or a callable") from None
 
 
 def group_scores(groups: Tensor, score: "Score | ScoreFn", sizes: Tensor | None = None) -> Tensor:
@@ -86,7 +87,7 @@ def group_scores(groups: Tensor, score: "Score | ScoreFn", sizes: Tensor | None 
         return groups.reshape(-1).abs().float()
     out = sc(groups)
     if out.shape != (groups.shape[0],):
-        raise ValueError(f"score returned shape {tuple(out.shape)}, expected ({groups.shape[0]},)")
+        raise RecipeError(f"score returned shape {tuple(out.shape)}, expected ({groups.shape[0]},)")
     out = out.float()
     if sizes is not None:
         S = groups.shape[1]

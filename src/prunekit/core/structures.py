@@ -50,7 +50,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from prunekit.core.errors import UnknownNameError
+from prunekit.core.errors import RecipeError, UnknownNameError
 from prunekit.core.registry import Registry
 from prunekit.core.scoring import Score, ScoreFn, group_scores, resolve_score, select_groups
 
@@ -66,7 +66,7 @@ ScoreArg = "ScoreFn | str | Tensor | Score"
 def as_matrix(w: Tensor) -> Tensor:
     """The 2-D matrix view (a view, no copy) of a Linear or Conv weight: ``(out, numel/out)``."""
     if w.dim() < 2:
-        raise ValueError(f"cannot prune a {w.dim()}-D tensor of shape {tuple(w.shape)}: structures need a Linear or Conv weight")
+        raise RecipeError(f"cannot prune a {w.dim()}-D tensor of shape {tuple(w.shape)}: structures need a Linear or Conv weight")
     return w.reshape(w.shape[0], -1)
 
 
@@ -77,7 +77,7 @@ def _matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
 def _check_sparsity(sparsity: float) -> float:
     s = float(sparsity)
     if not (0.0 <= s < 1.0) or math.isnan(s):
-        raise ValueError(f"sparsity must be in [0, 1) (fraction of weights that are zero); got {sparsity}")
+        raise RecipeError(f"sparsity must be in [0, 1) (fraction of weights that are zero); got {sparsity}")
     return s
 
 
@@ -86,7 +86,7 @@ def _score_input(w: Tensor, score: "ScoreFn | str | Tensor | Score") -> tuple[Te
     importance tensor of the weight's shape (then grouped with the L2 norm)."""
     if isinstance(score, Tensor):
         if score.shape != w.shape:
-            raise ValueError(f"importance tensor shape {tuple(score.shape)} != weight shape {tuple(w.shape)}")
+            raise RecipeError(f"importance tensor shape {tuple(score.shape)} != weight shape {tuple(w.shape)}")
         return score.detach(), resolve_score("l2")
     return w.detach(), resolve_score(score)
 
@@ -143,7 +143,7 @@ class Structure:
     def check_shape(self, shape: Sequence[int]) -> None:
         """Raise ``ValueError`` naming the problem if this structure cannot apply to ``shape``."""
         if len(shape) < 2:
-            raise ValueError(f"{self} needs a 2-D (Linear) or 4-D (Conv) weight, got shape {tuple(shape)}")
+            raise RecipeError(f"{self} needs a 2-D (Linear) or 4-D (Conv) weight, got shape {tuple(shape)}")
 
     # -- selection -----------------------------------------------------------------------------
     def select(self, parts: Tensor, valid: Tensor, sparsity: float, score: Score,
@@ -160,7 +160,7 @@ class Structure:
             scores = scores.masked_fill(bg, math.inf)
         keep = select_groups(scores, sizes, sparsity)
         if bg is not None and bool((bg & ~keep).any()):
-            raise ValueError(f"{self}: sparsity {sparsity} keeps fewer groups ({int(keep.sum())}) than the sparser "
+            raise RecipeError(f"{self}: sparsity {sparsity} keeps fewer groups ({int(keep.sum())}) than the sparser "
                              f"level ({int(bg.sum())}); give levels sparsest first with decreasing sparsity")
         return valid & keep[:, None]
 
@@ -169,7 +169,7 @@ class Structure:
         if sparsity is None:
             fixed = self.fixed_sparsity(shape)
             if fixed is None:
-                raise ValueError(f"{self} needs a sparsity")
+                raise RecipeError(f"{self} needs a sparsity")
             return fixed
         return _check_sparsity(sparsity)
 
@@ -185,12 +185,12 @@ class Structure:
         b = None
         if base is not None:
             if base.shape != w.shape:
-                raise ValueError(f"base mask shape {tuple(base.shape)} != weight shape {tuple(w.shape)}")
+                raise RecipeError(f"base mask shape {tuple(base.shape)} != weight shape {tuple(w.shape)}")
             b = self.partition(base.detach().to(torch.uint8)) > 0
         keep = self.select(self.partition(src), self.valid(w.shape), s, sc, b)
         m = self.unpartition(keep, w.shape).bool()
         if base is not None and bool((base.bool() & ~m).any()):
-            raise ValueError(f"{self}: cannot nest sparsity {s} around the sparser level's mask "
+            raise RecipeError(f"{self}: cannot nest sparsity {s} around the sparser level's mask "
                              f"(base sparsity {1 - base.float().mean().item():.4f}); is the level denser?")
         return m
 
@@ -229,7 +229,7 @@ class Structure:
 
 def _swap(shape: Sequence[int]) -> tuple[int, int]:
     if len(shape) != 2:
-        raise ValueError(f"a transposed (in, out) weight must be 2-D, got shape {tuple(shape)}")
+        raise RecipeError(f"a transposed (in, out) weight must be 2-D, got shape {tuple(shape)}")
     return int(shape[1]), int(shape[0])
 
 
@@ -379,7 +379,7 @@ class Block(Structure):
 
     def __post_init__(self):
         if self.r < 1 or self.c < 1:
-            raise ValueError(f"block shape must be positive, got {self.r}x{self.c}")
+            raise RecipeError(f"block shape must be positive, got {self.r}x{self.c}")
 
     @classmethod
     def parse(cls, text: str) -> "Structure | None":
@@ -388,7 +388,7 @@ class Block(Structure):
             return None
         r, c = int(m[1]), int(m[2])
         if r < 1 or c < 1:
-            raise ValueError(f"bad structure {text!r}: block shape must be positive")
+            raise RecipeError(f"bad structure {text!r}: block shape must be positive")
         return cls(r, c)
 
     @property
@@ -399,7 +399,7 @@ class Block(Structure):
         super().check_shape(shape)
         R, C = _matrix_shape(shape)
         if self.r > R or self.c > C:
-            raise ValueError(
+            raise RecipeError(
                 f"{self.name} does not fit a weight whose matrix view is {R}x{C} "
                 f"(shape {tuple(shape)}); use a block no larger than the matrix")
 
@@ -434,7 +434,7 @@ class NM(Structure):
 
     def __post_init__(self):
         if not (1 <= self.n <= self.m):
-            raise ValueError(f"N:M needs 1 <= N <= M (N kept of every M); got {self.n}:{self.m}")
+            raise RecipeError(f"N:M needs 1 <= N <= M (N kept of every M); got {self.n}:{self.m}")
 
     @classmethod
     def parse(cls, text: str) -> "Structure | None":
@@ -443,7 +443,7 @@ class NM(Structure):
             return None
         n, mm = int(m[1]), int(m[2])
         if not (1 <= n <= mm):
-            raise ValueError(f"bad structure {text!r}: N:M needs 1 <= N <= M (N kept of every M)")
+            raise RecipeError(f"bad structure {text!r}: N:M needs 1 <= N <= M (N kept of every M)")
         return cls(n, mm)
 
     @property
@@ -463,7 +463,7 @@ class NM(Structure):
     def keep_per_group(self, sparsity: float) -> int:
         s = _check_sparsity(sparsity)
         if s > 1.0 - self.n / self.m + 1e-9:
-            raise ValueError(f"{self.name} keeps {self.n} of {self.m} (sparsity {1 - self.n / self.m:.3g}); "
+            raise RecipeError(f"{self.name} keeps {self.n} of {self.m} (sparsity {1 - self.n / self.m:.3g}); "
                              f"sparsity {s} is beyond what it allows")
         return max(self.n, self.m - int(round(s * self.m)))
 
@@ -475,7 +475,7 @@ class NM(Structure):
         if base is not None:
             have = int(base.sum(1).max()) if base.numel() else 0
             if have > k:
-                raise ValueError(f"{self}: the sparser level keeps {have} of {self.m} in some run, level at sparsity "
+                raise RecipeError(f"{self}: the sparser level keeps {have} of {self.m} in some run, level at sparsity "
                                  f"{sparsity} keeps only {k}: give levels sparsest first with decreasing sparsity")
             imp = imp.masked_fill(base, math.inf)
         imp = imp.masked_fill(~valid, -1.0)
@@ -533,11 +533,11 @@ class Pattern(Structure):
 
     def __post_init__(self):
         if self.keep is not None and self.keep < 1:
-            raise ValueError(f"pattern keep must be >= 1, got {self.keep}")
+            raise RecipeError(f"pattern keep must be >= 1, got {self.keep}")
         if self.set_size is not None and self.set_size < 1:
-            raise ValueError(f"pattern set size must be >= 1, got {self.set_size}")
+            raise RecipeError(f"pattern set size must be >= 1, got {self.set_size}")
         if self.tile is not None and (self.tile[0] < 1 or self.tile[1] < 1):
-            raise ValueError(f"pattern tile must be positive, got {self.tile}")
+            raise RecipeError(f"pattern tile must be positive, got {self.tile}")
 
     @classmethod
     def parse(cls, text: str) -> "Structure | None":
@@ -570,12 +570,12 @@ class Pattern(Structure):
     def check_shape(self, shape) -> None:
         super().check_shape(shape)
         if len(shape) == 4 and self.tile is not None and tuple(self.tile) != (shape[2], shape[3]):
-            raise ValueError(f"{self.name}: conv tiles are the kernels ({shape[2]}x{shape[3]}), not {self.tile}")
+            raise RecipeError(f"{self.name}: conv tiles are the kernels ({shape[2]}x{shape[3]}), not {self.tile}")
         tr, tc = self.tile_shape(shape)
         if len(shape) == 2 and (tr > shape[0] or tc > shape[1]):
-            raise ValueError(f"{self.name}: tile {tr}x{tc} does not fit a {shape[0]}x{shape[1]} weight")
+            raise RecipeError(f"{self.name}: tile {tr}x{tc} does not fit a {shape[0]}x{shape[1]} weight")
         if self.keep is not None and self.keep > tr * tc:
-            raise ValueError(f"{self.name}: keeps {self.keep} entries but a tile has only {tr * tc}")
+            raise RecipeError(f"{self.name}: keeps {self.keep} entries but a tile has only {tr * tc}")
 
     def partition(self, w: Tensor) -> Tensor:
         if w.dim() == 4:
@@ -614,7 +614,7 @@ class Pattern(Structure):
         if self.patterns is not None:
             p = self.patterns.reshape(self.patterns.shape[0], -1).bool()
             if p.shape[1] != T:
-                raise ValueError(f"pattern set has tiles of {p.shape[1]} entries, weight tiles have {T}")
+                raise RecipeError(f"pattern set has tiles of {p.shape[1]} entries, weight tiles have {T}")
             return p
         size = self.set_size
         if size is None:
@@ -639,13 +639,13 @@ class Pattern(Structure):
         T = parts.shape[1]
         keep = self._keep_of(T, sparsity)
         if self.keep is not None and not self.conn and sparsity > 1.0 - keep / T + 1e-9:
-            raise ValueError(f"{self.name} gives sparsity {1 - keep / T:.3g} on this weight; {sparsity} needs "
+            raise RecipeError(f"{self.name} gives sparsity {1 - keep / T:.3g} on this weight; {sparsity} needs "
                              f"connectivity pruning ('{self.name}+conn') or fewer kept entries")
         pats = self._pattern_set(parts, keep)                     # (P, T) bool
         g2 = parts.float().pow(2)
         b = torch.zeros_like(valid) if base is None else base
         if base is not None and int(b.sum(1).max()) > keep:
-            raise ValueError(f"{self}: the sparser level keeps more than {keep} entries in a tile; levels must get denser")
+            raise RecipeError(f"{self}: the sparser level keeps more than {keep} entries in a tile; levels must get denser")
         contains = (b.float() @ pats.float().t()) == b.sum(1, keepdim=True).float()   # (G, P) pattern ⊇ base
         energy = (g2 @ pats.float().t()).masked_fill(~contains, -1.0)
         km = pats[torch.argmax(energy, 1)] & valid               # argmax → first best (deterministic)
@@ -693,7 +693,7 @@ def parse_structure(spec: "str | Structure") -> Structure:
     if isinstance(spec, Structure):
         return spec
     if not isinstance(spec, str):
-        raise ValueError(f"structure must be a string, got {type(spec).__name__} {spec!r}; valid: {structure_syntax()}")
+        raise RecipeError(f"structure must be a string, got {type(spec).__name__} {spec!r}; valid: {structure_syntax()}")
     s = spec.strip().lower().replace(" ", "")
     for name in _parse_order():
         st = STRUCTURES.get(name).parse(s)

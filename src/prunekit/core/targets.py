@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from torch import nn
+from prunekit.core.errors import RecipeError
 
 __all__ = ["TargetSpec", "find_targets", "MODULE_TYPES", "linear_types", "hf_conv1d"]
 
@@ -47,7 +48,7 @@ def _module_types(names) -> tuple[type, ...]:
         if n == "HFConv1D":
             hf_conv1d()
         if n not in MODULE_TYPES:
-            raise ValueError(f"unknown module type {n!r} in targets.types; valid: {sorted(MODULE_TYPES)}")
+            raise RecipeError(f"unknown module type {n!r} in targets.types; valid: {sorted(MODULE_TYPES)}")
         out.append(MODULE_TYPES[n])
     return tuple(out)
 
@@ -70,7 +71,7 @@ class TargetSpec:
                 try:
                     re.compile(p[3:])
                 except re.error as e:
-                    raise ValueError(f"bad regular expression in targets: {p!r}: {e}") from None
+                    raise RecipeError(f"bad regular expression in targets: {p!r}: {e}") from None
 
 
 def find_targets(model: nn.Module, spec: TargetSpec | None = None) -> dict[str, nn.Module]:
@@ -84,14 +85,14 @@ def find_targets(model: nn.Module, spec: TargetSpec | None = None) -> dict[str, 
     # a weight tied to another module's (GPT-2's LM head and token embedding) is known by its first name
     canonical = {id(p): n for n, p in model.named_parameters()}
     if not candidates:
-        raise ValueError(f"the model has no modules of types {spec.types}")
+        raise RecipeError(f"the model has no modules of types {spec.types}")
     out: dict[str, nn.Module] = {}
     for pat in spec.include:
         hits = [n for n in candidates if _match(pat, n)]
         if not hits:
             shown = list(candidates)[:20]
             more = f" (+{len(candidates) - 20} more)" if len(candidates) > 20 else ""
-            raise ValueError(f"target pattern {pat!r} matches no {'/'.join(spec.types)} module; "
+            raise RecipeError(f"target pattern {pat!r} matches no {'/'.join(spec.types)} module; "
                              f"candidates: {shown}{more}")
         for n in hits:
             if not any(_match(x, n) or _match(x, f"{n}.weight") for x in spec.exclude):
@@ -100,10 +101,10 @@ def find_targets(model: nn.Module, spec: TargetSpec | None = None) -> dict[str, 
                     out.setdefault(name, candidates[n])
     for pat in spec.exclude:
         if not any(_match(pat, n) or _match(pat, f"{n}.weight") for n in candidates):
-            raise ValueError(f"exclude pattern {pat!r} matches no {'/'.join(spec.types)} module; "
+            raise RecipeError(f"exclude pattern {pat!r} matches no {'/'.join(spec.types)} module; "
                              f"candidates: {list(candidates)[:20]}")
     if not out:
-        raise ValueError(f"targets include={spec.include} exclude={spec.exclude} leave nothing to prune")
+        raise RecipeError(f"targets include={spec.include} exclude={spec.exclude} leave nothing to prune")
     # keep model order
     order = {name: i for i, name in enumerate(canonical.values())}
     return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))

@@ -63,6 +63,7 @@ from prunekit.deploy import storage
 from prunekit.io.checkpoint import CheckpointError, _atomic_replace, state_dict_for_save
 from prunekit.core.nested import NestedMasks
 from prunekit.io.checkpoint import load_into
+from prunekit.core.errors import ModelError
 
 __all__ = ["NestedMasks", "save_shared", "read_shared", "load_level", "SharedWeightsModel", "SharedFormatError",
     "switch_cost", "switch_table", "patch_bytes", "breakeven_report", "SWITCH_ENCODINGS"]
@@ -101,10 +102,10 @@ def save_shared(path: str | os.PathLike, model: nn.Module, nested: NestedMasks, 
     params = dict(model.named_parameters())
     for n in nested.names():
         if n not in tensors:
-            raise ValueError(f"masked parameter {n!r} is not in the model's state dict")
+            raise ModelError(f"masked parameter {n!r} is not in the model's state dict")
         outside = params[n].detach() * (~nested.densest[n]).to(params[n].dtype)
         if bool(outside.ne(0).any()):
-            raise ValueError(f"{n}: the model has nonzero weights outside the densest level's mask; "
+            raise ModelError(f"{n}: the model has nonzero weights outside the densest level's mask; "
                              "load the densest level before saving")
     packed = {f"__levels__.{n}": _pack_levels(nested.level_map(n), bits) for n in nested.names()}
     manifest = {

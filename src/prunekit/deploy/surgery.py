@@ -35,13 +35,14 @@ from torch import Tensor, nn
 from ..core.groups import CoupledGroup
 from ..graph import analyze_model, build_groups, call_model, macs_of
 from ..graph import macs as graph_macs
+from prunekit.core.errors import ModelError
 
 __all__ = ["compact", "CompactResult", "GroupReport", "CompactionError", "macs"]
 
 macs = graph_macs
 
 
-class CompactionError(RuntimeError):
+class CompactionError(ModelError, RuntimeError):
     """Compaction would change the model's function (or could not be done); the model is untouched."""
 
 
@@ -96,7 +97,7 @@ def _apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
             raise KeyError(f"mask for {name!r}: the model has no such parameter")
         t = state[name]
         if tuple(m.shape) != tuple(t.shape):
-            raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)}, tensor {tuple(t.shape)}")
+            raise ModelError(f"mask for {name!r} has shape {tuple(m.shape)}, tensor {tuple(t.shape)}")
         t.mul_(m.to(t.device, t.dtype))
 
 

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from prunekit.core.errors import ModelError
 from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 __all__ = ["TraceError", "Traced", "trace", "call_model", "normalize_inputs"]
 
 
-class TraceError(RuntimeError):
+class TraceError(ModelError, RuntimeError):
     """The model could not be traced (neither ``torch.export`` nor ``make_fx``)."""
 
 

@@ -52,7 +52,7 @@ def train_sequential(model: nn.Module, task, train_loader, eval_loader, spec: Pr
         algorithm = cls(cls.Params(), _spec_at(spec, levels[0]))
     if algorithm.has_search:
         if search_cfg is None:
-            raise ValueError(f"algorithm {algorithm.name!r} has a search phase: pass search_cfg")
+            raise RecipeError(f"algorithm {algorithm.name!r} has a search phase: pass search_cfg")
         r = fit(model, task, train_loader, eval_loader, search_cfg, hooks=[algorithm],
                 masks=algorithm.masks_during_search(model), desc=f"L0 {algorithm.name}")
         history["level0_search"] = r["history"]
