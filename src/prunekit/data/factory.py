@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from prunekit.core.errors import DataError
-from prunekit.models.user import ModelImportError, import_object
+from prunekit.models.user import ModelImportError, call_factory
 
 __all__ = ["FactoryData", "load_factory", "check_examples"]
 
@@ -83,15 +83,9 @@ def _split(result: Any, path: str) -> tuple[Any, Any]:
 def load_factory(path: str, args: dict | None = None, task_type: str = "classification") -> FactoryData:
     """Call the factory and check both splits (see the module doc)."""
     try:
-        fn = import_object(path, "data factory")
+        result = call_factory(path, args, "data factory", "data.factory_args")
     except ModelImportError as e:
         raise DataError(str(e)) from e
-    if not callable(fn):
-        raise DataError(f"data factory {path!r} is not callable")
-    try:
-        result = fn(**dict(args or {}))
-    except TypeError as e:
-        raise DataError(f"data factory {path!r} rejected data.factory_args {sorted(args or {})}: {e}") from e
     train, ev = _split(result, path)
     y_train = check_examples(train, f"{path} train", task_type)
     y_eval = check_examples(ev, f"{path} eval", task_type)

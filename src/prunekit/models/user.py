@@ -78,15 +78,21 @@ def import_object(path: str, what: str = "object") -> Any:
     return obj
 
 
+def call_factory(path: str, args: dict | None, what: str, args_key: str) -> Any:
+    """Import ``path`` and call it with ``args`` as keyword arguments; :class:`ModelImportError` names the
+    path when it cannot be imported, is not callable, or rejects the arguments (given as ``args_key``)."""
+    factory: Callable[..., Any] = import_object(path, what)
+    if not callable(factory):
+        raise ModelImportError(f"{what} {path!r} is not callable (it is a {type(factory).__name__})")
+    try:
+        return factory(**dict(args or {}))
+    except TypeError as e:
+        raise ModelImportError(f"{what} {path!r} rejected {args_key} {sorted(args or {})}: {e}") from e
+
+
 def build_user_model(path: str, args: dict | None = None) -> nn.Module:
     """Call the factory at import path ``path`` with ``args`` as keyword arguments; must return a module."""
-    factory: Callable[..., Any] = import_object(path, "model factory")
-    if not callable(factory):
-        raise ModelImportError(f"model factory {path!r} is not callable (it is a {type(factory).__name__})")
-    try:
-        model = factory(**dict(args or {}))
-    except TypeError as e:
-        raise ModelImportError(f"model factory {path!r} rejected model.args {sorted(args or {})}: {e}") from e
+    model = call_factory(path, args, "model factory", "model.args")
     if not isinstance(model, nn.Module):
         raise ModelImportError(f"model factory {path!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
