@@ -59,6 +59,13 @@ def _distill_hooks(ctx, stage: str) -> list:
     return [d]
 
 
+def _evaluated(ctx, key: str, label: str) -> dict:
+    """``{key: metrics}`` of the model on the eval set, logged as ``label: score``."""
+    m = ctx.task.evaluate(ctx.model, ctx.workload.eval_loader)
+    ctx.log(f"{label}: {m[ctx.task.metric]:.4f}")
+    return {key: m}
+
+
 class Dense(Stage):
     """The dense model, in one place: ``model.checkpoint`` is loaded, or the ``dense`` phase trains it and it is
     saved to ``out/dense``.  ``keep``: hold a copy of the dense weights in ``ctx.dense`` (teacher, shared levels)."""
@@ -148,9 +155,7 @@ class HardPrune(Stage):
         ctx.masks = masks
         out: dict[str, Any] = {}
         if self.evaluate:
-            m = ctx.task.evaluate(ctx.model, ctx.workload.eval_loader)
-            out["metrics"] = {"after_hard_prune": m}
-            ctx.log(f"after hard-prune ({masks.sparsity():.4f} sparsity): {m[ctx.task.metric]:.4f}")
+            out["metrics"] = _evaluated(ctx, "after_hard_prune", f"after hard-prune ({masks.sparsity():.4f} sparsity)")
         out["seconds"] = {self.seconds_key: time.perf_counter() - t0}
         return out
 
@@ -175,9 +180,7 @@ class Retrain(Stage):
                         restore_best=True, baseline=base)
             out["history"] = {self.history_key: r["history"]}
         if self.final:
-            m = ctx.task.evaluate(ctx.model, ctx.workload.eval_loader)
-            out["metrics"] = {"final": m}
-            ctx.log(f"final {ctx.task.metric}: {m[ctx.task.metric]:.4f}")
+            out["metrics"] = _evaluated(ctx, "final", f"final {ctx.task.metric}")
         out["seconds"] = {self.seconds_key: time.perf_counter() - t0}
         return out
 
