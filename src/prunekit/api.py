@@ -24,6 +24,7 @@ from prunekit.graph.families import default_targets
 from prunekit.pipelines.recipe import Recipe, load_recipe, parse_recipe
 from prunekit.pipelines.runner import prune_spec_from
 from prunekit.training.pruner import Pruner as _Pruner
+from prunekit.training.pruner import as_prune_spec
 
 __all__ = ["Pruner", "prune", "compact", "groups_of"]
 
@@ -67,7 +68,9 @@ class Pruner(_Pruner):
     """:class:`prunekit.training.pruner.Pruner` that also accepts a recipe (see module doc)."""
 
     def __init__(self, model: nn.Module, recipe_or_spec: Any, optimizer: torch.optim.Optimizer | None = None, *,
-                 algorithm: str | None = None, params: Any = None, **kw):
+                 algorithm: str | None = None, params: Any = None, example_inputs: Any = None, **kw):
+        """``example_inputs``: for a group structure (``channels``, ``heads+neurons``, …), the input the
+        model is traced on to find its coupled groups."""
         recipe = _recipe(recipe_or_spec)
         if recipe is None:
             spec = recipe_or_spec
@@ -82,4 +85,10 @@ class Pruner(_Pruner):
                 algorithm, params = recipe.algorithm.name, recipe.algorithm.params if params is None else params
             if recipe.distill and "teacher" in kw and "distill" not in kw:
                 kw["distill"] = recipe.distill
+        spec = as_prune_spec(spec)
+        if spec.structure.coupled and spec.groups is None:
+            if example_inputs is None:
+                raise ValueError(f"structure {spec.structure} needs example_inputs= (the coupled groups come from a "
+                                 "trace of the model)")
+            spec.groups = groups_of(model, example_inputs)
         super().__init__(model, spec, optimizer, algorithm=algorithm, params=params, **kw)
