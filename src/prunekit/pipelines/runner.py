@@ -34,6 +34,7 @@ from prunekit.pipelines.recipe import Recipe, from_dict, to_dict
 from prunekit.core.errors import RecipeError
 from prunekit.core.masks import MaskSet
 from prunekit.core.plan import PruneSpec, target_plan
+from prunekit.core.structures import parse_structure
 from prunekit.graph import TraceError, coupled_groups
 from prunekit.deploy import surgery
 from prunekit.core.stats import model_summary
@@ -439,10 +440,14 @@ class Report(Stage):
                     "precision": recipe.precision,
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "algorithm_state_keys": sorted(ctx.algo.state_dict())})
-        if ctx.spec.structure.coupled:
-            out["structure"] = str(ctx.spec.structure)
-            out["group_kinds"] = list(ctx.spec.structure.kinds)
-            out["groups"] = group_table(ctx.spec, model)
+        gst = ctx.spec.structure if ctx.spec.structure.coupled else None
+        if gst is None and getattr(ctx.algo, "uses_groups", None) and getattr(ctx.algo.params, "structure", None):
+            gst = parse_structure(ctx.algo.params.structure)      # heads_neurons: the alias's group kinds
+        if gst is not None:
+            out["structure"] = str(gst)
+            out["group_kinds"] = list(gst.kinds)
+            if ctx.spec.structure.coupled:
+                out["groups"] = group_table(ctx.spec, model)
             out.update(_graph_macs(model, masks, ctx.workload.example_input, ctx.log))
         if D.is_distributed():
             out["distributed"] = _rank_digests(ctx)
