@@ -273,7 +273,7 @@ def test_prune_api_and_compact_bert():
 def _cli(*args):
     from prunekit.cli.main import main
     buf = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         mp.setenv("PRUNEKIT_NO_PROGRESS", "1")
         rc = main(list(args))
     return rc, buf.getvalue()
@@ -307,4 +307,5 @@ def test_run_channels_lenet_then_compact(tmp_path):
         from prunekit.deploy import surgery
         mp.setattr(surgery, "_select", lambda t, dim, idx: t.detach().index_select(dim, idx.flip(0)).contiguous())
         rc, stdout = _cli("compact", str(run), "--out", str(out2))
-    assert rc == 2 and "channels:conv" in stdout and not out2.exists()
+    assert rc == 2 and "offending group(s): channels:conv" in stdout and "nothing was written" in stdout
+    assert not out2.exists()

@@ -139,8 +139,7 @@ def run(args) -> int:
     try:
         r = compact_run(args.run_dir, args.out)
     except surgery.CompactionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        print(f"error: {e}")
+        print(f"error: {e}; nothing was written", file=sys.stderr)
         return 2
     p = r["params"]
     print(f"compacted {args.run_dir} → {r['out']} ({'graph-driven, verified' if r['mode'] == 'graph' else 'hand-written chains: the model does not trace'}): "
