@@ -1,4 +1,5 @@
-"""`prunekit run` (row pruning) → `prunekit compact` → `prunekit bench`, as a user runs them."""
+"""`prunekit run` (channel pruning: a group structure) → `prunekit compact` (graph-driven) → `prunekit bench`,
+as a user runs them."""
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +30,7 @@ def run_and_compact(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     out = tmp_path_factory.mktemp("compacted")
     rc, _ = _cli("run", "recipes/lenet5_oneshot.yaml", "--set", "data.limit=300", "--set", "train.epochs=0.2",
-             "--set", "dense.epochs=0.2", "--set", "retrain.epochs=0.2", "--set", "prune.structure=row",
+             "--set", "dense.epochs=0.2", "--set", "retrain.epochs=0.2", "--set", "prune.structure=channels+neurons",
              "--set", "prune.sparsity=0.5", "--out", str(run))
     assert rc == 0
     rc, stdout = _cli("compact", str(run), "--out", str(out))
@@ -45,15 +46,21 @@ def test_compacted_param_count_is_the_hand_count_from_kept_rows(run_and_compact)
     run, out, stdout = run_and_compact
     _, masks, _, _ = load_run(run)
     k1, k2, k3 = (int(_kept_rows(masks[f"{n}.weight"]).numel()) for n in ("conv1", "conv2", "fc1"))
-    assert (k1, k2, k3) == (10, 25, 250)              # row sparsity 0.5 of 20 / 50 / 500 rows
+    assert (k1, k2, k3) == (10, 25, 250)              # channel sparsity 0.5 of 20 / 50 / 500 units
     # conv1: k1 filters of 1x5x5 (+bias); conv2: k2 filters over k1 input channels; fc1: k3 rows over
     # k2 channels × 4×4 positions; fc2 keeps its 10 class rows (no consumer) over k3 columns.
     hand = (k1 * 25 + k1) + (k2 * k1 * 25 + k2) + (k3 * k2 * 16 + k3) + (10 * k3 + 10)
     man = json.loads((out / "compact.json").read_text())
     assert man["params_after"] == hand
-    assert f"431,080 → {hand:,} parameters" in stdout
+    assert f"431,080 → {hand:,} parameters" in stdout and "graph-driven, verified" in stdout
+    assert man["format"] == "prunekit-compact/2"
+    cuts = {(k["tensor"], k["dim"]): k["index"] for k in man["keep"]}
     for n in ("conv1", "conv2", "fc1"):                # exactly the masks' kept rows survive
-        assert man["keep_out"][n] == _kept_rows(masks[f"{n}.weight"]).tolist()
+        assert cuts[(f"{n}.weight", 0)] == _kept_rows(masks[f"{n}.weight"]).tolist()
+    groups = {g["name"]: g for g in man["groups"]}
+    assert groups["channels:conv1"]["removed"] == 10 and not groups["neurons:fc2"]["removable"]
+    assert "| neurons:fc2 | neurons | 10 | 0 | 10 | not removable: model output |" in stdout
+    assert man["macs_after"] < man["macs_before"] and "MACs (from the graph)" in stdout
     model = load_compacted(out, lambda: get_model("lenet5"))
     assert sum(p.numel() for p in model.parameters()) == hand
 

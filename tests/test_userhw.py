@@ -19,7 +19,6 @@ from torch import nn
 
 from prunekit import Pruner
 from prunekit.core.errors import DataError, RecipeError
-from prunekit.core.masks import MaskSet
 from prunekit.core.plan import prune
 from prunekit.io.checkpoint import signals_deferred
 from prunekit.pipelines.recipe import parse_recipe

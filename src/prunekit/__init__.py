@@ -6,19 +6,23 @@ The core API::
     import prunekit
     mask = prunekit.mask_for(weight, "block:4x4", 0.5)          # bool, True = kept
     masks = prunekit.prune(model, "nm:2:4", 0.5, targets={"include": ["encoder.*"]})
+    masks = prunekit.prune(model, "heads+neurons", 0.3, example_inputs=x)   # coupled groups from the graph
+    prunekit.compact(model, masks, x)                             # remove them physically, verified
     with masks.attach(model, optimizer):                          # hard-prune while retraining
         train(...)
 """
 from prunekit.core.masks import HardPrune, MaskSet
-from prunekit.core.plan import PruneSpec, compute_masks, mask_for, prune
-from prunekit.core.structures import NM, Block, Column, Pattern, Row, Structure, Unstructured, parse_structure
+from prunekit.core.plan import PruneSpec, compute_masks, mask_for
+from prunekit.core.structures import (NM, Block, Column, GroupStructure, Pattern, Row, Structure, Unstructured,
+                                      parse_structure)
 from prunekit.core.targets import TargetSpec, find_targets
 
 from prunekit.core.version import __version__
-from prunekit.api import Pruner
+from prunekit.api import Pruner, compact, groups_of, prune
 
 
 __all__ = [
     "mask_for", "prune", "compute_masks", "PruneSpec", "MaskSet", "HardPrune", "TargetSpec", "find_targets",
     "parse_structure", "Structure", "Unstructured", "Row", "Column", "Block", "NM", "Pattern", "__version__", "Pruner",
+    "GroupStructure", "compact", "groups_of",
 ]

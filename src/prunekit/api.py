@@ -14,13 +14,44 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.core.masks import MaskSet
 from prunekit.core.plan import PruneSpec
+from prunekit.core.plan import prune as _prune
+from prunekit.core.structures import Structure, parse_structure
+from prunekit.deploy.surgery import compact
+from prunekit.graph import coupled_groups
 from prunekit.graph.families import default_targets
 from prunekit.pipelines.recipe import Recipe, load_recipe, parse_recipe
 from prunekit.pipelines.runner import prune_spec_from
 from prunekit.training.pruner import Pruner as _Pruner
+from prunekit.training.pruner import as_prune_spec
 
-__all__ = ["Pruner"]
+__all__ = ["Pruner", "prune", "compact", "groups_of"]
+
+
+def groups_of(model: nn.Module, example_inputs: Any, kinds: tuple[str, ...] | None = None):
+    """The model's coupled groups (:func:`prunekit.graph.coupled_groups`), traced in eval mode."""
+    was = model.training
+    try:
+        return coupled_groups(model.eval(), example_inputs, kinds)
+    finally:
+        model.train(was)
+
+
+def prune(model: nn.Module, structure: "str | Structure" = "unstructured", sparsity: float = 0.5, *,
+          example_inputs: Any = None, groups=None, **kw) -> MaskSet:
+    """:func:`prunekit.core.plan.prune`; a group structure (``"heads+neurons"``, ``"channels"``, …) finds
+    the model's coupled groups from ``example_inputs`` (or takes ``groups``)::
+
+        masks = prunekit.prune(model, "heads+neurons", 0.3, example_inputs={"input_ids": ids}, multiple_of=8)
+        prunekit.compact(model, masks, {"input_ids": ids})      # physically smaller, verified
+    """
+    st = parse_structure(structure)
+    if st.coupled and groups is None:
+        if example_inputs is None:
+            raise ValueError(f"structure {st} needs example_inputs (the coupled groups come from a trace of the model)")
+        groups = groups_of(model, example_inputs)
+    return _prune(model, st, sparsity, groups=groups, **kw)
 
 
 def _recipe(obj) -> Recipe | None:
@@ -37,7 +68,9 @@ class Pruner(_Pruner):
     """:class:`prunekit.training.pruner.Pruner` that also accepts a recipe (see module doc)."""
 
     def __init__(self, model: nn.Module, recipe_or_spec: Any, optimizer: torch.optim.Optimizer | None = None, *,
-                 algorithm: str | None = None, params: Any = None, **kw):
+                 algorithm: str | None = None, params: Any = None, example_inputs: Any = None, **kw):
+        """``example_inputs``: for a group structure (``channels``, ``heads+neurons``, …), the input the
+        model is traced on to find its coupled groups."""
         recipe = _recipe(recipe_or_spec)
         if recipe is None:
             spec = recipe_or_spec
@@ -52,4 +85,10 @@ class Pruner(_Pruner):
                 algorithm, params = recipe.algorithm.name, recipe.algorithm.params if params is None else params
             if recipe.distill and "teacher" in kw and "distill" not in kw:
                 kw["distill"] = recipe.distill
+        spec = as_prune_spec(spec)
+        if spec.structure.coupled and spec.groups is None:
+            if example_inputs is None:
+                raise ValueError(f"structure {spec.structure} needs example_inputs= (the coupled groups come from a "
+                                 "trace of the model)")
+            spec.groups = groups_of(model, example_inputs)
         super().__init__(model, spec, optimizer, algorithm=algorithm, params=params, **kw)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.core.masks import MaskSet
-from prunekit.core.plan import compute_masks
+from prunekit.core.plan import compute_masks, target_plan
 from prunekit.core.targets import find_targets
 from prunekit.algorithms.base import Algorithm, full_masks, register
 from prunekit.core.errors import RecipeError
@@ -67,7 +67,7 @@ def project_masks(model: nn.Module, spec, values: dict[str, Tensor], sparsity: f
 def project_weights(model: nn.Module, spec, values: dict[str, Tensor], sparsity: float | None = None) -> dict[str, Tensor]:
     """``Π_S(values)``: each layer's :meth:`Structure.project` at its planned sparsity (layer scope), or
     ``values`` masked by the global ranking of ``values`` (global scope)."""
-    if spec.scope == "global":
+    if spec.scope == "global" or spec.structure.coupled:
         ms = project_masks(model, spec, values, sparsity)
         return {n: v * ms[n].to(v.dtype) for n, v in values.items()}
     targets = {n: m for n, m in find_targets(model, spec.targets).items() if n in values}
@@ -99,7 +99,7 @@ class _Splitting(Algorithm):
 
     # -- helpers ---------------------------------------------------------------------------------
     def _bind(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        names = list(self.spec.layer_plan(find_targets(model, self.spec.targets)))
+        names = list(target_plan(model, self.spec))
         params = dict(model.named_parameters())
         self._params = {n: params[n] for n in names}
         return self._params

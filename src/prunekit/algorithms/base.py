@@ -19,8 +19,7 @@ from torch import nn
 
 from prunekit.core.masks import MaskSet
 from prunekit.core.registry import Registry
-from prunekit.core.plan import PruneSpec, compute_masks
-from prunekit.core.targets import find_targets
+from prunekit.core.plan import PruneSpec, compute_masks, target_plan
 from prunekit.algorithms.hooks import Hook
 
 __all__ = ["Algorithm", "register", "get_algorithm_class", "list_algorithms", "ALGORITHMS", "full_masks"]
@@ -46,7 +45,7 @@ def full_masks(model: nn.Module, spec: PruneSpec) -> MaskSet:
     """All-True masks on every target (nothing pruned yet)."""
     params = dict(model.named_parameters())
     ms = MaskSet()
-    plan = spec.layer_plan(find_targets(model, spec.targets))
+    plan = target_plan(model, spec)
     for n, (st, _) in plan.items():
         ms.set(n, torch.ones_like(params[n], dtype=torch.bool), str(st))
     return ms

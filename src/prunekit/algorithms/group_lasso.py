@@ -18,6 +18,10 @@ columns, R×C blocks, the M-runs of N:M, the tiles (kernels) of pattern; ``unstr
 single weights, so the penalty is the reweighted ℓ1 ``λ Σ α_i |w_i|``.  ‖·‖₂ is evaluated as ``sqrt(Σ w² + δ²)`` with a tiny ``δ``
 (``smooth``) so the gradient is finite at 0 (``λ α_g W_g / ‖W_g‖``).  At the end the weights are
 hard-pruned to the target by group L2 norm (:func:`prunekit.core.plan.compute_masks`) and retrained.
+
+Group structures (``channels``, ``heads``, ``neurons``, ``heads+neurons``, …): the penalty groups are the
+coupled *units*: ``‖W_u‖₂`` is the norm over all of unit ``u``'s coupled weight slices (every tensor
+whose rows/columns it owns), so a head's query/key/value rows and output columns shrink together.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from prunekit.core.plan import compute_masks
+from prunekit.core.groups import CoupledGroup
+from prunekit.core.plan import compute_masks, target_plan
 from prunekit.core.structures import Structure
 from prunekit.core.targets import find_targets
 from prunekit.algorithms.base import Algorithm, register
@@ -43,6 +48,19 @@ def _norms(st: Structure, w: Tensor, smooth: float) -> Tensor:
 def group_lasso_penalty(st: Structure, w: Tensor, alpha: Tensor, lam: float, smooth: float = 0.0) -> Tensor:
     """``λ Σ_g α_g ‖W_g‖₂`` for one weight (``alpha`` has one entry per group)."""
     return lam * (alpha * _norms(st, w, smooth)).sum()
+
+
+def unit_norms(g: CoupledGroup, params: dict[str, Tensor], smooth: float = 0.0) -> Tensor:
+    """``(count,)`` differentiable ``sqrt(Σ w² + δ²)`` of every unit of ``g`` over its slices of ``params``."""
+    tot = None
+    for s in g.slices:
+        if s.tensor not in params:
+            continue
+        start, stop = s.span(g.count)
+        part = params[s.tensor].narrow(s.dim, start, stop - start).movedim(s.dim, 0).reshape(g.count, -1)
+        sq = part.pow(2).sum(1)
+        tot = sq if tot is None else tot + sq
+    return (tot + smooth * smooth).clamp_min(0).sqrt()
 
 
 def reweight(st: Structure, w: Tensor, eps: float) -> Tensor:
@@ -81,11 +99,21 @@ class GroupLasso(Algorithm):
         self.reweights = 0
         self._params = {}
         self._structs: dict[str, Structure] = {}
+        self._groups: list[CoupledGroup] = []
 
     def begin(self, ctx):
-        plan = self.spec.layer_plan(find_targets(ctx.model, self.spec.targets))
+        plan = target_plan(ctx.model, self.spec)
         params = dict(ctx.model.named_parameters())
         self._params = {n: params[n] for n in plan}
+        if self.spec.structure.coupled:
+            self._groups = [g for g, _, _ in self.spec.group_plan(find_targets(ctx.model, self.spec.targets))[0]]
+            if not self.alpha:
+                if self.params.reweight_at_start:
+                    self._reweight()
+                else:
+                    self.alpha = {g.name: torch.ones(g.count, device=next(iter(self._params.values())).device)
+                                  for g in self._groups}
+            return
         self._structs = {n: st for n, (st, _) in plan.items()}
         if not self.alpha:
             if self.params.reweight_at_start:
@@ -95,11 +123,21 @@ class GroupLasso(Algorithm):
 
     @torch.no_grad()
     def _reweight(self):
+        if self._groups:
+            self.alpha = {g.name: 1.0 / (unit_norms(g, self._params) + self.params.eps) for g in self._groups}
+            self.reweights += 1
+            return
         self.alpha = {n: reweight(self._structs[n], p, self.params.eps) for n, p in self._params.items()}
         self.reweights += 1
 
     def penalty(self) -> Tensor:
         tot = None
+        if self._groups:
+            for g in self._groups:
+                n = unit_norms(g, self._params, self.params.smooth)
+                t = self.params.lam * (self.alpha[g.name].to(device=n.device, dtype=n.dtype) * n).sum()
+                tot = t if tot is None else tot + t
+            return tot
         for n, p in self._params.items():
             t = group_lasso_penalty(self._structs[n], p, self.alpha[n].to(device=p.device, dtype=p.dtype), self.params.lam, self.params.smooth)
             tot = t if tot is None else tot + t
@@ -118,7 +156,7 @@ class GroupLasso(Algorithm):
 
     def final_masks(self, model):
         params = dict(model.named_parameters())
-        names = self.spec.layer_plan(find_targets(model, self.spec.targets))
+        names = target_plan(model, self.spec)
         return compute_masks(model, self.spec, importance={n: params[n].detach() for n in names})
 
     def state_dict(self):

@@ -7,15 +7,24 @@ Recipe::
     algorithm: {name: heads_neurons, params: {structure: heads+neurons, head_sparsity: 0.25, neuron_sparsity: 0.3}}
 
 ``prune.sparsity`` is the default of both sparsities; ``prune.score`` (l2/l1) scores each group over
-all its slices.  ``prune.structure`` is not used (heads/neurons are not per-matrix structures).
+all its slices.  ``prune.structure`` is not used.
+
+A thin alias of one-shot with the group structure ``heads`` / ``neurons`` / ``heads+neurons`` and
+per-kind sparsities (overrides ``heads:*`` / ``neurons:*``): when the spec carries the model's coupled
+groups (the runner traces the model for this algorithm) the masks come from
+:func:`prunekit.core.plan.compute_masks`; without them (a model that does not trace, or a bare
+``PruneSpec``) from the hand-written BERT/DistilBERT layouts of :mod:`prunekit.graph.families`.
+Equivalent recipe: ``prune: {structure: heads+neurons, sparsity: 0.3, overrides: {"heads:*": 0.25}}``.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from dataclasses import dataclass
 
 from torch import nn
 
 from prunekit.core.masks import MaskSet
+from prunekit.core.plan import compute_masks
 from prunekit.algorithms.base import Algorithm, register
 from prunekit.graph.families import head_neuron_masks
 from prunekit.core.errors import RecipeError
@@ -29,6 +38,7 @@ class HeadsNeurons(Algorithm):
 
     name = "heads_neurons"
     has_search = False
+    uses_groups = ("heads", "neurons")      # the runner fills spec.groups when the model traces
 
     @dataclass
     class Params:
@@ -52,4 +62,13 @@ class HeadsNeurons(Algorithm):
 
     def final_masks(self, model: nn.Module) -> MaskSet:
         hs, ns = self.sparsities()
-        return head_neuron_masks(model, hs, ns, self.spec.score)
+        groups = self.spec.groups
+        if groups is None or not any(g.kind in ("heads", "neurons") and g.removable for g in groups):
+            return head_neuron_masks(model, hs, ns, self.spec.score)
+        kinds = [k for k, s in (("heads", hs), ("neurons", ns)) if s > 0]
+        if not kinds:
+            return MaskSet()
+        ov = {f"{k}:*": s for k, s in (("heads", hs), ("neurons", ns)) if s > 0
+              and any(g.kind == k and g.removable for g in groups)}
+        spec = replace(self.spec, structure="+".join(kinds), sparsity=max(hs, ns), scope="layer", overrides=ov)
+        return compute_masks(model, spec)

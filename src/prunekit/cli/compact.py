@@ -1,19 +1,29 @@
-"""``prunekit compact RUN_DIR [--out DIR]`` — physically remove the structured sparsity of a run.
+"""``prunekit compact RUN_DIR [--out DIR]`` — physically remove the pruned units of a run.
 
 Reads the checkpoint a ``prunekit run`` wrote (``manifest.json`` holds the resolved recipe: the model is
-rebuilt from it, then weights and masks are loaded and the masks applied), compacts it with
-:func:`prunekit.deploy.compact.compact`, and writes into ``--out`` (default ``RUN_DIR/compact``):
+rebuilt from it, then weights and masks are loaded and the masks applied) and compacts it with the
+graph-driven, verified :func:`prunekit.deploy.surgery.compact` (coupled groups from a ``torch.export``
+trace on the workload's example input — no hand-written chains).  A unit is removed where every coupled
+weight slice is pruned, i.e. for group structures (``channels``, ``heads``, ``neurons``, …).  Writes
+into ``--out`` (default ``RUN_DIR/compact``):
 
-* ``model.safetensors`` + ``compact.json`` — the compacted model and its shape manifest
-  (``prunekit.deploy.compact.load_compacted(DIR, factory)`` rebuilds it with a strict load);
+* ``model.safetensors`` + ``compact.json`` — the compacted model and its manifest (format
+  ``prunekit-compact/2``: kept indices per cut tensor; ``prunekit.deploy.compact.load_compacted(DIR,
+  factory)`` rebuilds it with a strict load);
+* ``hf/`` — for a Hugging Face model whose config can express the new sizes (uniform head / FFN counts):
+  ``save_pretrained``, reloadable with ``from_pretrained``;
 * ``sparse.safetensors`` — the compacted weights with the remaining zeros encoded by
   ``prunekit.deploy.storage.encode_state_dict`` (best encoding per tensor; metadata key ``prunekit``).
 
-Prints and returns the size table (dense / masked-sparse / compacted / compacted+sparse bytes).
+Prints per group what was removed / kept / why not removable, parameters and MACs (from the graph)
+before/after, and the size table.  If verification fails (:class:`~prunekit.deploy.surgery.CompactionError`)
+the error naming the group is printed, nothing is written, and the exit code is 2.  A model that does not
+trace falls back to the old hand-written ``Chain`` compaction (:mod:`prunekit.deploy.compact`), and says so.
 """
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 from prunekit.io.checkpoint import load_checkpoint, read_manifest
@@ -22,15 +32,20 @@ from prunekit.pipelines.recipe import parse_recipe
 from prunekit.pipelines.workloads import build_workload
 from safetensors.torch import save_file
 from prunekit.io.checkpoint import MODEL_FILE, _atomic_replace
-from prunekit.deploy.compact import compact, save_compacted
+from prunekit.deploy import surgery
+from prunekit.deploy.compact import compact as chain_compact
+from prunekit.deploy.compact import graph_manifest, save_compacted
 from prunekit.deploy.storage import encode_state_dict
+from prunekit.graph import TraceError
 
 
 def add_parser(sub):
-    p = sub.add_parser("compact", help="physically remove structured sparsity of a run; write compacted "
-                                       "safetensors + shape manifest + sparse storage file; print sizes",
-                       description="Physically remove the fully pruned units of a finished run and write the "
-                                   "compacted model, its shape manifest and a sparse storage file.")
+    p = sub.add_parser("compact", help="physically remove the pruned units of a run (graph-driven, verified); write "
+                                       "compacted safetensors + manifest (+ HF save_pretrained) + sparse file; "
+                                       "print groups, params, MACs, sizes",
+                       description="Physically remove the fully pruned units of a finished run (coupled groups from "
+                                   "the model's traced graph; outputs verified against the masked model) and write "
+                                   "the compacted model, its manifest and a sparse storage file.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder written by `prunekit run`")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/compact)")
     p.set_defaults(func=run)
@@ -57,17 +72,38 @@ def _file_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def compact_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> dict:
-    """Compact a run folder; returns ``{"out": ..., "sizes": [...], "removed": ..., "params": ...}``."""
+def compact_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, log=print) -> dict:
+    """Compact a run folder; returns ``{"out", "mode", "sizes", "removed", "groups", "params", "macs", ...}``.
 
-
-
+    Raises :class:`~prunekit.deploy.surgery.CompactionError` (nothing written) when verification fails."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "compact"
-    model, masks, recipe, _ = load_run(run_dir)
+    model, masks, recipe, x = load_run(run_dir)
     masked_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    res = compact(model, masks)
-    save_compacted(out, model, res.manifest, extra={"run_dir": str(run_dir), "model": recipe.model.name})
+    extra = {"run_dir": str(run_dir), "model": recipe.model.name}
+    result: dict = {"out": str(out)}
+    try:
+        res = surgery.compact(model, masks, x)
+    except TraceError as e:
+        log(f"note: the model does not trace ({str(e).splitlines()[0][:200]}); falling back to the hand-written "
+            "Chain compaction (prunekit.deploy.compact), unverified by the graph")
+        old = chain_compact(model, masks)
+        save_compacted(out, model, old.manifest, extra=extra)
+        result.update(mode="chains", removed=old.removed, groups=[], macs=None,
+                      params={"before": old.params_before, "after": old.params_after})
+    else:
+        man = graph_manifest(res, model)
+        save_compacted(out, model, man, extra=extra)
+        result.update(mode="graph", removed=res.removed, groups=man["groups"], notes=res.notes,
+                      config_updates=res.config_updates, rel_err=res.rel_err,
+                      params={"before": res.params_before, "after": res.params_after},
+                      macs={"before": res.macs_before, "after": res.macs_after})
+        if hasattr(model, "save_pretrained") and getattr(model, "config", None) is not None:
+            if res.notes:
+                log("not written with save_pretrained: " + "; ".join(res.notes))
+            else:
+                model.save_pretrained(out / "hf")
+                result["hf"] = str(out / "hf")
     tensors, meta = encode_state_dict({k: v.contiguous() for k, v in model.state_dict().items()}, "best")
     _atomic_replace(out / "sparse.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"prunekit": meta}))
     sparse_masked, meta2 = encode_state_dict(masked_sd, "best")
@@ -84,8 +120,8 @@ def compact_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     tmp_dir.rmdir()
     for s in sizes:
         s["ratio"] = s["bytes"] / sizes[0]["bytes"]
-    return {"out": str(out), "sizes": sizes, "removed": res.removed,
-            "params": {"before": res.params_before, "after": res.params_after}}
+    result["sizes"] = sizes
+    return result
 
 
 def format_sizes(sizes: list[dict]) -> str:
@@ -94,9 +130,33 @@ def format_sizes(sizes: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_groups(groups: list[dict]) -> str:
+    lines = ["| group | kind | units | removed | kept | note |", "|---|---|---:|---:|---:|---|"]
+    for g in groups:
+        note = "" if g["removable"] and not g["reason"] else ("not removable: " if not g["removable"] else "") + g["reason"]
+        lines.append(f"| {g['name']} | {g['kind']} | {g['count']} | {g['removed']} | {g['kept']} | {note} |")
+    return "\n".join(lines)
+
+
 def run(args) -> int:
-    r = compact_run(args.run_dir, args.out)
-    print(f"compacted {args.run_dir} → {r['out']}: {r['params']['before']:,} → {r['params']['after']:,} parameters")
-    print("removed: " + ", ".join(f"{k} {v}" for k, v in r["removed"].items() if v))
+    try:
+        r = compact_run(args.run_dir, args.out)
+    except surgery.CompactionError as e:
+        print(f"error: {e}; nothing was written", file=sys.stderr)
+        return 2
+    p = r["params"]
+    print(f"compacted {args.run_dir} → {r['out']} ({'graph-driven, verified' if r['mode'] == 'graph' else 'hand-written chains: the model does not trace'}): "
+          f"{p['before']:,} → {p['after']:,} parameters")
+    if r.get("macs") and r["macs"].get("before"):
+        m = r["macs"]
+        print(f"MACs (from the graph): {m['before']:,} → {m['after']:,} ({m['before'] / max(m['after'], 1):.2f}x fewer)")
+    if r["groups"]:
+        print(format_groups(r["groups"]))
+    else:
+        print("removed: " + (", ".join(f"{k} {v}" for k, v in r["removed"].items() if v) or "nothing"))
+    for n in r.get("notes", []):
+        print(f"note: {n}")
+    if r.get("hf"):
+        print(f"Hugging Face model (from_pretrained): {r['hf']}")
     print(format_sizes(r["sizes"]))
     return 0

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Mapping
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from prunekit.core.groups import CoupledGroup
 from prunekit.core.masks import MaskSet
-from prunekit.core.scoring import resolve_score, select_keep_global
+from prunekit.core.scoring import _prune_lowest, group_scores, resolve_score, select_keep_global
 from prunekit.core.structures import Structure, Transposed, parse_structure
 from prunekit.core.targets import TargetSpec, find_targets, hf_conv1d
 from prunekit.core.errors import RecipeError
 
-__all__ = ["mask_for", "PruneSpec", "compute_masks", "global_masks", "scaled_sparsity", "prune", "validate_overrides"]
+__all__ = ["mask_for", "PruneSpec", "compute_masks", "global_masks", "scaled_sparsity", "prune", "validate_overrides",
+           "target_plan", "group_masks", "kept_count"]
 
 
 def mask_for(weight: Tensor, structure: "str | Structure", sparsity: float, score="l2") -> Tensor:
@@ -86,7 +88,17 @@ class PruneSpec:
     * ``scope``: ``"layer"`` — the same ratio in every targeted layer (default); ``"global"`` — one
       ranking over all targets' groups (scores must be comparable across layers).
     * ``overrides``: ``{name_pattern: sparsity}`` or ``{name_pattern: {sparsity:, structure:}}`` per layer;
-      the first matching pattern wins; patterns are fnmatch on the parameter name.
+      the first matching pattern wins; patterns are fnmatch on the parameter name (group structures: on
+      the group name, e.g. ``heads:*.layer.0.*``, with or without its ``kind:`` prefix).
+
+    Group structures (``channels``, ``heads``, ``kv_groups``, ``neurons``, ``heads+neurons``; see
+    :class:`~prunekit.core.structures.GroupStructure`) also use:
+
+    * ``groups``: the model's coupled groups (:func:`prunekit.graph.coupled_groups`);
+    * ``min_keep``: units kept at least in every group (default 1);
+    * ``multiple_of``: kept counts rounded to a multiple of this (e.g. 8 for tensor cores);
+    * ``uniform``: every group of a kind keeps the same count (global scope: the mean of the ranking's);
+    * ``ignore``: group name patterns left dense.  Groups with ``removable=False`` are never pruned.
     """
 
     structure: "str | Structure" = "unstructured"
@@ -95,9 +107,26 @@ class PruneSpec:
     scope: str = "layer"
     targets: TargetSpec = field(default_factory=TargetSpec)
     overrides: dict = field(default_factory=dict)
+    groups: "list[CoupledGroup] | None" = field(default=None, repr=False, compare=False)
+    min_keep: int = 1
+    multiple_of: int = 1
+    uniform: bool = False
+    ignore: list = field(default_factory=list)
 
     def __post_init__(self):
         self.structure = parse_structure(self.structure)
+        for k, lo in (("min_keep", 1), ("multiple_of", 1)):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"prune.{k} must be an integer >= {lo}; got {v!r}")
+        if not isinstance(self.uniform, bool):
+            raise ValueError(f"prune.uniform must be true or false; got {self.uniform!r}")
+        if isinstance(self.ignore, str) or not all(isinstance(p, str) for p in self.ignore):
+            raise ValueError(f"prune.ignore must be a list of group name patterns; got {self.ignore!r}")
+        self.ignore = list(self.ignore)
+        if not self.structure.coupled and (self.min_keep != 1 or self.multiple_of != 1 or self.uniform or self.ignore):
+            raise ValueError(f"prune.min_keep/multiple_of/uniform/ignore apply to group structures "
+                             f"(channels, heads, kv_groups, neurons), not {self.structure}")
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
             raise RecipeError(f"prune.sparsity must be a number in [0, 1); got {self.sparsity!r}")
         if not (0.0 <= float(self.sparsity) < 1.0):
@@ -147,7 +176,144 @@ class PruneSpec:
                            if "sparsity" in o else dict(o))
             else:
                 ov[pat] = scaled_sparsity(o, self.sparsity, sparsity)
-        return PruneSpec(self.structure, float(sparsity), self.score, self.scope, self.targets, ov)
+        return replace(self, sparsity=float(sparsity), overrides=ov)
+
+    # -- group structures ------------------------------------------------------------------------
+    def _group_override(self, g: CoupledGroup) -> tuple[str | None, float]:
+        for pat, ov in self.overrides.items():
+            if _group_match(g, pat):
+                if isinstance(ov, dict):
+                    if "structure" in ov:
+                        raise ValueError(f"prune.overrides[{pat!r}]: a group structure's overrides set only sparsity")
+                    return pat, float(ov.get("sparsity", self.sparsity))
+                return pat, float(ov)
+        return None, float(self.sparsity)
+
+    def group_plan(self, target_names=None, sparsity: float | None = None
+                   ) -> tuple[list[tuple[CoupledGroup, float, bool]], dict[str, str]]:
+        """Group structures: ``([(group, sparsity, overridden)], {skipped group: why})`` for the groups of
+        the structure's kinds; skipped: not removable (with the graph's reason), ``ignore`` d, or (with
+        ``target_names``, parameter names) no producing layer among the targets."""
+        if not self.structure.coupled:
+            raise ValueError(f"{self.structure} is not a group structure")
+        if self.groups is None:
+            raise ValueError(f"structure {self.structure} needs the model's coupled groups: PruneSpec(groups="
+                             "prunekit.graph.coupled_groups(model, example_inputs)), or prunekit.prune(model, "
+                             f"'{self.structure}', sparsity, example_inputs=...)")
+        kinds = self.structure.kinds
+        names = set(target_names) if target_names is not None else None
+        plan, skipped, used = [], {}, set()
+        for g in self.groups:
+            if g.kind not in kinds:
+                continue
+            if not g.removable:
+                skipped[g.name] = f"not removable: {g.reason}"
+                continue
+            if any(_group_match(g, p) for p in self.ignore):
+                skipped[g.name] = "ignored (prune.ignore)"
+                continue
+            if names is not None and g.producers and not any(f"{m}.weight" in names for m in g.producers):
+                skipped[g.name] = "no producing layer among prune.targets"
+                continue
+            pat, sp = self._group_override(g)
+            if pat is not None:
+                used.add(pat)
+            plan.append((g, sp if sparsity is None else scaled_sparsity(sp, self.sparsity, sparsity), pat is not None))
+        unused = set(self.overrides) - used
+        if unused:
+            raise ValueError(f"prune.overrides patterns {sorted(unused)} match no prunable group; groups: "
+                             f"{[g.name for g, _, _ in plan][:20]}")
+        return plan, skipped
+
+
+def _group_match(g: CoupledGroup, pattern: str) -> bool:
+    bare = g.name.split(":", 1)[1] if ":" in g.name else g.name
+    return fnmatch.fnmatchcase(g.name, pattern) or fnmatch.fnmatchcase(bare, pattern)
+
+
+def kept_count(count: int, kept: int, min_keep: int = 1, multiple_of: int = 1) -> int:
+    """Units a group of ``count`` keeps when selection wants ``kept``: rounded to the nearest multiple of
+    ``multiple_of`` (at least one multiple), at least ``min_keep``, at most ``count``."""
+    k = int(kept)
+    if multiple_of > 1:
+        k = max(multiple_of, int(round(k / multiple_of)) * multiple_of)
+    return int(min(count, max(k, min_keep, 1)))
+
+
+def _masked_tensors(g: CoupledGroup, params: Mapping[str, Tensor]) -> list[str]:
+    """The tensors of ``g`` that get masks: its parameters of 2+ dims (Linear/Conv/embedding weights);
+    biases, norm parameters and buffers ride along (compaction removes them with the unit)."""
+    return [t for t in g.tensors if t in params and params[t].dim() >= 2]
+
+
+def _group_scores(g: CoupledGroup, params, importance, score) -> Tensor:
+    names = _masked_tensors(g, params)
+    src = {n: (importance[n] if n in importance else params[n]).detach() for n in names}
+    sc = resolve_score("l2") if any(n in importance for n in names) else resolve_score(score)
+    return group_scores(g.partition(src, only=names), sc)
+
+
+def group_masks(spec: "PruneSpec", params: Mapping[str, Tensor], sparsity: float | None = None,
+                importance: Mapping[str, Tensor] | None = None, target_names=None) -> MaskSet:
+    """Masks of a group structure (see :class:`PruneSpec`): every unit scored with ``spec.score`` over
+    all its coupled weight slices (:meth:`CoupledGroup.partition`; element-wise ``importance`` → l2),
+    selected per group (layer scope; overrides by group name) or by one ranking per kind over all
+    groups (global scope; overridden groups stay per group), counts adjusted by ``min_keep`` /
+    ``multiple_of`` / ``uniform``, then :meth:`CoupledGroup.element_masks`."""
+    imp = dict(importance or {})
+    plan, _ = spec.group_plan(target_names, sparsity)
+    scores = {g.name: _group_scores(g, params, imp, spec.score) for g, _, _ in plan}
+    want: dict[str, int] = {}
+    ranked = [(g, sp) for g, sp, ov in plan if spec.scope == "global" and not ov]
+    for g, sp, ov in plan:
+        if not (spec.scope == "global" and not ov):
+            want[g.name] = g.count - int(round(sp * g.count))
+    gsp = float(spec.sparsity if sparsity is None else sparsity)
+    for kind in dict.fromkeys(g.kind for g, _ in ranked):
+        gs = [g for g, _ in ranked if g.kind == kind]
+        flat = torch.cat([scores[g.name] for g in gs])
+        keep = _prune_lowest(flat, int(round(gsp * flat.numel())))
+        i = 0
+        for g in gs:
+            want[g.name] = int(keep[i:i + g.count].sum())
+            i += g.count
+    if spec.uniform:
+        for kind in dict.fromkeys(g.kind for g, _, _ in plan):
+            gs = [g for g, _, _ in plan if g.kind == kind]
+            mean = int(round(sum(want[g.name] for g in gs) / len(gs)))
+            for g in gs:
+                want[g.name] = mean
+    masks = MaskSet()
+    for g, _, _ in plan:
+        k = kept_count(g.count, want[g.name], spec.min_keep, spec.multiple_of)
+        keep = _prune_lowest(scores[g.name], g.count - k)
+        names = _masked_tensors(g, params)
+        for n, m in g.element_masks(keep, {n: tuple(params[n].shape) for n in names}).items():
+            m = m.to(params[n].device)
+            if n in masks:
+                masks.set(n, masks[n] & m, _kinds(masks.structures.get(n), g.kind))
+            else:
+                masks.set(n, m, g.kind)
+    return masks
+
+
+def _kinds(old: str | None, kind: str) -> str:
+    ks = list(dict.fromkeys((old.split("+") if old else []) + [kind]))
+    return "+".join(ks)
+
+
+def target_plan(model: nn.Module, spec: "PruneSpec", sparsity: float | None = None) -> dict[str, tuple[Structure, float]]:
+    """``{tensor: (structure, sparsity)}`` of every tensor ``spec`` masks in ``model``: the targets'
+    :meth:`PruneSpec.layer_plan`, or for a group structure the weights of its prunable groups."""
+    targets = find_targets(model, spec.targets)
+    if not spec.structure.coupled:
+        return spec.layer_plan(targets, sparsity)
+    params = dict(model.named_parameters())
+    out: dict[str, tuple[Structure, float]] = {}
+    for g, sp, _ in spec.group_plan(targets, sparsity)[0]:
+        for n in _masked_tensors(g, params):
+            out.setdefault(n, (spec.structure, sp))
+    return out
 
 
 def global_masks(plan: dict[str, tuple[Structure, float]], weights: dict[str, Tensor], sparsity: float,
@@ -183,8 +349,10 @@ def compute_masks(model: nn.Module, spec: PruneSpec, sparsity: float | None = No
     proportionally — used by schedules).  Pure: the model is not modified."""
     targets = find_targets(model, spec.targets)
     params = {n: p.detach() for n, p in model.named_parameters()}
-    plan = spec.layer_plan(targets, sparsity)
     imp = importance or {}
+    if spec.structure.coupled:
+        return group_masks(spec, params, sparsity, imp, targets)
+    plan = spec.layer_plan(targets, sparsity)
     if spec.scope == "global":
         gsp = float(sparsity if sparsity is not None else spec.sparsity)
         return global_masks(plan, params, gsp, spec.score, imp)
@@ -196,13 +364,17 @@ def compute_masks(model: nn.Module, spec: PruneSpec, sparsity: float | None = No
 
 def prune(model: nn.Module, structure: "str | Structure" = "unstructured", sparsity: float = 0.5, *,
           score="l2", scope: str = "layer", targets: TargetSpec | dict | None = None,
-          overrides: dict | None = None, apply: bool = True) -> MaskSet:
+          overrides: dict | None = None, apply: bool = True, groups: "list[CoupledGroup] | None" = None,
+          **group_options) -> MaskSet:
     """Prune ``model`` in one call and return its :class:`MaskSet` (weights zeroed if ``apply``).
 
+    Group structures need ``groups`` (``prunekit.prune`` finds them from ``example_inputs``);
+    ``group_options``: ``min_keep``, ``multiple_of``, ``uniform``, ``ignore`` (see :class:`PruneSpec`).
     Hard-prune the following training with ``masks.attach(model, optimizer)``."""
     if isinstance(targets, dict):
         targets = TargetSpec(**targets)
-    spec = PruneSpec(structure, sparsity, score, scope, targets or TargetSpec(), overrides or {})
+    spec = PruneSpec(structure, sparsity, score, scope, targets or TargetSpec(), overrides or {}, groups=groups,
+                     **group_options)
     masks = compute_masks(model, spec)
     if apply:
         masks.apply(model)

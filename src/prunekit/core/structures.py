@@ -56,7 +56,7 @@ from prunekit.core.scoring import Score, ScoreFn, group_scores, resolve_score, s
 
 __all__ = [
     "Transposed",
-    "Structure", "Unstructured", "Row", "Column", "Block", "NM", "Pattern", "STRUCTURES",
+    "Structure", "Unstructured", "Row", "Column", "Block", "NM", "Pattern", "GroupStructure", "GROUP_KINDS", "STRUCTURES",
     "parse_structure", "as_matrix", "structure_syntax", "STRUCTURE_SYNTAX", "connectivity_prune",
 ]
 
@@ -112,6 +112,7 @@ class Structure:
     help: ClassVar[str] = ""
     order: ClassVar[int] = 100
     selects_groups: ClassVar[bool] = True   # select() keeps or drops whole groups
+    coupled: ClassVar[bool] = False         # units of the model's coupled groups (GroupStructure), not per tensor
 
     @classmethod
     def parse(cls, text: str) -> "Structure | None":
@@ -685,6 +686,62 @@ def connectivity_prune(keep_mask: Tensor, g2: Tensor, valid: Tensor, sparsity: f
             drop = drop[~protected[drop]]
         keep_mask[drop] = False
     return keep_mask
+
+
+GROUP_KINDS = ("channels", "heads", "kv_groups", "neurons")
+
+
+@STRUCTURES.register("groups")
+@dataclass(frozen=True, eq=False)
+class GroupStructure(Structure):
+    """Units of the model's *coupled groups* (:class:`prunekit.core.groups.CoupledGroup`, found from its
+    graph by :func:`prunekit.graph.coupled_groups`): ``channels``, ``heads``, ``kv_groups``, ``neurons``
+    or a ``+`` combination (``heads+neurons``).  A unit is scored over all its coupled slices and removed
+    from all of them at once, so the result compacts (:func:`prunekit.deploy.surgery.compact`).
+
+    Not a per-tensor structure: masks come from :func:`prunekit.core.plan.compute_masks` with
+    ``PruneSpec.groups`` filled (the runner and ``prunekit.prune(..., example_inputs=...)`` do it)."""
+
+    kinds: tuple[str, ...] = ("channels",)
+
+    syntax: ClassVar[str] = "channels|heads|kv_groups|neurons[+...]"
+    help: ClassVar[str] = ("coupled units from the model's graph (e.g. heads+neurons), scored over all coupled "
+                           "tensors and removed together")
+    order: ClassVar[int] = 6
+    coupled: ClassVar[bool] = True
+
+    def __post_init__(self):
+        bad = [k for k in self.kinds if k not in GROUP_KINDS]
+        if bad or not self.kinds:
+            raise ValueError(f"unknown group kind(s) {bad}; valid: {', '.join(GROUP_KINDS)} (combine with '+')")
+
+    @classmethod
+    def parse(cls, text: str) -> "Structure | None":
+        parts = text.split("+")
+        if not all(p in GROUP_KINDS for p in parts):
+            return None
+        return cls(tuple(dict.fromkeys(parts)))
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "+".join(self.kinds)
+
+    def check_shape(self, shape: Sequence[int]) -> None:
+        return None
+
+    def _needs_groups(self):
+        raise ValueError(f"structure {self.name!r} is made of the model's coupled groups, not of one tensor: use "
+                         "compute_masks(model, PruneSpec(..., groups=prunekit.graph.coupled_groups(model, x))) "
+                         "or prunekit.prune(model, structure, sparsity, example_inputs=x)")
+
+    def partition(self, w: Tensor) -> Tensor:
+        self._needs_groups()
+
+    def unpartition(self, groups: Tensor, shape) -> Tensor:
+        self._needs_groups()
+
+    def mask(self, w, sparsity=None, score="l2", base=None) -> Tensor:
+        self._needs_groups()
 
 
 def parse_structure(spec: "str | Structure") -> Structure:

@@ -1,4 +1,13 @@
-"""Compaction: physically remove structured sparsity, adjusting coupled layers together.
+"""Compaction manifests (save/reload a compacted model) and the OLD hand-written ``Chain`` compaction.
+
+The compaction users run is graph-driven and verified: :func:`prunekit.deploy.surgery.compact`
+(``prunekit.compact``, ``prunekit compact RUN``).  Its result is saved with :func:`graph_manifest` +
+:func:`save_compacted` (format ``prunekit-compact/2``: the kept indices of every cut ``(tensor, dim)``,
+attention head attributes and config updates) and reloaded with :func:`load_compacted` — a fresh dense
+model from the factory, the same cuts (:func:`prunekit.deploy.surgery.apply_keeps`), a strict load.
+
+What follows is the hand-written path, kept only as the fallback for a model ``torch.export`` cannot
+trace (``prunekit compact`` says when it uses it); its manifests have format ``prunekit-compact/1``.
 
 Masks alone make a model neither smaller nor faster.  :func:`compact` reads the *zero pattern* of the
 weights (after applying a :class:`~prunekit.core.masks.MaskSet` if one is given — how the masks were made
@@ -68,11 +77,14 @@ from prunekit.models.resnet import BasicBlock
 from safetensors.torch import save_file
 from safetensors.torch import load_file
 from prunekit.core.errors import ModelError
+from prunekit.deploy.surgery import CompactResult as GraphCompactResult
+from prunekit.deploy.surgery import apply_keeps
 
 __all__ = ["Chain", "default_chains", "transformer_layers", "compact", "CompactResult", "save_compacted",
-    "load_compacted", "rebuild_compacted", "apply_manifest", "COMPACT_FORMAT"]
+    "load_compacted", "rebuild_compacted", "apply_manifest", "COMPACT_FORMAT", "GRAPH_FORMAT", "graph_manifest"]
 
 COMPACT_FORMAT = "prunekit-compact/1"
+GRAPH_FORMAT = "prunekit-compact/2"
 COMPACT_MANIFEST, COMPACT_WEIGHTS = "compact.json", "model.safetensors"
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU,
@@ -445,13 +457,58 @@ def compact(model: nn.Module, masks: MaskSet | None = None, *, chains: Sequence[
     return CompactResult(removed, before, manifest["params_after"], manifest)
 
 
+def graph_manifest(res: GraphCompactResult, model: nn.Module) -> dict[str, Any]:
+    """The ``prunekit-compact/2`` manifest of a graph compaction (``model`` = the compacted model)."""
+    return {
+        "format": GRAPH_FORMAT,
+        "model_class": type(model).__name__,
+        "keep": [{"tensor": t, "dim": d, "size": int(v.numel()), "index": torch.nonzero(v).reshape(-1).tolist()}
+                 for (t, d), v in res.keeps.items()],
+        "attrs": {k: dict(v) for k, v in res.attrs.items()},
+        "config_updates": dict(res.config_updates),
+        "notes": list(res.notes),
+        "groups": [{"name": g.name, "kind": g.kind, "count": g.count, "removed": g.removed, "kept": g.kept,
+                    "removable": g.removable, "reason": g.reason} for g in res.groups],
+        "params_before": res.params_before,
+        "params_after": res.params_after,
+        "macs_before": res.macs_before,
+        "macs_after": res.macs_after,
+    }
+
+
+@torch.no_grad()
+def _apply_graph_manifest(model: nn.Module, manifest: Mapping[str, Any]) -> None:
+    state = dict(model.named_buffers())
+    state.update(dict(model.named_parameters()))
+    keeps = {}
+    for k in manifest["keep"]:
+        t = state.get(k["tensor"])
+        if t is None or t.dim() <= k["dim"] or t.shape[k["dim"]] != k["size"]:
+            raise CheckpointError(f"manifest cuts {k['tensor']!r} dim {k['dim']} of size {k['size']}, which "
+                                  f"{type(model).__name__} does not have — wrong base_model_factory?")
+        along = torch.zeros(k["size"], dtype=torch.bool)
+        along[torch.tensor(k["index"], dtype=torch.long)] = True
+        keeps[(k["tensor"], int(k["dim"]))] = along
+    try:
+        apply_keeps(model, keeps, manifest.get("attrs", {}))
+    except AttributeError as e:
+        raise CheckpointError(f"manifest does not fit {type(model).__name__}: {e}") from None
+    cfg = getattr(model, "config", None)
+    for k, v in manifest.get("config_updates", {}).items():
+        if cfg is not None:
+            setattr(cfg, k, v)
+
+
 @torch.no_grad()
 def apply_manifest(model: nn.Module, manifest: Mapping[str, Any]) -> nn.Module:
     """Slice a fresh base ``model`` to the shapes of ``manifest`` (weights are *not* meaningful until a
     state dict is loaded).  Checks the result against ``manifest["shapes"]``."""
+    if manifest.get("format") == GRAPH_FORMAT:
+        _apply_graph_manifest(model, manifest)
+        return _check_shapes(model, manifest)
     if manifest.get("format") != COMPACT_FORMAT:
         raise CheckpointError(f"not a compaction manifest (format {manifest.get('format')!r}, expected "
-                              f"{COMPACT_FORMAT!r})")
+                              f"{GRAPH_FORMAT!r} or {COMPACT_FORMAT!r})")
     mods = dict(model.named_modules())
     for table, fn in (("keep_out", _slice_out), ("keep_in", _slice_in)):
         for name, idx in manifest[table].items():
@@ -469,6 +526,10 @@ def apply_manifest(model: nn.Module, manifest: Mapping[str, Any]) -> nn.Module:
             _set_head_attrs(mods[name], int(attrs["num_attention_heads"]))
         for k, v in attrs.items():
             setattr(mods[name], k, v)
+    return _check_shapes(model, manifest)
+
+
+def _check_shapes(model: nn.Module, manifest: Mapping[str, Any]) -> nn.Module:
     got = {k: list(v.shape) for k, v in model.state_dict().items()}
     bad = [(k, got.get(k), s) for k, s in manifest.get("shapes", {}).items() if got.get(k) != s]
     if bad:

@@ -37,7 +37,7 @@ from ..graph import analyze_model, build_groups, call_model, macs_of
 from ..graph import macs as graph_macs
 from prunekit.core.errors import ModelError
 
-__all__ = ["compact", "CompactResult", "GroupReport", "CompactionError", "macs"]
+__all__ = ["compact", "CompactResult", "GroupReport", "CompactionError", "macs", "apply_keeps"]
 
 macs = graph_macs
 
@@ -69,6 +69,8 @@ class CompactResult:
     macs_after: int | None = None
     config_updates: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    keeps: dict[tuple[str, int], Tensor] = field(default_factory=dict, repr=False)   # (tensor, dim) → kept bool
+    attrs: dict[str, dict[str, int]] = field(default_factory=dict)                    # module → head attributes
 
     @property
     def removed(self) -> dict[str, int]:
@@ -261,13 +263,38 @@ def _fix_attention(model: nn.Module, g: CoupledGroup, keep: Tensor) -> None:
 
 def _apply(model: nn.Module, plan) -> None:
     """Slice ``model`` in place according to ``plan`` and fix module attributes."""
+    apply_keeps(model, _keep_vectors(plan, _state(model)))
+    for g, keep in plan:
+        _fix_attention(model, g, keep)
+
+
+def apply_keeps(model: nn.Module, keeps: Mapping[tuple[str, int], Tensor],
+                attrs: Mapping[str, Mapping[str, int]] | None = None) -> None:
+    """Cut ``model``'s tensors to ``keeps`` (``(tensor, dim) → kept bool``), fix the touched modules'
+    sizes and set ``attrs`` (module → attribute values, e.g. head counts): how a saved compaction is
+    replayed on a fresh dense model (:func:`prunekit.deploy.compact.apply_manifest`)."""
     dw = _depthwise(model)
-    touched = _slice_tensors(model, _keep_vectors(plan, _state(model)))
+    touched = _slice_tensors(model, keeps)
     for m in model.modules():
         if id(m) in touched:
             _fix_module(m, id(m) in dw)
-    for g, keep in plan:
-        _fix_attention(model, g, keep)
+    for name, values in (attrs or {}).items():
+        mod = model.get_submodule(name)
+        for k, v in values.items():
+            setattr(mod, k, v)
+
+
+def _head_attrs(model: nn.Module, plan) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for g, _ in plan:
+        if not g.attention:
+            continue
+        for sub, m in model.get_submodule(g.attention).named_modules():
+            vals = {a: getattr(m, a) for a in _HEAD_ATTRS + _KV_ATTRS + _WIDTH_ATTRS
+                    if isinstance(getattr(m, a, None), int) and not isinstance(getattr(m, a), bool)}
+            if vals:
+                out[f"{g.attention}.{sub}" if sub else g.attention] = vals
+    return out
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -398,7 +425,8 @@ def compact(model: nn.Module, masks: Any, example_inputs: Any, *, groups: Sequen
                            int(keep_of[g.name].sum()) if g.name in keep_of else g.count,
                            g.removable and g.name not in partial, g.reason or partial.get(g.name, ""))
                for g in groups]
-    res = CompactResult(new, reports, _nparams(ref), _nparams(new), diff, rel, config_updates=updates, notes=notes)
+    res = CompactResult(new, reports, _nparams(ref), _nparams(new), diff, rel, config_updates=updates, notes=notes,
+                        keeps=_keep_vectors(plan, _state(ref)), attrs=_head_attrs(new, plan))
     if count_macs:
         res.macs_before = macs_of(analysis.traced)["total"]
         res.macs_after = graph_macs(new, example_inputs)["total"]

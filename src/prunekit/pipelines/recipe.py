@@ -98,12 +98,28 @@ class PruneConfig:
     scope: str = "layer"             # layer | global
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     overrides: dict = field(default_factory=dict)   # {param_name_pattern: sparsity | {sparsity, structure}}
+    # group structures (channels | heads | kv_groups | neurons, '+'-combined) only:
+    min_keep: int = 1                # units kept at least per group
+    multiple_of: int = 1             # kept counts rounded to a multiple (e.g. 8)
+    uniform: bool = False            # the same kept count in every group of a kind
+    ignore: list = field(default_factory=list)      # group name patterns left dense
 
     def __post_init__(self):
         try:
-            parse_structure(self.structure)
+            st = parse_structure(self.structure)
         except ValueError as e:
             raise RecipeError(f"structure: {e}") from None
+        for k in ("min_keep", "multiple_of"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RecipeError(f"prune.{k}: expected an integer >= 1, got {v!r}")
+        if not isinstance(self.uniform, bool):
+            raise RecipeError(f"prune.uniform: expected true or false, got {self.uniform!r}")
+        if not isinstance(self.ignore, list) or not all(isinstance(x, str) for x in self.ignore):
+            raise RecipeError(f"prune.ignore: expected a list of group name patterns, got {self.ignore!r}")
+        if not st.coupled and (self.min_keep != 1 or self.multiple_of != 1 or self.uniform or self.ignore):
+            raise RecipeError(f"prune.min_keep/multiple_of/uniform/ignore apply to group structures "
+                              f"(channels, heads, kv_groups, neurons), not {st}")
         _range("sparsity", self.sparsity, 0, 1, hi_open=True)
         _choice("scope", self.scope, ("layer", "global"))
         try:

@@ -15,6 +15,7 @@ pipeline a recipe describes: dense → algorithm phase → hard-prune → retrai
 """
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import time
@@ -32,7 +33,10 @@ from prunekit.io.checkpoint import (CheckpointError, StateStore, atomic_write_js
 from prunekit.pipelines.recipe import Recipe, from_dict, to_dict
 from prunekit.core.errors import RecipeError
 from prunekit.core.masks import MaskSet
-from prunekit.core.plan import PruneSpec
+from prunekit.core.plan import PruneSpec, target_plan
+from prunekit.core.structures import parse_structure
+from prunekit.graph import TraceError, coupled_groups
+from prunekit.deploy import surgery
 from prunekit.core.stats import model_summary
 from prunekit.core.targets import TargetSpec
 from prunekit.algorithms.hooks import Hook
@@ -66,7 +70,8 @@ def prune_spec_from(recipe: Recipe) -> PruneSpec:
     try:
         return PruneSpec(p.structure, p.sparsity, p.score, p.scope,
                          TargetSpec(list(p.targets.include), list(p.targets.exclude), list(p.targets.types)),
-                         dict(p.overrides))
+                         dict(p.overrides), min_keep=p.min_keep, multiple_of=p.multiple_of, uniform=p.uniform,
+                         ignore=list(p.ignore))
     except ValueError as e:
         raise RecipeError(f"prune: {e}") from None
 
@@ -123,17 +128,47 @@ def validate_recipe(recipe: Recipe, workload: Workload, spec: PruneSpec | None =
     spec and the recipe's algorithm built for ``spec`` (default: the recipe's)."""
 
     spec = spec or prune_spec_from(recipe)
+    cls = get_algorithm_class(recipe.algorithm.name)
+    if spec.groups is None and getattr(cls, "uses_groups", None) and not spec.structure.coupled:
+        try:                                # e.g. heads_neurons: groups from the graph when the model traces
+            was = workload.model.training
+            spec.groups = coupled_groups(workload.model.eval(), workload.example_input)
+            workload.model.train(was)
+        except TraceError:
+            workload.model.train(was)
+    if spec.structure.coupled and spec.groups is None:
+        try:
+            was = workload.model.training
+            spec.groups = coupled_groups(workload.model.eval(), workload.example_input)
+            workload.model.train(was)
+        except TraceError as e:
+            raise RecipeError(f"prune.structure {spec.structure}: the model's coupled groups come from a "
+                              f"torch.export trace, which failed: {e}") from None
     try:
-        targets = find_targets(workload.model, spec.targets)
-        plan = spec.layer_plan(targets)
+        plan = target_plan(workload.model, spec)
         params = dict(workload.model.named_parameters())
         for n, (st, sp) in plan.items():
             st.check_shape(params[n].shape)
     except ValueError as e:
         raise RecipeError(f"prune.targets/structure: {e}") from None
-    cls = get_algorithm_class(recipe.algorithm.name)
+    if spec.structure.coupled and not plan:
+        raise RecipeError(f"prune.structure {spec.structure}: the model has no prunable group of these kinds; "
+                          f"groups: {group_table(spec, workload.model)}")
     algo = cls(from_dict(cls.Params, recipe.algorithm.params, "algorithm.params"), spec)
     return spec, algo
+
+
+def group_table(spec: PruneSpec, model: nn.Module) -> list[dict]:
+    """Group structures: every group of the structure's kinds with ``count`` and ``status``
+    (``pruned`` or why it is left dense: not removable and the graph's reason, ignored, not a target)."""
+    if not spec.structure.coupled or spec.groups is None:
+        return []
+    plan, skipped = spec.group_plan(find_targets(model, spec.targets))
+    sp = {g.name: s for g, s, _ in plan}
+    return [{"name": g.name, "kind": g.kind, "count": g.count,
+             **({"status": "pruned", "sparsity": sp[g.name]} if g.name in sp else
+                {"status": "dense", "reason": skipped.get(g.name, "")})}
+            for g in spec.groups if g.kind in spec.structure.kinds]
 
 
 def _resumable_loader(loader, seed: int):
@@ -331,6 +366,9 @@ def open_run(recipe: Recipe, out_dir, *, resolved: dict | None = None, resume: b
     wl = build_workload(recipe)
     wl.train_loader = _resumable_loader(wl.train_loader, recipe.seed)
     spec, algo = validate_recipe(recipe, wl, spec)
+    for row in group_table(spec, wl.model):
+        if row["status"] != "pruned":
+            log(f"group {row['name']} ({row['count']} {row['kind']}) left dense: {row['reason']}")
     algo.calibration_loader = wl.train_loader   # post-training algorithms (wanda, sparsegpt, ...) sample it
     wl.model.to(device)                         # the teacher, masks and algorithm state follow it
     D.barrier()
@@ -402,12 +440,36 @@ class Report(Stage):
                     "precision": recipe.precision,
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "algorithm_state_keys": sorted(ctx.algo.state_dict())})
+        gst = ctx.spec.structure if ctx.spec.structure.coupled else None
+        if gst is None and getattr(ctx.algo, "uses_groups", None) and getattr(ctx.algo.params, "structure", None):
+            gst = parse_structure(ctx.algo.params.structure)      # heads_neurons: the alias's group kinds
+        if gst is not None:
+            out["structure"] = str(gst)
+            out["group_kinds"] = list(gst.kinds)
+            if ctx.spec.structure.coupled:
+                out["groups"] = group_table(ctx.spec, model)
+            out.update(_graph_macs(model, masks, ctx.workload.example_input, ctx.log))
         if D.is_distributed():
             out["distributed"] = _rank_digests(ctx)
         if ctx.is_main:
             save_checkpoint(ctx.out, model, masks, recipe=ctx.resolved,
                             extra={"stage": "final", "metric": metric, "score": final[metric]})
         return out
+
+
+def _graph_macs(model: nn.Module, masks: MaskSet, example_input, log) -> dict:
+    """MACs from the graph before and after compaction (on CPU copies; the run's model is untouched),
+    or a note when the model does not trace or does not compact."""
+    try:
+        cpu = copy.deepcopy(model).cpu().eval()
+        res = surgery.compact(cpu, masks.copy().to("cpu"), to_device(example_input, torch.device("cpu")),
+                              inplace=False)
+    except (TraceError, surgery.CompactionError) as e:
+        log(f"MACs from the graph: not available ({str(e).splitlines()[0][:200]})")
+        return {"macs": {"note": str(e).splitlines()[0][:300]}}
+    return {"macs": {"dense": res.macs_before, "compacted": res.macs_after,
+                     "reduction": res.macs_before / max(res.macs_after or 1, 1)},
+            "params_compacted": {"before": res.params_before, "after": res.params_after}}
 
 
 def _rank_digests(ctx: RunContext) -> dict:
