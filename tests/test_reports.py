@@ -153,3 +153,18 @@ def test_shared_weight_run_as_run_shared_writes_it(tmp_path, capsys):
     names = sorted(p.rsplit("/", 1)[1] for p in rep["files"])
     assert names == ["accuracy_vs_sparsity.png", "latency_vs_sparsity.png", "layer_sparsity.png", "report.md"]
     assert "| 2 | 50.00% | 98.75 | – | 2.000 |" in rep["markdown"]
+
+
+def test_runs_of_one_recipe_are_labelled_by_their_folder(tmp_path):
+    """Several runs of the same recipe (same `name`) stay apart in a report: rows are folder names."""
+    from prunekit.reporting.runs import summary_table
+    a = make_run(tmp_path, "seed0", score=90.0)
+    b = make_run(tmp_path, "seed1", score=91.0)
+    for d in (a, b):                                   # both runs come from the recipe named "sst2-admm"
+        res = json.loads((d / "results.json").read_text())
+        (d / "results.json").write_text(json.dumps({**res, "name": "sst2-admm"}))
+    runs = load_runs([a, b])
+    assert [r.name for r in runs] == ["seed0", "seed1"]
+    assert [r.recipe_name for r in runs] == ["sst2-admm", "sst2-admm"]
+    table = summary_table(runs)
+    assert "| seed0 |" in table and "| seed1 |" in table

@@ -43,7 +43,7 @@ class RunRecord:
     """The facts of one run folder that reports use (``results`` and ``recipe`` hold the raw dicts)."""
 
     path: Path
-    name: str
+    name: str              # the run folder's name: how several runs of one recipe are told apart
     method: str            # algorithm name (oneshot, gradual, admm, ...)
     structure: str         # structure string of the recipe (unstructured, row, block:4x4, nm:2:4, ...)
     task: str              # data/task name (mnist, sst2, ...)
@@ -60,6 +60,7 @@ class RunRecord:
     variant: str = ""      # "global" scope and/or "per-layer" overrides: keeps such runs on their own row
     results: dict = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)
+    recipe_name: str = ""
 
     @property
     def method_label(self) -> str:
@@ -126,7 +127,8 @@ def load_run(run_dir: str | Path) -> RunRecord:
     data = recipe.get("data") or {}
     return RunRecord(
         path=d,
-        name=str(res.get("name") or recipe.get("name") or d.name),
+        name=d.resolve().name,
+        recipe_name=str(res.get("name") or recipe.get("name") or ""),
         method=str(res.get("algorithm") or algo.get("name") or "?"),
         structure=str(res.get("structure") or prune.get("structure") or "?"),
         task=str(data.get("name") or "?"),
