@@ -62,7 +62,7 @@ def test_conv1d_structures_run_along_the_input_as_for_linear(structure):
     model = tiny("gpt2")
     layer = _first_conv1d(model)
     masks = compute_masks(model, PruneSpec(structure, 0.5, targets=default_targets(model)))
-    m = masks[f"transformer.h.0.attn.c_attn.weight"]
+    m = masks["transformer.h.0.attn.c_attn.weight"]
     lin = torch.nn.Linear(32, 96, bias=False)
     with torch.no_grad():
         lin.weight.copy_(layer.weight.t())

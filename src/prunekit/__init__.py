@@ -9,14 +9,12 @@ The core API::
     with masks.attach(model, optimizer):                          # hard-prune while retraining
         train(...)
 """
+from prunekit.api import Pruner
 from prunekit.core.masks import HardPrune, MaskSet
 from prunekit.core.plan import PruneSpec, compute_masks, mask_for, prune
 from prunekit.core.structures import NM, Block, Column, Pattern, Row, Structure, Unstructured, parse_structure
 from prunekit.core.targets import TargetSpec, find_targets
-
 from prunekit.core.version import __version__
-from prunekit.api import Pruner
-
 
 __all__ = [
     "mask_for", "prune", "compute_masks", "PruneSpec", "MaskSet", "HardPrune", "TargetSpec", "find_targets",

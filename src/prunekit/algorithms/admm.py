@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from prunekit.algorithms.base import Algorithm, full_masks, register
 from prunekit.core.masks import MaskSet
 from prunekit.core.plan import compute_masks
 from prunekit.core.targets import find_targets
-from prunekit.algorithms.base import Algorithm, full_masks, register
 
 __all__ = ["ADMM", "ProgressiveADMM", "admm_penalty", "project_masks", "project_weights"]
 

@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prunekit.algorithms.hooks import Hook
 from prunekit.algorithms.base import register
 from prunekit.algorithms.gradual import Gradual
+from prunekit.algorithms.hooks import Hook
 from prunekit.core.errors import RecipeError
 
 __all__ = ["DistillConfig", "Distiller", "kd_loss", "make_distiller", "ProgressiveDistill"]
@@ -70,7 +70,7 @@ class DistillConfig:
             raise ValueError(f"distill.stages: {bad} not in {list(STAGES)}")
 
     @classmethod
-    def from_dict(cls, cfg: dict | None) -> "DistillConfig":
+    def from_dict(cls, cfg: dict | None) -> DistillConfig:
         cfg = dict(cfg or {})
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(cfg) - set(valid))

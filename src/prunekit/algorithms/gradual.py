@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from prunekit.algorithms.base import Algorithm, full_masks, register
 from prunekit.core.plan import compute_masks
 from prunekit.core.schedules import cubic_sparsity
-from prunekit.algorithms.base import Algorithm, full_masks, register
 
 
 @register

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from prunekit.algorithms.base import Algorithm, register
 from prunekit.core.plan import compute_masks
 from prunekit.core.structures import Structure
 from prunekit.core.targets import find_targets
-from prunekit.algorithms.base import Algorithm, register
 
 __all__ = ["GroupLasso", "group_lasso_penalty", "reweight"]
 

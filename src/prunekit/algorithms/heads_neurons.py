@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from prunekit.core.masks import MaskSet
 from prunekit.algorithms.base import Algorithm, register
+from prunekit.core.masks import MaskSet
 from prunekit.graph.families import head_neuron_masks
 
 

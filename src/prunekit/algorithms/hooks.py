@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
 import torch
 from torch import Tensor, nn
+
 from prunekit.core.masks import HardPrune, MaskSet
 
 

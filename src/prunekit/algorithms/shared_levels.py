@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
+
 from prunekit.algorithms.hooks import Hook, TrainContext
 from prunekit.core.nested import NestedMasks
 
@@ -29,7 +31,7 @@ class FreezeShared(Hook):
         self._handles: list = []
         self._grad_state: list[bool] = []
 
-    def freeze(self) -> "FreezeShared":
+    def freeze(self) -> FreezeShared:
         self._grad_state = [p.requires_grad for p in self.frozen_params]
         for p in self.frozen_params:
             p.requires_grad_(False)

@@ -16,14 +16,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
-from prunekit.io.checkpoint import load_checkpoint, read_manifest
-from prunekit.core.errors import RecipeError
-from prunekit.pipelines.recipe import parse_recipe
-from prunekit.pipelines.workloads import build_workload
+
 from safetensors.torch import save_file
-from prunekit.io.checkpoint import MODEL_FILE, _atomic_replace
+
+from prunekit.core.errors import RecipeError
 from prunekit.deploy.compact import compact, save_compacted
 from prunekit.deploy.storage import encode_state_dict
+from prunekit.io.checkpoint import MODEL_FILE, _atomic_replace, load_checkpoint, read_manifest
+from prunekit.pipelines.recipe import parse_recipe
+from prunekit.pipelines.workloads import build_workload
 
 
 def add_parser(sub):

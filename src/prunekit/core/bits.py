@@ -12,7 +12,7 @@ shared-weight level maps), so the layouts are defined once:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -16,7 +16,7 @@ Masks only shrink: :meth:`MaskSet.update` ANDs a new mask with the current one.
 from __future__ import annotations
 
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -70,12 +70,12 @@ class MaskSet:
         self.set(name, mask, structure)
         return self._masks[name]
 
-    def to(self, device) -> "MaskSet":
+    def to(self, device) -> MaskSet:
         """Move every mask to ``device`` (in place; returns self)."""
         self._masks = {k: v.to(device) for k, v in self._masks.items()}
         return self
 
-    def copy(self) -> "MaskSet":
+    def copy(self) -> MaskSet:
         return MaskSet({k: v.clone() for k, v in self._masks.items()}, self.structures)
 
     # -- statistics -------------------------------------------------------------------------
@@ -119,7 +119,7 @@ class MaskSet:
         for name, p in self.check_model(model).items():
             p.mul_(self._masks[name].to(device=p.device, dtype=p.dtype))
 
-    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> "HardPrune":
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> HardPrune:
         """Start hard-pruning ``model`` (and re-mask after each step of ``optimizer``).
 
         Without ``optimizer`` only the weights (now) and the gradients are masked: momentum, weight decay
@@ -172,7 +172,7 @@ class HardPrune:
             h.remove()
         self._handles.clear()
 
-    def __enter__(self) -> "HardPrune":
+    def __enter__(self) -> HardPrune:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor, nn
+
 from prunekit.core.masks import MaskSet
 from prunekit.core.plan import PruneSpec, global_masks
 from prunekit.core.structures import Structure, parse_structure
@@ -82,7 +85,7 @@ class NestedMasks:
         return out
 
     @classmethod
-    def from_level_maps(cls, maps: dict[str, Tensor], K: int, structures: dict[str, str] | None = None) -> "NestedMasks":
+    def from_level_maps(cls, maps: dict[str, Tensor], K: int, structures: dict[str, str] | None = None) -> NestedMasks:
         return cls([MaskSet({n: m <= k for n, m in maps.items()}, structures) for k in range(K)])
 
     def state_dict(self) -> dict:
@@ -99,7 +102,7 @@ class NestedMasks:
 
 
 # -- nested selection: the structure's own selection with a must-keep base ------------------------------
-def nested_mask_for(w: Tensor, structure: "str | Structure", sparsity: float, base: Tensor | None = None,
+def nested_mask_for(w: Tensor, structure: str | Structure, sparsity: float, base: Tensor | None = None,
                     score: Any = "l2") -> Tensor:
     """Keep-mask of ``w`` at ``sparsity`` that contains ``base`` (the sparser level's mask): the
     structure's selection with ``base`` as must-keep entries (:meth:`Structure.mask`)."""

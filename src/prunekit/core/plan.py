@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from collections.abc import Mapping
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +23,7 @@ from prunekit.core.targets import TargetSpec, find_targets, hf_conv1d
 __all__ = ["mask_for", "PruneSpec", "compute_masks", "global_masks", "scaled_sparsity", "prune", "validate_overrides"]
 
 
-def mask_for(weight: Tensor, structure: "str | Structure", sparsity: float, score="l2") -> Tensor:
+def mask_for(weight: Tensor, structure: str | Structure, sparsity: float, score="l2") -> Tensor:
     """Keep-mask (``torch.bool``, True = kept) of ``weight`` for ``structure`` at ``sparsity``.
 
     ``score``: ``"l1"``, ``"l2"``, ``"magnitude"``, a callable on the ``(G, S)`` group partition, or an
@@ -88,9 +87,9 @@ class PruneSpec:
       the first matching pattern wins; patterns are fnmatch on the parameter name.
     """
 
-    structure: "str | Structure" = "unstructured"
+    structure: str | Structure = "unstructured"
     sparsity: float = 0.5
-    score: "str | Callable" = "l2"
+    score: str | Callable = "l2"
     scope: str = "layer"
     targets: TargetSpec = field(default_factory=TargetSpec)
     overrides: dict = field(default_factory=dict)
@@ -137,7 +136,7 @@ class PruneSpec:
                              f"targets: {list(names)[:20]}")
         return plan
 
-    def at(self, sparsity: float) -> "PruneSpec":
+    def at(self, sparsity: float) -> PruneSpec:
         """This spec moved to ``sparsity``, its overrides' sparsities scaled by :func:`scaled_sparsity`."""
         ov = {}
         for pat, o in self.overrides.items():
@@ -193,7 +192,7 @@ def compute_masks(model: nn.Module, spec: PruneSpec, sparsity: float | None = No
     return masks
 
 
-def prune(model: nn.Module, structure: "str | Structure" = "unstructured", sparsity: float = 0.5, *,
+def prune(model: nn.Module, structure: str | Structure = "unstructured", sparsity: float = 0.5, *,
           score="l2", scope: str = "layer", targets: TargetSpec | dict | None = None,
           overrides: dict | None = None, apply: bool = True) -> MaskSet:
     """Prune ``model`` in one call and return its :class:`MaskSet` (weights zeroed if ``apply``).

@@ -44,8 +44,9 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -81,7 +82,7 @@ def _check_sparsity(sparsity: float) -> float:
     return s
 
 
-def _score_input(w: Tensor, score: "ScoreFn | str | Tensor | Score") -> tuple[Tensor, Score]:
+def _score_input(w: Tensor, score: ScoreFn | str | Tensor | Score) -> tuple[Tensor, Score]:
     """What is partitioned and how a group is scored: the weight and ``score``, or an element-wise
     importance tensor of the weight's shape (then grouped with the L2 norm)."""
     if isinstance(score, Tensor):
@@ -114,7 +115,7 @@ class Structure:
     selects_groups: ClassVar[bool] = True   # select() keeps or drops whole groups
 
     @classmethod
-    def parse(cls, text: str) -> "Structure | None":
+    def parse(cls, text: str) -> Structure | None:
         """The structure ``text`` (lower-case, no spaces) names, or None if it is not this kind."""
         raise NotImplementedError
 
@@ -173,7 +174,7 @@ class Structure:
             return fixed
         return _check_sparsity(sparsity)
 
-    def mask(self, w: Tensor, sparsity: float | None = None, score: "ScoreFn | str | Tensor | Score" = "l2",
+    def mask(self, w: Tensor, sparsity: float | None = None, score: ScoreFn | str | Tensor | Score = "l2",
              base: Tensor | None = None) -> Tensor:
         """Element keep-mask (True = kept) of ``w.shape``: partition → score → select → unpartition.
 
@@ -199,7 +200,7 @@ class Structure:
         ADMM Z-step ``Π_S(W + U)`` (:mod:`prunekit.algorithms.admm`)."""
         return w * self.mask(w, sparsity, "l2").to(w.dtype)
 
-    def scores(self, w: Tensor, score: "ScoreFn | str | Tensor | Score" = "l2") -> Tensor:
+    def scores(self, w: Tensor, score: ScoreFn | str | Tensor | Score = "l2") -> Tensor:
         """``(G,)`` group scores (partial groups per real weight) — the global ranking's input."""
         src, sc = _score_input(w, score)
         return group_scores(self.partition(src), sc, self.valid(w.shape).sum(1))
@@ -284,7 +285,7 @@ class Unstructured(Structure):
     order = 0
 
     @classmethod
-    def parse(cls, text: str) -> "Structure | None":
+    def parse(cls, text: str) -> Structure | None:
         return cls() if text in ("unstructured", "irregular") else None
 
     def partition(self, w: Tensor) -> Tensor:
@@ -307,7 +308,7 @@ class Row(Structure):
     order = 1
 
     @classmethod
-    def parse(cls, text: str) -> "Structure | None":
+    def parse(cls, text: str) -> Structure | None:
         return cls() if text == "row" else None
 
     def partition(self, w: Tensor) -> Tensor:
@@ -330,7 +331,7 @@ class Column(Structure):
     order = 2
 
     @classmethod
-    def parse(cls, text: str) -> "Structure | None":
+    def parse(cls, text: str) -> Structure | None:
         return cls() if text == "column" else None
 
     def partition(self, w: Tensor) -> Tensor:
@@ -382,7 +383,7 @@ class Block(Structure):
             raise ValueError(f"block shape must be positive, got {self.r}x{self.c}")
 
     @classmethod
-    def parse(cls, text: str) -> "Structure | None":
+    def parse(cls, text: str) -> Structure | None:
         m = cls._RE.match(text)
         if not m:
             return None
@@ -437,7 +438,7 @@ class NM(Structure):
             raise ValueError(f"N:M needs 1 <= N <= M (N kept of every M); got {self.n}:{self.m}")
 
     @classmethod
-    def parse(cls, text: str) -> "Structure | None":
+    def parse(cls, text: str) -> Structure | None:
         m = cls._RE.match(text)
         if not m:
             return None
@@ -540,7 +541,7 @@ class Pattern(Structure):
             raise ValueError(f"pattern tile must be positive, got {self.tile}")
 
     @classmethod
-    def parse(cls, text: str) -> "Structure | None":
+    def parse(cls, text: str) -> Structure | None:
         m = cls._RE.match(text)
         if not m:
             return None
@@ -687,7 +688,7 @@ def connectivity_prune(keep_mask: Tensor, g2: Tensor, valid: Tensor, sparsity: f
     return keep_mask
 
 
-def parse_structure(spec: "str | Structure") -> Structure:
+def parse_structure(spec: str | Structure) -> Structure:
     """Parse a structure string (see :func:`structure_syntax`) into a typed :class:`Structure`: the
     first registered structure (in :data:`STRUCTURES`) whose ``parse`` accepts it."""
     if isinstance(spec, Structure):

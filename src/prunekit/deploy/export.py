@@ -12,12 +12,14 @@ graph returns plain tensors (``logits`` / ``last_hidden_state``).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
 from prunekit.core.errors import ModelError
 
 __all__ = ["export_onnx", "check_onnx", "require_onnx", "OnnxCheck"]
@@ -74,7 +76,7 @@ def _normalise(inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor]) -> tupl
 
 def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
                 path: str | os.PathLike, *, dynamic_batch: bool = True, opset: int | None = None,
-                check: bool = True, atol: float = 1e-4) -> "OnnxCheck | None":
+                check: bool = True, atol: float = 1e-4) -> OnnxCheck | None:
     """Export ``model`` (in eval mode) to ``path``; with ``check`` compare onnxruntime with PyTorch on
     ``example_inputs`` and raise ``AssertionError`` naming the worst output if they differ by more than
     ``atol``.  ``dynamic_batch`` makes dimension 0 of every input dynamic (dimension 1 too for

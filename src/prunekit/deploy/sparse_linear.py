@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
 from prunekit.deploy.timing import call_model, interleaved_ms
 
 __all__ = [

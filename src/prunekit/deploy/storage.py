@@ -38,14 +38,16 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from prunekit.core.errors import ModelError
 
-from prunekit.core.bits import bits_for as _bits_for, pack, unpack
+from prunekit.core.bits import bits_for as _bits_for
+from prunekit.core.bits import pack, unpack
+from prunekit.core.errors import ModelError
 from prunekit.core.structures import NM, Pattern, Structure
 
 __all__ = [

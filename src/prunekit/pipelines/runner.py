@@ -17,35 +17,41 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
 from torch import nn
 
 from prunekit.algorithms import get_algorithm_class
-from prunekit.training import distributed as D
-from prunekit.io.checkpoint import (CheckpointError, StateStore, atomic_write_json, atomic_write_text, save_checkpoint)
-from prunekit.pipelines.recipe import Recipe, from_dict, to_dict
+from prunekit.algorithms.hooks import Hook
 from prunekit.core.errors import RecipeError
 from prunekit.core.masks import MaskSet
 from prunekit.core.plan import PruneSpec
 from prunekit.core.stats import model_summary
-from prunekit.core.targets import TargetSpec
-from prunekit.algorithms.hooks import Hook
-from prunekit.training.loop import NonFiniteLoss, fit, rng_state, seed_everything, set_rng_state
-from prunekit.pipelines.workloads import Workload, build_workload
+from prunekit.core.targets import TargetSpec, find_targets
+from prunekit.io.checkpoint import (
+    CheckpointError,
+    StateStore,
+    atomic_write_json,
+    atomic_write_text,
+    flatten_state,
+    save_checkpoint,
+)
+from prunekit.pipelines.recipe import Recipe, from_dict, to_dict
 from prunekit.pipelines.stages import Dense, HardPrune, Retrain, Search, Stage
-from prunekit.core.targets import find_targets
-from prunekit.io.checkpoint import flatten_state
-import shutil
-import signal
-from dataclasses import dataclass, field
+from prunekit.pipelines.workloads import Workload, build_workload
+from prunekit.training import distributed as D
 from prunekit.training.config import Runtime
 from prunekit.training.device import check_precision, resolve_device, set_threads, to_device
+from prunekit.training.loop import NonFiniteLoss, fit, rng_state, seed_everything, set_rng_state
 from prunekit.training.progress import TensorBoardLogger
 
 __all__ = ["Workload", "build_workload", "prune_spec_from", "validate_recipe", "machine_info", "run_pipeline",
@@ -92,7 +98,7 @@ def run_device(recipe: Recipe) -> torch.device:
     return device
 
 
-def _extra_hooks(recipe: Recipe, ctx: "RunContext") -> list:
+def _extra_hooks(recipe: Recipe, ctx: RunContext) -> list:
     """Hooks every fit of the run gets: the test kill switch, TensorBoard logging (``log.tensorboard``)."""
     hooks: list = [_TestKill(os.environ[KILL_ENV], ctx)] if os.environ.get(KILL_ENV) else []
     if recipe.log.tensorboard and ctx.is_main:
@@ -127,7 +133,7 @@ def validate_recipe(recipe: Recipe, workload: Workload, spec: PruneSpec | None =
         targets = find_targets(workload.model, spec.targets)
         plan = spec.layer_plan(targets)
         params = dict(workload.model.named_parameters())
-        for n, (st, sp) in plan.items():
+        for n, (st, _sp) in plan.items():
             st.check_shape(params[n].shape)
     except ValueError as e:
         raise RecipeError(f"prune.targets/structure: {e}") from None
@@ -167,7 +173,7 @@ class _TestKill(Hook):
     """``$PRUNEKIT_TEST_KILL_AT_STEP`` = ``N`` (optimizer steps counted over all phases of the run) or
     ``phase:N``: SIGKILL this process right after that step — deterministic crash for resume tests."""
 
-    def __init__(self, spec: str, run: "RunContext"):
+    def __init__(self, spec: str, run: RunContext):
         phase, _, n = spec.rpartition(":")
         self.phase, self.n, self.run = phase or None, int(n), run
 

@@ -18,20 +18,21 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from prunekit.algorithms.hooks import Hook, TrainContext
+from prunekit.core.errors import NonFiniteLoss
+from prunekit.core.masks import MaskSet
+from prunekit.training import distributed as D
 from prunekit.training.config import Runtime, TrainConfig
 from prunekit.training.device import Amp, device_of, to_device
 from prunekit.training.progress import make_progress
-from prunekit.core.masks import MaskSet
-from prunekit.algorithms.hooks import Hook, TrainContext
-from prunekit.core.errors import NonFiniteLoss
-from prunekit.training import distributed as D
 
 __all__ = ["seed_everything", "TrainContext", "Hook", "fit", "make_optimizer", "make_scheduler", "NonFiniteLoss",
     "rng_state", "set_rng_state"]

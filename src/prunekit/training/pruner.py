@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.algorithms import get_algorithm_class
-from prunekit.algorithms.distill import Distiller, DistillConfig
+from prunekit.algorithms.distill import DistillConfig, Distiller
 from prunekit.algorithms.hooks import Hook, TrainContext
 from prunekit.core.masks import HardPrune, MaskSet
 from prunekit.core.plan import PruneSpec
