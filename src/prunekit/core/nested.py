@@ -88,10 +88,10 @@ class NestedMasks:
     def from_level_maps(cls, maps: dict[str, Tensor], K: int, structures: dict[str, str] | None = None) -> NestedMasks:
         return cls([MaskSet({n: m <= k for n, m in maps.items()}, structures) for k in range(K)])
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"levels": [lv.state_dict() for lv in self.levels]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         lvs = []
         for s in state["levels"]:
             ms = MaskSet()

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from prunekit.core.masks import MaskSet
-from prunekit.core.scoring import resolve_score, select_keep_global
+from prunekit.core.scoring import Score, ScoreFn, resolve_score, select_keep_global
 from prunekit.core.structures import Structure, Transposed, parse_structure
 from prunekit.core.targets import TargetSpec, find_targets, hf_conv1d
 
 __all__ = ["mask_for", "PruneSpec", "compute_masks", "global_masks", "scaled_sparsity", "prune", "validate_overrides"]
 
 
-def mask_for(weight: Tensor, structure: str | Structure, sparsity: float, score="l2") -> Tensor:
+def mask_for(weight: Tensor, structure: str | Structure, sparsity: float,
+             score: str | ScoreFn | Tensor | Score = "l2") -> Tensor:
     """Keep-mask (``torch.bool``, True = kept) of ``weight`` for ``structure`` at ``sparsity``.
 
     ``score``: ``"l1"``, ``"l2"``, ``"magnitude"``, a callable on the ``(G, S)`` group partition, or an
@@ -41,7 +43,7 @@ def scaled_sparsity(layer_sparsity: float, spec_sparsity: float, sparsity: float
     return float(sparsity)
 
 
-def _check_fraction(key: str, value) -> None:
+def _check_fraction(key: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{key}: expected a number, got {value!r}")
     if not math.isfinite(value):
@@ -50,7 +52,7 @@ def _check_fraction(key: str, value) -> None:
         raise ValueError(f"{key}: {value} is out of range (must be >= 0 and < 1)")
 
 
-def validate_overrides(overrides: dict) -> None:
+def validate_overrides(overrides: dict[str, Any]) -> None:
     """Check ``{pattern: sparsity | {sparsity, structure}}``; ``ValueError`` naming ``overrides[pattern]...``.
 
     The one validator for per-layer overrides: recipes (:mod:`prunekit.pipelines.recipe`) and :class:`PruneSpec` use it."""
@@ -89,12 +91,12 @@ class PruneSpec:
 
     structure: str | Structure = "unstructured"
     sparsity: float = 0.5
-    score: str | Callable = "l2"
+    score: str | ScoreFn | Score = "l2"
     scope: str = "layer"
     targets: TargetSpec = field(default_factory=TargetSpec)
-    overrides: dict = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.structure = parse_structure(self.structure)
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
             raise ValueError(f"prune.sparsity must be a number in [0, 1); got {self.sparsity!r}")
@@ -108,17 +110,19 @@ class PruneSpec:
         except ValueError as e:
             raise ValueError(f"prune.{e}") from None
 
-    def layer_plan(self, names, sparsity: float | None = None) -> dict[str, tuple[Structure, float]]:
+    def layer_plan(self, names: Iterable[str] | Mapping[str, nn.Module], sparsity: float | None = None) -> dict[str, tuple[Structure, float]]:
         """``{param_name: (structure, sparsity)}`` after overrides; ``sparsity`` moves the whole spec
         there (overrides scaled by :func:`scaled_sparsity`).  ``names``: parameter names, or the
         ``{name: module}`` of :func:`find_targets` — then an HF ``Conv1D`` weight (stored ``(in, out)``)
         gets its structure as :class:`Transposed`, so rows stay outputs and N:M runs along the input."""
-        plan = {}
+        plan: dict[str, tuple[Structure, float]] = {}
         conv1d = hf_conv1d() if isinstance(names, Mapping) else None
-        transposed = {n for n, m in names.items() if conv1d is not None and isinstance(m, conv1d)} if conv1d else set()
-        used = set()
+        transposed: set[str] = set()
+        if conv1d is not None and isinstance(names, Mapping):
+            transposed = {n for n, m in names.items() if isinstance(m, conv1d)}
+        used: set[str] = set()
         for n in names:
-            st, sp = self.structure, float(self.sparsity)
+            st, sp = parse_structure(self.structure), float(self.sparsity)
             for pat, ov in self.overrides.items():
                 if fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(n.removesuffix(".weight"), pat):
                     used.add(pat)
@@ -138,7 +142,7 @@ class PruneSpec:
 
     def at(self, sparsity: float) -> PruneSpec:
         """This spec moved to ``sparsity``, its overrides' sparsities scaled by :func:`scaled_sparsity`."""
-        ov = {}
+        ov: dict[str, Any] = {}
         for pat, o in self.overrides.items():
             if isinstance(o, dict):
                 ov[pat] = ({**o, "sparsity": scaled_sparsity(o["sparsity"], self.sparsity, sparsity)}
@@ -149,7 +153,7 @@ class PruneSpec:
 
 
 def global_masks(plan: dict[str, tuple[Structure, float]], weights: dict[str, Tensor], sparsity: float,
-                 score="l2", importance: dict[str, Tensor] | None = None,
+                 score: str | ScoreFn | Score = "l2", importance: dict[str, Tensor] | None = None,
                  base: MaskSet | None = None) -> MaskSet:
     """Global scope: one ranking over the groups of every planned tensor (one whole-group structure
     for all), ``round(sparsity * weights)`` weights pruned overall; ``base`` masks stay kept."""
@@ -193,8 +197,8 @@ def compute_masks(model: nn.Module, spec: PruneSpec, sparsity: float | None = No
 
 
 def prune(model: nn.Module, structure: str | Structure = "unstructured", sparsity: float = 0.5, *,
-          score="l2", scope: str = "layer", targets: TargetSpec | dict | None = None,
-          overrides: dict | None = None, apply: bool = True) -> MaskSet:
+          score: str | ScoreFn | Score = "l2", scope: str = "layer", targets: TargetSpec | dict[str, Any] | None = None,
+          overrides: dict[str, Any] | None = None, apply: bool = True) -> MaskSet:
     """Prune ``model`` in one call and return its :class:`MaskSet` (weights zeroed if ``apply``).
 
     Hard-prune the following training with ``masks.attach(model, optimizer)``."""

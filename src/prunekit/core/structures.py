@@ -92,7 +92,7 @@ def _score_input(w: Tensor, score: ScoreFn | str | Tensor | Score) -> tuple[Tens
     return w.detach(), resolve_score(score)
 
 
-STRUCTURES: Registry[type] = Registry("structure")
+STRUCTURES: Registry[type[Structure]] = Registry("structure")
 
 
 def structure_syntax() -> str:
@@ -291,10 +291,10 @@ class Unstructured(Structure):
     def partition(self, w: Tensor) -> Tensor:
         return w.reshape(-1, 1)
 
-    def unpartition(self, groups: Tensor, shape) -> Tensor:
+    def unpartition(self, groups: Tensor, shape: Sequence[int]) -> Tensor:
         return groups.reshape(tuple(shape))
 
-    def valid(self, shape) -> Tensor:
+    def valid(self, shape: Sequence[int]) -> Tensor:
         return torch.ones(math.prod(shape), 1, dtype=torch.bool)
 
 
@@ -314,10 +314,10 @@ class Row(Structure):
     def partition(self, w: Tensor) -> Tensor:
         return as_matrix(w)
 
-    def unpartition(self, groups: Tensor, shape) -> Tensor:
+    def unpartition(self, groups: Tensor, shape: Sequence[int]) -> Tensor:
         return groups.reshape(tuple(shape))
 
-    def valid(self, shape) -> Tensor:
+    def valid(self, shape: Sequence[int]) -> Tensor:
         return torch.ones(shape[0], math.prod(shape[1:]), dtype=torch.bool)
 
 
@@ -337,10 +337,10 @@ class Column(Structure):
     def partition(self, w: Tensor) -> Tensor:
         return as_matrix(w).t()
 
-    def unpartition(self, groups: Tensor, shape) -> Tensor:
+    def unpartition(self, groups: Tensor, shape: Sequence[int]) -> Tensor:
         return groups.t().reshape(tuple(shape))
 
-    def valid(self, shape) -> Tensor:
+    def valid(self, shape: Sequence[int]) -> Tensor:
         return torch.ones(math.prod(shape[1:]), shape[0], dtype=torch.bool)
 
 
@@ -376,9 +376,9 @@ class Block(Structure):
     syntax: ClassVar[str] = "block:RxC"
     help: ClassVar[str] = "whole RxC blocks, e.g. block:4x4"
     order: ClassVar[int] = 3
-    _RE: ClassVar[re.Pattern] = re.compile(r"^block:(\d+)x(\d+)$")
+    _RE: ClassVar[re.Pattern[str]] = re.compile(r"^block:(\d+)x(\d+)$")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.r < 1 or self.c < 1:
             raise ValueError(f"block shape must be positive, got {self.r}x{self.c}")
 
@@ -396,7 +396,7 @@ class Block(Structure):
     def name(self) -> str:  # type: ignore[override]
         return f"block:{self.r}x{self.c}"
 
-    def check_shape(self, shape) -> None:
+    def check_shape(self, shape: Sequence[int]) -> None:
         super().check_shape(shape)
         R, C = _matrix_shape(shape)
         if self.r > R or self.c > C:
@@ -407,7 +407,7 @@ class Block(Structure):
     def partition(self, w: Tensor) -> Tensor:
         return _tiles(as_matrix(w), self.r, self.c)
 
-    def unpartition(self, groups: Tensor, shape) -> Tensor:
+    def unpartition(self, groups: Tensor, shape: Sequence[int]) -> Tensor:
         R, C = _matrix_shape(shape)
         return _untiles(groups, R, C, self.r, self.c).reshape(tuple(shape))
 
@@ -431,9 +431,9 @@ class NM(Structure):
     help: ClassVar[str] = "N kept of every M consecutive weights, e.g. nm:2:4"
     order: ClassVar[int] = 4
     selects_groups: ClassVar[bool] = False
-    _RE: ClassVar[re.Pattern] = re.compile(r"^nm:(\d+):(\d+)$")
+    _RE: ClassVar[re.Pattern[str]] = re.compile(r"^nm:(\d+):(\d+)$")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not (1 <= self.n <= self.m):
             raise ValueError(f"N:M needs 1 <= N <= M (N kept of every M); got {self.n}:{self.m}")
 
@@ -451,13 +451,13 @@ class NM(Structure):
     def name(self) -> str:  # type: ignore[override]
         return f"nm:{self.n}:{self.m}"
 
-    def fixed_sparsity(self, shape) -> float:
+    def fixed_sparsity(self, shape: Sequence[int]) -> float:
         return 1.0 - self.n / self.m
 
     def partition(self, w: Tensor) -> Tensor:
         return _tiles(as_matrix(w), 1, self.m)
 
-    def unpartition(self, groups: Tensor, shape) -> Tensor:
+    def unpartition(self, groups: Tensor, shape: Sequence[int]) -> Tensor:
         R, C = _matrix_shape(shape)
         return _untiles(groups, R, C, 1, self.m).reshape(tuple(shape))
 
@@ -530,9 +530,9 @@ class Pattern(Structure):
                            "keeping K; +conn also removes whole tiles")
     order: ClassVar[int] = 5
     selects_groups: ClassVar[bool] = False
-    _RE: ClassVar[re.Pattern] = re.compile(r"^pattern(?::(\d+)(?::(\d+))?)?(?:@(\d+)x(\d+))?(\+conn)?$")
+    _RE: ClassVar[re.Pattern[str]] = re.compile(r"^pattern(?::(\d+)(?::(\d+))?)?(?:@(\d+)x(\d+))?(\+conn)?$")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.keep is not None and self.keep < 1:
             raise ValueError(f"pattern keep must be >= 1, got {self.keep}")
         if self.set_size is not None and self.set_size < 1:
@@ -568,7 +568,7 @@ class Pattern(Structure):
             return int(shape[2]), int(shape[3])
         return self.tile or (4, 4)
 
-    def check_shape(self, shape) -> None:
+    def check_shape(self, shape: Sequence[int]) -> None:
         super().check_shape(shape)
         if len(shape) == 4 and self.tile is not None and tuple(self.tile) != (shape[2], shape[3]):
             raise ValueError(f"{self.name}: conv tiles are the kernels ({shape[2]}x{shape[3]}), not {self.tile}")
@@ -584,7 +584,7 @@ class Pattern(Structure):
         tr, tc = self.tile_shape(w.shape)
         return _tiles(as_matrix(w), tr, tc)
 
-    def unpartition(self, groups: Tensor, shape) -> Tensor:
+    def unpartition(self, groups: Tensor, shape: Sequence[int]) -> Tensor:
         if len(shape) == 4:
             return groups.reshape(tuple(shape))
         tr, tc = self.tile_shape(shape)
@@ -596,11 +596,11 @@ class Pattern(Structure):
             return self.keep
         return max(1, math.ceil((1.0 - _check_sparsity(sparsity)) * T - 1e-9))
 
-    def keep_for(self, shape, sparsity: float) -> int:
+    def keep_for(self, shape: Sequence[int], sparsity: float) -> int:
         tr, tc = self.tile_shape(shape)
         return self._keep_of(tr * tc, sparsity)
 
-    def fixed_sparsity(self, shape) -> float | None:
+    def fixed_sparsity(self, shape: Sequence[int]) -> float | None:
         if self.keep is None or self.conn:
             return None
         tr, tc = self.tile_shape(shape)
@@ -630,7 +630,8 @@ class Pattern(Structure):
         # most frequent first; ties broken by the pattern's bits (deterministic)
         keys = [(-int(c), tuple(int(x) for x in u.tolist())) for u, c in zip(uniq, counts)]
         idx = sorted(range(len(keys)), key=lambda i: keys[i])[:size]
-        return uniq[idx]
+        out: Tensor = uniq[idx]
+        return out
 
     def select(self, parts: Tensor, valid: Tensor, sparsity: float, score: Score,
                base: Tensor | None = None) -> Tensor:
