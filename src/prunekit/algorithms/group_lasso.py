@@ -22,12 +22,15 @@ hard-pruned to the target by group L2 norm (:func:`prunekit.core.plan.compute_ma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from prunekit.algorithms.base import Algorithm, register
-from prunekit.core.plan import compute_masks
+from prunekit.algorithms.hooks import TrainContext
+from prunekit.core.masks import MaskSet
+from prunekit.core.plan import PruneSpec, compute_masks
 from prunekit.core.structures import Structure
 from prunekit.core.targets import find_targets
 
@@ -50,7 +53,7 @@ def reweight(st: Structure, w: Tensor, eps: float) -> Tensor:
 
 
 @register
-class GroupLasso(Algorithm):
+class GroupLasso(Algorithm["GroupLasso.Params"]):
     """Reweighted group lasso (Li et al. 2020); see the module docstring."""
 
     name = "group_lasso"
@@ -64,7 +67,7 @@ class GroupLasso(Algorithm):
         reweight_at_start: bool = True  # α from the dense weights (else α = 1 until the first reset)
         smooth: float = 1e-8            # δ in sqrt(Σw² + δ²)
 
-        def __post_init__(self):
+        def __post_init__(self) -> None:
             if not self.lam >= 0:
                 raise ValueError(f"algorithm.params.lam must be >= 0, got {self.lam}")
             if not self.eps > 0:
@@ -74,14 +77,14 @@ class GroupLasso(Algorithm):
             if self.smooth < 0:
                 raise ValueError(f"algorithm.params.smooth must be >= 0, got {self.smooth}")
 
-    def __init__(self, params, spec):
+    def __init__(self, params: GroupLasso.Params, spec: PruneSpec):
         super().__init__(params, spec)
         self.alpha: dict[str, Tensor] = {}
         self.reweights = 0
-        self._params = {}
+        self._params: dict[str, nn.Parameter] = {}
         self._structs: dict[str, Structure] = {}
 
-    def begin(self, ctx):
+    def begin(self, ctx: TrainContext) -> None:
         plan = self.spec.layer_plan(find_targets(ctx.model, self.spec.targets))
         params = dict(ctx.model.named_parameters())
         self._params = {n: params[n] for n in plan}
@@ -93,36 +96,37 @@ class GroupLasso(Algorithm):
                 self.alpha = {n: torch.ones(self._structs[n].num_groups(p.shape), device=p.device) for n, p in self._params.items()}
 
     @torch.no_grad()
-    def _reweight(self):
+    def _reweight(self) -> None:
         self.alpha = {n: reweight(self._structs[n], p, self.params.eps) for n, p in self._params.items()}
         self.reweights += 1
 
-    def penalty(self) -> Tensor:
-        tot = None
+    def penalty(self) -> Tensor | None:
+        """None when there is no target."""
+        tot: Tensor | None = None
         for n, p in self._params.items():
             t = group_lasso_penalty(self._structs[n], p, self.alpha[n].to(device=p.device, dtype=p.dtype), self.params.lam, self.params.smooth)
             tot = t if tot is None else tot + t
         return tot
 
-    def extra_loss(self, ctx, batch, outputs):
+    def extra_loss(self, ctx: TrainContext, batch: Any, outputs: Any) -> Tensor | None:
         return self.penalty() if self.params.lam > 0 else None
 
-    def after_step(self, ctx):
+    def after_step(self, ctx: TrainContext) -> None:
         if self.params.reweight_every and ctx.step % self.params.reweight_every == 0:
             self._reweight()
 
-    def epoch_end(self, ctx):
+    def epoch_end(self, ctx: TrainContext) -> None:
         if not self.params.reweight_every:
             self._reweight()
 
-    def final_masks(self, model):
+    def final_masks(self, model: nn.Module) -> MaskSet:
         params = dict(model.named_parameters())
         names = self.spec.layer_plan(find_targets(model, self.spec.targets))
         return compute_masks(model, self.spec, importance={n: params[n].detach() for n in names})
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return {"reweights": self.reweights, "alpha": {n: a.clone() for n, a in self.alpha.items()}}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reweights = int(state["reweights"])
         self.alpha = {n: a.clone() for n, a in state["alpha"].items()}
