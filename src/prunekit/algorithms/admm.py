@@ -233,7 +233,6 @@ class ProgressiveADMM(ADMM):
     ``targets[1]`` from there, …; see the module docstring."""
 
     name = "admm_progressive"
-    params: ProgressiveADMM.Params
 
     @dataclass
     class Params(ADMM.Params):
@@ -246,6 +245,8 @@ class ProgressiveADMM(ADMM):
                     raise ValueError(f"algorithm.params.targets[{i}] = {t} must be in (0, 1)")
             if any(b <= a for a, b in zip(self.targets, self.targets[1:])):
                 raise ValueError(f"algorithm.params.targets must increase strictly, got {self.targets}")
+
+    params: Params
 
     def __init__(self, params: ProgressiveADMM.Params, spec: PruneSpec):
         super().__init__(params, spec)
