@@ -39,6 +39,7 @@ class Pruner(_Pruner):
     def __init__(self, model: nn.Module, recipe_or_spec: Any, optimizer: torch.optim.Optimizer | None = None, *,
                  algorithm: str | None = None, params: Any = None, **kw):
         recipe = _recipe(recipe_or_spec)
+        spec: PruneSpec | dict[str, Any]
         if recipe is None:
             spec = recipe_or_spec
             algorithm = algorithm or "oneshot"
@@ -47,7 +48,7 @@ class Pruner(_Pruner):
             if hasattr(model, "config") and list(t.include) == ["*"] and not t.exclude:
                 ts = default_targets(model)
                 t.include, t.types = list(ts.include), list(ts.types)
-            spec: PruneSpec | dict = prune_spec_from(recipe)
+            spec = prune_spec_from(recipe)
             if algorithm is None:
                 algorithm, params = recipe.algorithm.name, recipe.algorithm.params if params is None else params
             if recipe.distill and "teacher" in kw and "distill" not in kw:

@@ -85,15 +85,15 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | Ma
     names, args, keyword = _normalise(example_inputs)
     model = model.eval()
     wrapped = (_TensorOutputs(model, names) if keyword else model).eval()
-    dyn = None
+    dyn: tuple[Any, ...] | None = None
     if dynamic_batch:
-        dyn = {}
+        per_input: dict[str, dict[int, Any]] = {}
         for n, a in zip(names, args):
             axes = {0: torch.export.Dim.AUTO}
             if keyword and a.dim() >= 2:
                 axes[1] = torch.export.Dim.AUTO
-            dyn[n] = axes
-        dyn = tuple(dyn[n] for n in names)
+            per_input[n] = axes
+        dyn = tuple(per_input[n] for n in names)
         if keyword:  # the wrapper takes *args: one (varargs) entry holding all of them
             dyn = (dyn,)
     path = Path(path)

@@ -50,6 +50,9 @@ class SparseLinear(nn.Module):
     Parameter); gradients still flow to the input.
     """
 
+    weight: torch.Tensor          # sparse CSR buffer
+    bias: torch.Tensor | None     # (out, 1) buffer
+
     def __init__(self, linear: nn.Linear, *, index_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if not isinstance(linear, nn.Linear):
@@ -141,7 +144,7 @@ def time_linear(
     ms = interleaved_ms({"dense": lambda: linear(example_input), "csr": lambda: sparse(example_input)},
                         repeats=repeats, warmup=warmup, threads=num_threads)
     dense_ms, sparse_ms = ms["dense"], ms["csr"]
-    chosen = "csr" if sparse_ms * min_speedup <= dense_ms else "dense"
+    chosen: Literal["dense", "csr"] = "csr" if sparse_ms * min_speedup <= dense_ms else "dense"
     return LinearTiming(dense_ms, sparse_ms, chosen)
 
 
