@@ -16,7 +16,7 @@ class TrainContext:
     changing ``masks``)."""
 
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None   # None in a Pruner built without one (set later)
     masks: MaskSet | None
     hard_prune: HardPrune | None
     task: Any

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +77,7 @@ class CoupledGroup:
     size: int
     members: tuple[tuple[str, int], ...]
 
-    def partition(self, params: dict[str, Tensor]) -> Tensor:
+    def partition(self, params: Mapping[str, Tensor]) -> Tensor:
         """``(count, S)``: every group's weights from all members, concatenated."""
         parts = []
         for name, dim in self.members:
@@ -86,7 +86,7 @@ class CoupledGroup:
             parts.append(w.reshape(self.count, -1))
         return torch.cat(parts, 1)
 
-    def element_masks(self, keep: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    def element_masks(self, keep: Tensor, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Group keep-decision ``(count,)`` → element masks of every member."""
         per_unit = keep.bool().repeat_interleave(self.size)
         out = {}

@@ -20,11 +20,11 @@ import platform
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
@@ -161,7 +161,7 @@ def _resumable_loader(loader, seed: int):
         return loader          # a custom sampler keeps its order; resume replays it from its RNG state
     shuffle = isinstance(loader.sampler, torch.utils.data.RandomSampler)
     try:
-        bs = D.ResumableSampler(len(loader.dataset), loader.batch_size, seed, shuffle=shuffle,
+        bs = D.ResumableSampler(len(cast(Sized, loader.dataset)), loader.batch_size, seed, shuffle=shuffle,
                                 world=D.world_size(), rank=D.rank())
     except ValueError as e:
         raise RecipeError(f"data: {e}") from None
@@ -302,7 +302,9 @@ def _open_store(out: Path, resolved: dict, resume: bool, log) -> tuple[StateStor
     if not resume:
         raise ResumeError(f"{out} holds an unfinished run ({len(store.checkpoints())} checkpoint(s) in "
                           f"{store.root}); pass --resume to continue it, or pick another --out")
-    state, meta, path = store.load_latest(warn=log)
+    latest = store.load_latest(warn=log)
+    assert latest is not None, "store.exists(): there is a checkpoint"
+    state, meta, path = latest
     diff = _recipe_diff(resolved, state["recipe"])
     if diff:
         raise ResumeError(f"cannot resume {out}: the recipe differs from the one it was started with: "
@@ -394,6 +396,7 @@ class Report(Stage):
 
     def run(self, ctx: RunContext) -> dict:
         recipe, model, masks, metric = ctx.recipe, ctx.model, ctx.masks, ctx.task.metric
+        assert masks is not None, "the report stage runs after hard-pruning"
         res = ctx.results
         summary = model_summary(model, masks, to_device(ctx.workload.example_input, ctx.device))
         for layer in summary["layers"]:
@@ -418,6 +421,7 @@ class Report(Stage):
 
 def _rank_digests(ctx: RunContext) -> dict:
     _, algo_tensors = flatten_state(ctx.algo.state_dict())
+    assert ctx.masks is not None, "digests are taken after hard-pruning"
     digest = D.tensor_digest({**{f"model.{k}": v for k, v in ctx.model.state_dict().items()},
                               **{f"mask.{k}": v for k, v in ctx.masks.items()},
                               **{f"algo.{k}": v for k, v in algo_tensors.items()}})

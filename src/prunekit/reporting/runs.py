@@ -158,7 +158,7 @@ def load_runs(run_dirs) -> list[RunRecord]:
 
 
 
-def _fmt_cr(values: list[float]) -> str:
+def _fmt_cr(values: list[float | None]) -> str:
     vals = sorted({round(v, 2) for v in values if v is not None})
     if not vals:
         return "–"

@@ -127,6 +127,7 @@ class Pruner:
     def final_masks(self) -> MaskSet:
         """The hard-prune masks the algorithm chooses now (weights untouched); after :meth:`finalize`, its masks."""
         if self.finalized:
+            assert self.masks is not None, "finalize() sets the masks"
             return self.masks
         return self.algorithm.final_masks(self.model)
 
@@ -136,6 +137,7 @@ class Pruner:
         if self.finalized:
             if optimizer is not None:
                 self.set_optimizer(optimizer)
+            assert self.masks is not None, "finalize() sets the masks"
             return self.masks
         masks = self.algorithm.final_masks(self.model)
         masks.apply(self.model)
