@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from prunekit.core.structures import Structure, Unstructured, parse_structure
 from prunekit.algorithms.base import register
-from prunekit.algorithms.calibration import PostTraining, PostTrainingParams
+from prunekit.algorithms.calibration import LayerStats, PostTraining, PostTrainingParams
+from prunekit.core.structures import Structure, Unstructured, parse_structure
 
 __all__ = ["Wanda", "wanda_mask", "wanda_scores"]
 
@@ -30,7 +30,7 @@ def wanda_scores(W: Tensor, col_norms: Tensor) -> Tensor:
 
 
 def wanda_mask(W: Tensor, col_norms: Tensor, structure: str | Structure = "unstructured",
-               sparsity: float = 0.5, shape=None) -> Tensor:
+               sparsity: float = 0.5, shape: tuple[int, ...] | None = None) -> Tensor:
     """Keep-mask of the ``(out, in)`` matrix ``W`` (``shape``: the weight's own shape for the structure)."""
     st = parse_structure(structure)
     shape = tuple(shape or W.shape)
@@ -48,7 +48,7 @@ def wanda_mask(W: Tensor, col_norms: Tensor, structure: str | Structure = "unstr
 
 
 @register
-class Wanda(PostTraining):
+class Wanda(PostTraining["Wanda.Params"]):
     """Wanda post-training pruning (no search phase, no weight update)."""
 
     name = "wanda"
@@ -58,6 +58,7 @@ class Wanda(PostTraining):
     class Params(PostTrainingParams):
         pass
 
-    def prune_matrix(self, W, stats, structure, sparsity, shape):
+    def prune_matrix(self, W: Tensor, stats: LayerStats, structure: Structure, sparsity: float,
+                     shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         keep = wanda_mask(W, stats.col_norms, structure, sparsity, shape)
         return W * keep, keep
