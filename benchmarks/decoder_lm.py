@@ -73,7 +73,9 @@ class LMWorkload:
 def decoder_workload(cache: Path, epochs: int = 1, limit: int = 8000, max_length: int = 64) -> LMWorkload:
     import transformers
     tok = load_tokenizer("minilm-l6")
-    enc = lambda ss: [tok(s, truncation=True, max_length=max_length)["input_ids"] for s in ss]
+    def enc(ss: list[str]) -> list[list[int]]:
+        return [tok(s, truncation=True, max_length=max_length)["input_ids"] for s in ss]
+
     train, dev = enc(_sentences("train", limit)), enc(_sentences("dev", None))
     collate = _Collate(tok.pad_token_id)
     g = torch.Generator().manual_seed(0)

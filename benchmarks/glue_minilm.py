@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         label = f"{task}_{structure.replace(':', '').replace('@', '_')}_{sparsity:g}" + (f"_{a.tag}" if a.tag else "")
         sets = [f"prune.structure={pruned}", f"prune.sparsity={sparsity}"]
         if distill:
-            sets.append(f"algorithm.params.end=0.8")
+            sets.append("algorithm.params.end=0.8")
         if (dense_dir / "manifest.json").is_file() and label != f"{task}_unstructured_0.3":
             sets.append(f"model.checkpoint={dense_dir}")
         sets += extra

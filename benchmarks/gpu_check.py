@@ -87,6 +87,7 @@ def semi_structured() -> dict:
     from torch import nn
     from torch.sparse import to_sparse_semi_structured
     from transformers import BertConfig, BertModel
+
     from prunekit.core.plan import prune
     enc = BertModel(BertConfig()).encoder.half().cuda().eval()
     x = torch.randn(32, 128, 768, dtype=torch.half, device="cuda")

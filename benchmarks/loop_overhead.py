@@ -31,7 +31,6 @@ from pathlib import Path
 
 os.environ.setdefault("PRUNEKIT_NO_PROGRESS", "1")
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 from prunekit.core.plan import compute_masks  # noqa: E402
 from prunekit.pipelines.recipe import parse_recipe  # noqa: E402

@@ -66,9 +66,9 @@ class Setup:
     """One model/task: dense model factory, loaders, task, targets, budget."""
 
     def __init__(self, name, task_name, recipe, retrain_epochs, lr, structures, classifier, note):
-        from prunekit.pipelines.workloads import build_workload
         from prunekit.core.targets import find_targets
         from prunekit.pipelines.runner import prune_spec_from
+        from prunekit.pipelines.workloads import build_workload
 
         self.name, self.task_name, self.recipe = name, task_name, recipe
         self.wl = build_workload(recipe)

@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 from prunekit.algorithms.base import get_algorithm_class
+from prunekit.core.plan import PruneSpec, compute_masks
+from prunekit.core.targets import TargetSpec
 from prunekit.io.checkpoint import atomic_write_json, load_checkpoint
 from prunekit.pipelines.recipe import from_dict, load_recipe, parse_recipe
-from prunekit.core.plan import PruneSpec, compute_masks
 from prunekit.pipelines.runner import build_workload, run_pipeline
-from prunekit.core.targets import TargetSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "posttraining.json"
@@ -91,7 +91,9 @@ def row(model_name, task, method, structure, sparsity, score, dense, seconds, **
 
 def save(out: Path, rows: list[dict], meta: dict) -> None:
     data = json.loads(out.read_text()) if out.is_file() else {"rows": []}
-    key = lambda r: (r["model"], r["task"], r["method"], r["structure"], r["sparsity"])
+    def key(r: dict) -> tuple:
+        return (r["model"], r["task"], r["method"], r["structure"], r["sparsity"])
+
     new = {key(r) for r in rows}
     data["rows"] = [r for r in data.get("rows", []) if key(r) not in new] + rows
     data.setdefault("commands", [])

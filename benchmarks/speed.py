@@ -49,10 +49,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from prunekit.core.structures import parse_structure  # noqa: E402
 from prunekit.deploy.compact import compact  # noqa: E402
 from prunekit.deploy.sparse_linear import sparsify_linears  # noqa: E402
 from prunekit.deploy.storage import encode_state_dict, theoretical_min_bytes  # noqa: E402
-from prunekit.core.structures import parse_structure  # noqa: E402
 
 
 def machine() -> dict:

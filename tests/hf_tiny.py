@@ -33,7 +33,8 @@ def tiny(family: str, seed: int = 0) -> torch.nn.Module:
     cfg_name, kw, model_name, _ = FAMILIES[family]
     base = {} if family in SIMPLE else dict(COMMON)
     if family == "vit":
-        base.pop("vocab_size"); base.pop("max_position_embeddings")
+        base.pop("vocab_size")
+        base.pop("max_position_embeddings")
     cfg = getattr(transformers, cfg_name)(**{**base, **kw})
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(cfg).eval()

@@ -11,15 +11,15 @@ from torch import nn
 from prunekit.algorithms import get_algorithm_class
 from prunekit.algorithms.admm import ADMM, ProgressiveADMM, admm_penalty, project_masks
 from prunekit.algorithms.group_lasso import GroupLasso, group_lasso_penalty, reweight
+from prunekit.algorithms.hooks import TrainContext
 from prunekit.algorithms.slr import SLR, slr_alpha, slr_step_size
-from prunekit.training.config import TrainConfig
-from prunekit.pipelines.recipe import from_dict
 from prunekit.core.plan import PruneSpec
 from prunekit.core.schedules import cubic_sparsity
 from prunekit.core.structures import Row, Unstructured, as_matrix, parse_structure
-from prunekit.training.tasks import ClassificationTask
-from prunekit.algorithms.hooks import TrainContext
+from prunekit.pipelines.recipe import from_dict
+from prunekit.training.config import TrainConfig
 from prunekit.training.loop import fit, seed_everything
+from prunekit.training.tasks import ClassificationTask
 
 
 class Lin(nn.Module):

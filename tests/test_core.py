@@ -11,11 +11,11 @@ from torch.nn.utils import prune as tprune
 
 import prunekit
 from prunekit import MaskSet, PruneSpec, TargetSpec, compute_masks, mask_for, parse_structure
-from prunekit.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from prunekit.core.errors import RecipeError
-from prunekit.pipelines.recipe import parse_recipe
 from prunekit.core.stats import count_flops, model_summary
 from prunekit.core.structures import NM, Block, Pattern
+from prunekit.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from prunekit.pipelines.recipe import parse_recipe
 
 ALL_STRUCTURES = ["unstructured", "row", "column", "block:4x4", "block:3x5", "nm:2:4", "nm:1:3",
                   "pattern:4", "pattern:4:8", "pattern+conn"]

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunekit.io.checkpoint import load_checkpoint
-from prunekit.pipelines.recipe import parse_recipe
-from prunekit.models.registry import get_model
-from prunekit.data.paths import resolve_data_root
-from prunekit.pipelines.runner import run_pipeline
 from prunekit.core.structures import as_matrix
+from prunekit.data.paths import resolve_data_root
+from prunekit.io.checkpoint import load_checkpoint
+from prunekit.models.registry import get_model
+from prunekit.pipelines.recipe import parse_recipe
+from prunekit.pipelines.runner import run_pipeline
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ACC_BAR = 60.0
@@ -102,7 +102,7 @@ def test_structured_admm_row(dense, tmp_path):
     r = base(model={"name": "lenet5", "checkpoint": str(ckpt)},
              prune={"structure": "row", "sparsity": 0.5, "targets": {"exclude": ["fc2"]}},
              algorithm={"name": "admm", "params": ALGOS["admm"]}, retrain={"epochs": 0.5})
-    res = run_pipeline(parse_recipe(r), tmp_path, log=lambda *_: None)
+    run_pipeline(parse_recipe(r), tmp_path, log=lambda *_: None)
     data = json.loads((tmp_path / "results.json").read_text())
     _, masks, _ = load_checkpoint(tmp_path, get_model("lenet5"))
     assert set(masks.names()) == {"conv1.weight", "conv2.weight", "fc1.weight"}

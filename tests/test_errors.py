@@ -8,8 +8,7 @@ import pytest
 
 from prunekit.algorithms import ALGORITHMS, get_algorithm_class
 from prunekit.cli import main as cli_main
-from prunekit.core.errors import (CheckpointError, DataError, ModelError, PrunekitError, RecipeError,
-                                  UnknownNameError)
+from prunekit.core.errors import CheckpointError, DataError, ModelError, PrunekitError, RecipeError, UnknownNameError
 from prunekit.core.registry import Registry
 from prunekit.data.registry import DATASETS, get_dataset
 from prunekit.models.registry import MODELS, get_model

@@ -7,12 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from prunekit.core.groups import CoupledGroup, Slice
 from prunekit.graph import TraceError, coupled_groups, macs
 from prunekit.models.lenet import lenet5
-
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 IDS = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import BertConfig, BertModel
 
 import prunekit
 from prunekit.core.errors import RecipeError
@@ -18,8 +19,6 @@ from prunekit.core.plan import PruneSpec, compute_masks, kept_count
 from prunekit.core.structures import GroupStructure, parse_structure, structure_syntax
 from prunekit.graph import coupled_groups
 from prunekit.pipelines.recipe import parse_recipe
-
-from transformers import BertConfig, BertModel
 
 IDS = {"input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))}
 

@@ -9,17 +9,17 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from prunekit.adapters.hf import GlueTaskAdapter, load_model, resolve_model_source  # noqa: E402
 from prunekit.algorithms import get_algorithm_class  # noqa: E402
 from prunekit.algorithms.distill import DistillConfig, Distiller, ProgressiveDistill, kd_loss, make_distiller  # noqa: E402
 from prunekit.core.errors import RecipeError  # noqa: E402
-from prunekit.pipelines.recipe import parse_recipe  # noqa: E402
-from prunekit.adapters.hf import GlueTaskAdapter, load_model, resolve_model_source
-from prunekit.graph.families import coupled_groups, default_targets, encoder_family, head_neuron_masks
 from prunekit.core.plan import PruneSpec, compute_masks  # noqa: E402
 from prunekit.core.targets import TargetSpec, find_targets  # noqa: E402
-from prunekit.training.tasks import ClassificationTask  # noqa: E402
-from prunekit.training.loop import fit  # noqa: E402
+from prunekit.graph.families import coupled_groups, default_targets, encoder_family, head_neuron_masks  # noqa: E402
+from prunekit.pipelines.recipe import parse_recipe  # noqa: E402
 from prunekit.training.config import TrainConfig  # noqa: E402
+from prunekit.training.loop import fit  # noqa: E402
+from prunekit.training.tasks import ClassificationTask  # noqa: E402
 
 torch.set_num_threads(1)
 BERT_MATS = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -28,8 +28,7 @@ DISTIL_MATS = ["attention.q_lin", "attention.k_lin", "attention.v_lin", "attenti
 
 
 def tiny(family="bert", layers=2, hidden=8, heads=2, ffn=4, labels=2):
-    from transformers import (AutoModelForSequenceClassification, BertConfig, DistilBertConfig,  # noqa: PLC0415
-                              RobertaConfig)
+    from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, RobertaConfig  # noqa: PLC0415
     torch.manual_seed(0)
     if family == "distilbert":
         cfg = DistilBertConfig(vocab_size=50, dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=ffn,

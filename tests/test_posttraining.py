@@ -20,9 +20,9 @@ from prunekit.algorithms.obs_structured import obs_group_prune
 from prunekit.algorithms.owl import owl_allocation
 from prunekit.algorithms.sparsegpt import sparsegpt_prune
 from prunekit.algorithms.wanda import wanda_mask, wanda_scores
-from prunekit.pipelines.recipe import from_dict
 from prunekit.core.plan import PruneSpec
 from prunekit.core.targets import TargetSpec, find_targets
+from prunekit.pipelines.recipe import from_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,7 +66,10 @@ def test_sparsegpt_later_column_is_obs_over_remaining_columns():
 
 def test_reconstruction_error_sparsegpt_below_wanda_and_magnitude():
     W, X, H = _layer()
-    err = lambda Wn: float((W @ X - Wn @ X).norm())
+
+    def err(Wn):
+        return float((W @ X - Wn @ X).norm())
+
     Ws, ks = sparsegpt_prune(W, H, "unstructured", 0.5)
     kw = wanda_mask(W, X.pow(2).sum(1).sqrt(), "unstructured", 0.5)
     km = W.abs() > W.abs().median()
@@ -246,8 +249,8 @@ def test_obs_structured_heads_neurons_on_bert():
 
 # --------------------------------------------------------------------------------------------- pipeline
 def test_posttraining_recipe_through_run_pipeline(tmp_path):
-    from prunekit.pipelines.recipe import parse_recipe
     from prunekit.data.paths import resolve_data_root
+    from prunekit.pipelines.recipe import parse_recipe
     from prunekit.pipelines.runner import run_pipeline
     try:
         ok = (Path(resolve_data_root(None)) / "mnist" / "train-images-idx3-ubyte.gz").exists()

@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from prunekit.algorithms import list_algorithms
-from prunekit.io.checkpoint import CheckpointError, StateStore, load_state
-from prunekit.training.config import TrainConfig
-from prunekit.pipelines.recipe import parse_recipe
-from prunekit.training.distributed import ResumableSampler
 from prunekit.core.masks import MaskSet
-from prunekit.training.tasks import ClassificationTask
+from prunekit.io.checkpoint import CheckpointError, StateStore, load_state
+from prunekit.pipelines.recipe import parse_recipe
+from prunekit.training.config import TrainConfig
+from prunekit.training.distributed import ResumableSampler
 from prunekit.training.loop import NonFiniteLoss, fit
+from prunekit.training.tasks import ClassificationTask
 
 ALGO = "admm" if "admm" in list_algorithms() else "gradual"
 RECIPE = f"""\

@@ -9,10 +9,17 @@ import torch
 import yaml
 from torch import nn
 
-from prunekit.pipelines.recipe import parse_recipe
+from prunekit.algorithms.sensitivity import (
+    Sensitivity,
+    allocate_budget,
+    layer_sensitivity,
+    overall_sparsity,
+    overrides_yaml,
+    parse_sparsities,
+)
 from prunekit.core.plan import PruneSpec, compute_masks
+from prunekit.pipelines.recipe import parse_recipe
 from prunekit.pipelines.runner import prune_spec_from
-from prunekit.algorithms.sensitivity import (Sensitivity, allocate_budget, layer_sensitivity, overall_sparsity, overrides_yaml, parse_sparsities)
 
 
 def mlp():

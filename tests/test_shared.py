@@ -2,19 +2,25 @@
 switch byte counts, the one-file artifact.  Tiny hand-built tensors and models only (runs in a few seconds)."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
 
-from prunekit.training.config import TrainConfig
-from prunekit.core.masks import MaskSet
-from prunekit.core.plan import PruneSpec
 from prunekit.algorithms.shared_levels import JointLevels, LevelView
+from prunekit.core.masks import MaskSet
 from prunekit.core.nested import NestedMasks, nested_mask_for, nested_masks, shared_weights, sorted_levels
-from prunekit.deploy.shared_weights import (SharedFormatError, load_level, patch_bytes, read_shared, save_shared, switch_cost)
-from prunekit.pipelines.shared import train_joint, train_sequential
+from prunekit.core.plan import PruneSpec
 from prunekit.core.targets import TargetSpec
+from prunekit.deploy.shared_weights import (
+    SharedFormatError,
+    load_level,
+    patch_bytes,
+    read_shared,
+    save_shared,
+    switch_cost,
+)
+from prunekit.pipelines.shared import train_joint, train_sequential
+from prunekit.training.config import TrainConfig
 from prunekit.training.tasks import ClassificationTask
 
 T, F = True, False

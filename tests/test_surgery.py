@@ -7,14 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from prunekit.core.masks import MaskSet
 from prunekit.deploy import surgery
 from prunekit.deploy.surgery import CompactionError, compact
 from prunekit.graph import coupled_groups
-from prunekit.core.masks import MaskSet
 from prunekit.models.lenet import lenet5
-
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 IDS = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
 

@@ -22,7 +22,7 @@ from prunekit.core.errors import DataError, RecipeError
 from prunekit.core.plan import prune
 from prunekit.io.checkpoint import signals_deferred
 from prunekit.pipelines.recipe import parse_recipe
-from prunekit.pipelines.runner import ResumeError, _resumable_loader, run_pipeline, run_device
+from prunekit.pipelines.runner import ResumeError, _resumable_loader, run_device, run_pipeline
 from prunekit.pipelines.workloads import build_workload
 from prunekit.training.config import Runtime, TrainConfig
 from prunekit.training.device import Amp, resolve_device, to_device
@@ -312,6 +312,7 @@ def test_gpu_pipeline_and_resume_across_devices(tmp_path, algo, params):
     src = Path(__file__).resolve().parents[1] / "src"
     rf = tmp_path / "r.yaml"
     import yaml
+
     from prunekit.pipelines.recipe import to_dict
     rf.write_text(yaml.safe_dump(to_dict(recipe)))
     cmd = [sys.executable, "-m", "prunekit", "run", str(rf), "--out", str(tmp_path / "x")]

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prunekit.io.checkpoint import CheckpointError, save_checkpoint
 from prunekit.core.errors import RecipeError
-from prunekit.pipelines.recipe import Recipe, parse_recipe
 from prunekit.core.plan import PruneSpec
 from prunekit.core.structures import parse_structure
+from prunekit.io.checkpoint import CheckpointError, save_checkpoint
+from prunekit.pipelines.recipe import Recipe, parse_recipe
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "prunekit"
 

@@ -11,15 +11,22 @@ The core API::
     with masks.attach(model, optimizer):                          # hard-prune while retraining
         train(...)
 """
+from prunekit.api import Pruner, compact, groups_of, prune
 from prunekit.core.masks import HardPrune, MaskSet
 from prunekit.core.plan import PruneSpec, compute_masks, mask_for
-from prunekit.core.structures import (NM, Block, Column, GroupStructure, Pattern, Row, Structure, Unstructured,
-                                      parse_structure)
+from prunekit.core.structures import (
+                                      NM,
+                                      Block,
+                                      Column,
+                                      GroupStructure,
+                                      Pattern,
+                                      Row,
+                                      Structure,
+                                      Unstructured,
+                                      parse_structure,
+)
 from prunekit.core.targets import TargetSpec, find_targets
-
 from prunekit.core.version import __version__
-from prunekit.api import Pruner, compact, groups_of, prune
-
 
 __all__ = [
     "mask_for", "prune", "compute_masks", "PruneSpec", "MaskSet", "HardPrune", "TargetSpec", "find_targets",

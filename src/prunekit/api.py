@@ -38,7 +38,7 @@ def groups_of(model: nn.Module, example_inputs: Any, kinds: tuple[str, ...] | No
         model.train(was)
 
 
-def prune(model: nn.Module, structure: "str | Structure" = "unstructured", sparsity: float = 0.5, *,
+def prune(model: nn.Module, structure: str | Structure = "unstructured", sparsity: float = 0.5, *,
           example_inputs: Any = None, groups=None, **kw) -> MaskSet:
     """:func:`prunekit.core.plan.prune`; a group structure (``"heads+neurons"``, ``"channels"``, …) finds
     the model's coupled groups from ``example_inputs`` (or takes ``groups``)::
@@ -72,6 +72,7 @@ class Pruner(_Pruner):
         """``example_inputs``: for a group structure (``channels``, ``heads+neurons``, …), the input the
         model is traced on to find its coupled groups."""
         recipe = _recipe(recipe_or_spec)
+        spec: PruneSpec | dict[str, Any]
         if recipe is None:
             spec = recipe_or_spec
             algorithm = algorithm or "oneshot"
@@ -80,7 +81,7 @@ class Pruner(_Pruner):
             if hasattr(model, "config") and list(t.include) == ["*"] and not t.exclude:
                 ts = default_targets(model)
                 t.include, t.types = list(ts.include), list(ts.types)
-            spec: PruneSpec | dict = prune_spec_from(recipe)
+            spec = prune_spec_from(recipe)
             if algorithm is None:
                 algorithm, params = recipe.algorithm.name, recipe.algorithm.params if params is None else params
             if recipe.distill and "teacher" in kw and "distill" not in kw:

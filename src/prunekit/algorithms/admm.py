@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from prunekit.algorithms.base import Algorithm, full_masks, register
+from prunekit.core.errors import RecipeError
 from prunekit.core.masks import MaskSet
 from prunekit.core.plan import compute_masks, target_plan
 from prunekit.core.targets import find_targets
-from prunekit.algorithms.base import Algorithm, full_masks, register
-from prunekit.core.errors import RecipeError
 
 __all__ = ["ADMM", "ProgressiveADMM", "admm_penalty", "project_masks", "project_weights"]
 

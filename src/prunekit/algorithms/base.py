@@ -17,17 +17,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunekit.core.masks import MaskSet
-from prunekit.core.registry import Registry
-from prunekit.core.plan import PruneSpec, compute_masks, target_plan
 from prunekit.algorithms.hooks import Hook
+from prunekit.core.masks import MaskSet
+from prunekit.core.plan import PruneSpec, compute_masks, target_plan
+from prunekit.core.registry import Registry
 
 __all__ = ["Algorithm", "register", "get_algorithm_class", "list_algorithms", "ALGORITHMS", "full_masks"]
 
-ALGORITHMS: Registry[type["Algorithm"]] = Registry("algorithm")
+ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
 
 
-def register(cls: type["Algorithm"]) -> type["Algorithm"]:
+def register(cls: type[Algorithm]) -> type[Algorithm]:
     """Class decorator: register an algorithm under its ``name``."""
     return ALGORITHMS.add(cls.name, cls)
 
@@ -36,7 +36,7 @@ def list_algorithms() -> list[str]:
     return ALGORITHMS.names()
 
 
-def get_algorithm_class(name: str) -> type["Algorithm"]:
+def get_algorithm_class(name: str) -> type[Algorithm]:
     """The registered class; a miss raises :class:`~prunekit.core.errors.UnknownNameError`."""
     return ALGORITHMS.get(name)
 
@@ -59,7 +59,7 @@ class Algorithm(Hook):
     class Params:
         pass
 
-    def __init__(self, params: "Algorithm.Params", spec: PruneSpec):
+    def __init__(self, params: Algorithm.Params, spec: PruneSpec):
         self.params = params
         self.spec = spec
 

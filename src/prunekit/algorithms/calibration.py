@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prunekit.core.masks import MaskSet
-from prunekit.core.targets import find_targets
 from prunekit.algorithms.base import Algorithm
 from prunekit.algorithms.owl import owl_allocation
 from prunekit.core.errors import RecipeError
+from prunekit.core.masks import MaskSet
+from prunekit.core.targets import find_targets
 
 __all__ = [
     "LayerStats",

@@ -39,10 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prunekit.algorithms.hooks import Hook
 from prunekit.algorithms.base import register
 from prunekit.algorithms.gradual import Gradual
+from prunekit.algorithms.hooks import Hook, TrainContext
 from prunekit.core.errors import RecipeError
+from prunekit.core.plan import PruneSpec
 
 __all__ = ["DistillConfig", "Distiller", "kd_loss", "make_distiller", "ProgressiveDistill"]
 
@@ -54,9 +55,9 @@ class DistillConfig:
     alpha: float = 0.5            # weight of the distillation term; (1 - alpha) weighs the task loss
     temperature: float = 2.0      # softmax temperature T
     hidden_weight: float = 0.0    # β: weight of the hidden-state MSE (0 = logits only)
-    stages: list = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not (0.0 <= float(self.alpha) <= 1.0):
             raise RecipeError(f"distill.alpha must be in [0, 1], got {self.alpha}")
         if not float(self.temperature) > 0:
@@ -70,7 +71,7 @@ class DistillConfig:
             raise RecipeError(f"distill.stages: {bad} not in {list(STAGES)}")
 
     @classmethod
-    def from_dict(cls, cfg: dict | None) -> "DistillConfig":
+    def from_dict(cls, cfg: dict[str, Any] | None) -> DistillConfig:
         cfg = dict(cfg or {})
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(cfg) - set(valid))
@@ -90,7 +91,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     return nn.functional.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
 
 
-def _inputs(batch):
+def _inputs(batch: Any) -> Any:
     if isinstance(batch, dict):
         return {k: v for k, v in batch.items() if k != "labels"}
     return batch[0]
@@ -99,7 +100,7 @@ def _inputs(batch):
 class Distiller(Hook):
     """Hook adding the distillation terms (see module doc) with a frozen copy of ``model`` as teacher."""
 
-    def __init__(self, model: nn.Module, task: Any, cfg: DistillConfig | dict | None = None):
+    def __init__(self, model: nn.Module, task: Any, cfg: DistillConfig | dict[str, Any] | None = None):
         self.cfg = cfg if isinstance(cfg, DistillConfig) else DistillConfig.from_dict(cfg)
         self.task = task
         self.teacher = copy.deepcopy(model).eval()
@@ -121,19 +122,20 @@ class Distiller(Hook):
         return self.stage in self.cfg.stages
 
     @torch.no_grad()
-    def teacher_outputs(self, batch):
+    def teacher_outputs(self, batch: Any) -> Any:
         self.teacher.eval()
         if hasattr(self.task, "forward"):
             return self.task.forward(self.teacher, batch, output_hidden_states=self.cfg.hidden_weight > 0)
         x = _inputs(batch)
         return self.teacher(**x) if isinstance(x, dict) else self.teacher(x)
 
-    def _task_loss(self, logits: Tensor, batch) -> Tensor:
+    def _task_loss(self, logits: Tensor, batch: Any) -> Tensor:
         if hasattr(self.task, "loss"):
-            return self.task.loss(logits, batch)
+            task_loss: Tensor = self.task.loss(logits, batch)
+            return task_loss
         return nn.functional.cross_entropy(logits, batch[1])
 
-    def loss(self, batch, outputs) -> Tensor:
+    def loss(self, batch: Any, outputs: Any) -> Tensor:
         """The distillation part: ``α·T²·KL (+ β·hidden MSE) − α·L_task`` (see module doc)."""
         logits_of = getattr(self.task, "logits", lambda o: o)
         t_out = self.teacher_outputs(batch)
@@ -150,13 +152,13 @@ class Distiller(Hook):
             total = total + float(self.cfg.hidden_weight) * mse
         return total
 
-    def extra_loss(self, ctx, batch, outputs):
+    def extra_loss(self, ctx: TrainContext, batch: Any, outputs: Any) -> Tensor | None:
         if not self.active:
             return None
         return self.loss(batch, outputs)
 
 
-def make_distiller(cfg: dict, model: nn.Module, task: Any) -> Distiller:
+def make_distiller(cfg: dict[str, Any], model: nn.Module, task: Any) -> Distiller:
     """The runner's entry point: validate the recipe's ``distill`` section and freeze the teacher."""
     try:
         c = DistillConfig.from_dict(cfg)
@@ -178,11 +180,13 @@ class ProgressiveDistill(Gradual):
         temperature: float = 2.0
         hidden_weight: float = 0.0
 
-        def __post_init__(self):
+        def __post_init__(self) -> None:
             super().__post_init__()
             DistillConfig(self.alpha, self.temperature, self.hidden_weight)
 
-    def __init__(self, params, spec):
+    params: Params
+
+    def __init__(self, params: ProgressiveDistill.Params, spec: PruneSpec):
         super().__init__(params, spec)
         self.distiller: Distiller | None = None
         self.teacher: nn.Module | None = None
@@ -192,12 +196,12 @@ class ProgressiveDistill(Gradual):
         model entering ``fit`` is not the dense one)."""
         self.teacher, self.distiller = model, None
 
-    def begin(self, ctx):
+    def begin(self, ctx: TrainContext) -> None:
         if self.distiller is None:  # teacher = set_teacher's model, else the model entering the ramp
             p = self.params
             self.distiller = Distiller(self.teacher if self.teacher is not None else ctx.model, ctx.task,
                                        DistillConfig(p.alpha, p.temperature, p.hidden_weight))
         super().begin(ctx)
 
-    def extra_loss(self, ctx, batch, outputs):
+    def extra_loss(self, ctx: TrainContext, batch: Any, outputs: Any) -> Tensor | None:
         return self.distiller.loss(batch, outputs) if self.distiller is not None else None

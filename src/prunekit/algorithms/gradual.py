@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prunekit.core.plan import compute_masks
-from prunekit.core.schedules import cubic_sparsity
 from prunekit.algorithms.base import Algorithm, full_masks, register
 from prunekit.core.errors import RecipeError
+from prunekit.core.plan import compute_masks
+from prunekit.core.schedules import cubic_sparsity
 
 
 @register

@@ -30,12 +30,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from prunekit.algorithms.base import Algorithm, register
+from prunekit.core.errors import RecipeError
 from prunekit.core.groups import CoupledGroup
 from prunekit.core.plan import compute_masks, target_plan
 from prunekit.core.structures import Structure
 from prunekit.core.targets import find_targets
-from prunekit.algorithms.base import Algorithm, register
-from prunekit.core.errors import RecipeError
 
 __all__ = ["GroupLasso", "group_lasso_penalty", "reweight"]
 

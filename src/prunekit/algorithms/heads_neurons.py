@@ -18,16 +18,15 @@ Equivalent recipe: ``prune: {structure: heads+neurons, sparsity: 0.3, overrides:
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
+from prunekit.algorithms.base import Algorithm, register
+from prunekit.core.errors import RecipeError
 from prunekit.core.masks import MaskSet
 from prunekit.core.plan import compute_masks
-from prunekit.algorithms.base import Algorithm, register
 from prunekit.graph.families import head_neuron_masks
-from prunekit.core.errors import RecipeError
 
 
 @register

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
 import torch
 from torch import Tensor, nn
+
 from prunekit.core.masks import HardPrune, MaskSet
 
 
@@ -14,7 +16,7 @@ class TrainContext:
     changing ``masks``)."""
 
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None   # None in a Pruner built without one (set later)
     masks: MaskSet | None
     hard_prune: HardPrune | None
     task: Any
@@ -31,11 +33,11 @@ class Hook:
 
     def begin(self, ctx: TrainContext) -> None: ...
 
-    def extra_loss(self, ctx: TrainContext, batch, outputs) -> Tensor | None:
+    def extra_loss(self, ctx: TrainContext, batch: Any, outputs: Any) -> Tensor | None:
         return None
 
     def after_step(self, ctx: TrainContext) -> None: ...
 
     def epoch_end(self, ctx: TrainContext) -> None: ...
 
-    def evaluated(self, ctx: TrainContext, metrics: dict) -> None: ...
+    def evaluated(self, ctx: TrainContext, metrics: dict[str, Any]) -> None: ...

@@ -22,9 +22,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from prunekit.core.masks import MaskSet
-from prunekit.core.targets import find_targets
-from prunekit.graph.families import coupled_groups
 from prunekit.algorithms.base import register
 from prunekit.algorithms.calibration import (
     LayerStats,
@@ -37,6 +34,9 @@ from prunekit.algorithms.calibration import (
     weight_matrix,
 )
 from prunekit.core.errors import RecipeError
+from prunekit.core.masks import MaskSet
+from prunekit.core.targets import find_targets
+from prunekit.graph.families import coupled_groups
 
 __all__ = ["OBSStructured", "least_squares_refit", "obs_group_prune", "obs_group_saliency"]
 

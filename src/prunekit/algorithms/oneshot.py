@@ -6,6 +6,6 @@ from prunekit.algorithms.base import Algorithm, register
 
 
 @register
-class OneShot(Algorithm):
+class OneShot(Algorithm["Algorithm.Params"]):
     name = "oneshot"
     has_search = False

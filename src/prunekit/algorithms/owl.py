@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
 from prunekit.core.errors import RecipeError
 
 __all__ = ["outlier_ratio", "owl_allocation"]

@@ -20,6 +20,7 @@ that :func:`prunekit.pipelines.recipe.parse_recipe` accepts.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,9 +29,9 @@ import torch
 import yaml
 from torch import nn
 
+from prunekit.core.errors import RecipeError
 from prunekit.core.plan import PruneSpec
 from prunekit.core.targets import find_targets
-from prunekit.core.errors import RecipeError
 
 __all__ = ["Sensitivity", "layer_sensitivity", "allocate_budget", "overall_sparsity", "overrides_yaml",
            "parse_sparsities", "DEFAULT_SPARSITIES"]
@@ -50,7 +51,7 @@ class Sensitivity:
     structures: dict[str, str]
     scores: dict[str, list[float]] = field(default_factory=dict)   # raw pruned scores, same order
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["curves"] = {k: [list(p) for p in v] for k, v in self.curves.items()}
         return d
@@ -71,8 +72,9 @@ def parse_sparsities(text: str) -> list[float]:
 
 
 @torch.no_grad()
-def layer_sensitivity(model: nn.Module, evaluate, spec: PruneSpec, sparsities=DEFAULT_SPARSITIES, *,
-                      metric: str | None = None, log=None) -> Sensitivity:
+def layer_sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float | dict[str, float]], spec: PruneSpec,
+                      sparsities: Iterable[float] = DEFAULT_SPARSITIES, *,
+                      metric: str | None = None, log: Callable[[str], object] | None = None) -> Sensitivity:
     """Prune each target of ``spec`` alone at each of ``sparsities`` (its structure and score from ``spec``,
     overrides' structures included) and evaluate; weights are restored after each layer.
 
@@ -115,7 +117,7 @@ def layer_sensitivity(model: nn.Module, evaluate, spec: PruneSpec, sparsities=DE
     return Sensitivity(metric or "metric", dense, sparsities, curves, numel, structs, scores)
 
 
-def _monotone(pts) -> tuple[np.ndarray, np.ndarray]:
+def _monotone(pts: Iterable[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
     xs = np.array([0.0] + [p[0] for p in sorted(pts)])
     ys = np.array([0.0] + [p[1] for p in sorted(pts)])
     return xs, np.maximum.accumulate(np.maximum(ys, 0.0))
@@ -180,4 +182,5 @@ def overrides_yaml(ratios: dict[str, float], *, budget: float | None = None, sen
     body: dict[str, Any] = {"prune": {"overrides": ov}}
     if budget is not None:
         body["prune"] = {"sparsity": float(budget), "overrides": ov}
-    return "\n".join(head) + "\n" + yaml.safe_dump(body, sort_keys=False)
+    text: str = yaml.safe_dump(body, sort_keys=False)
+    return "\n".join(head) + "\n" + text

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+
 from prunekit.algorithms.hooks import Hook, TrainContext
-from prunekit.core.nested import NestedMasks
 from prunekit.core.errors import RecipeError
+from prunekit.core.nested import NestedMasks
 
 
 # =============================================================================================
@@ -27,16 +30,16 @@ class FreezeShared(Hook):
         self.saved = {n: params[n].detach().clone() for n in trainable}
         self.params = {n: params[n] for n in trainable}
         self.frozen_params = [params[n] for n in frozen_params]
-        self._handles: list = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._grad_state: list[bool] = []
 
-    def freeze(self) -> "FreezeShared":
+    def freeze(self) -> FreezeShared:
         self._grad_state = [p.requires_grad for p in self.frozen_params]
         for p in self.frozen_params:
             p.requires_grad_(False)
         for n, p in self.params.items():
             mult = self.trainable[n].to(p.dtype)
-            self._handles.append(p.register_hook(lambda g, m=mult: g * m))
+            self._handles.append(p.register_hook(lambda g, m=mult: g * m))  # type: ignore[no-untyped-call]
         return self
 
     @torch.no_grad()
@@ -44,11 +47,11 @@ class FreezeShared(Hook):
         for n, p in self.params.items():
             p.copy_(torch.where(self.trainable[n], p, self.saved[n]))
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """The values every frozen element is held at (a resume restores them after ``begin``)."""
         return {"saved": {n: v.clone() for n, v in self.saved.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         for n, v in state["saved"].items():
             self.saved[n].copy_(v)
 
@@ -72,7 +75,7 @@ class LevelView(nn.Module):
         self.level = nested._idx(level)
         self._mult = [{n: m.float() for n, m in lv.items()} for lv in nested.levels]
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         params = dict(self.inner.named_parameters())
         mult = self._mult[self.level]
         sub = {n: params[n] * mult[n].to(params[n].dtype) for n in mult}
@@ -104,14 +107,14 @@ class JointLevels(Hook):
             return self.rng.randrange(self.K)
         return self.K - 1
 
-    def begin(self, ctx):
+    def begin(self, ctx: TrainContext) -> None:
         self.view.level = self._pick(0)
 
-    def extra_loss(self, ctx, batch, outputs):
+    def extra_loss(self, ctx: TrainContext, batch: Any, outputs: Any) -> Tensor | None:
         self.counts[self.view.level] += 1
         if self.schedule != "all":
             return None
-        total = None
+        total: Tensor | None = None
         for k in range(self.K - 1):
             self.view.level = k
             loss, _ = ctx.task.step(ctx.model, batch)
@@ -120,18 +123,18 @@ class JointLevels(Hook):
         self.view.level = self.K - 1
         return total
 
-    def after_step(self, ctx):
+    def after_step(self, ctx: TrainContext) -> None:
         self.view.level = self._pick(ctx.step)
 
-    def epoch_end(self, ctx):
+    def epoch_end(self, ctx: TrainContext) -> None:
         self.view.level = self.eval_level   # fit evaluates after the epoch-end hooks
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = self.rng.getstate()
         return {"level": self.view.level, "counts": list(self.counts), "rng": torch.tensor(internal, dtype=torch.int64),
                 "rng_version": version, "rng_gauss": gauss}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.view.level = int(state["level"])
         self.counts = [int(c) for c in state["counts"]]
         self.rng.setstate((int(state["rng_version"]), tuple(int(x) for x in state["rng"].tolist()),

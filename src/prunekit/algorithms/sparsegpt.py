@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from prunekit.core.structures import NM, Structure, Unstructured, parse_structure
 from prunekit.algorithms.base import register
 from prunekit.algorithms.calibration import PostTraining, PostTrainingParams
 from prunekit.core.errors import RecipeError
+from prunekit.core.structures import NM, Structure, Unstructured, parse_structure
 
 __all__ = ["SparseGPT", "inverse_cholesky", "sparsegpt_prune"]
 

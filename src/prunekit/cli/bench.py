@@ -13,6 +13,7 @@ import copy
 import functools
 
 import torch
+
 from prunekit.cli.compact import load_run
 from prunekit.deploy.compact import compact
 from prunekit.deploy.sparse_linear import sparsify_linears

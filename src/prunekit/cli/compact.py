@@ -26,17 +26,18 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
-from prunekit.io.checkpoint import load_checkpoint, read_manifest
-from prunekit.core.errors import RecipeError
-from prunekit.pipelines.recipe import parse_recipe
-from prunekit.pipelines.workloads import build_workload
+
 from safetensors.torch import save_file
-from prunekit.io.checkpoint import MODEL_FILE, _atomic_replace
+
+from prunekit.core.errors import RecipeError
 from prunekit.deploy import surgery
 from prunekit.deploy.compact import compact as chain_compact
 from prunekit.deploy.compact import graph_manifest, save_compacted
 from prunekit.deploy.storage import encode_state_dict
 from prunekit.graph import TraceError
+from prunekit.io.checkpoint import MODEL_FILE, _atomic_replace, load_checkpoint, read_manifest
+from prunekit.pipelines.recipe import parse_recipe
+from prunekit.pipelines.workloads import build_workload
 
 
 def add_parser(sub):

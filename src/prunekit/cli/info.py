@@ -1,10 +1,11 @@
 """``prunekit info`` — list the registered structures, algorithms, models and datasets."""
 from __future__ import annotations
+
 from prunekit.algorithms import list_algorithms
-from prunekit.data.registry import list_datasets
-from prunekit.models.registry import list_models
 from prunekit.core.scoring import SCORES
 from prunekit.core.structures import structure_syntax
+from prunekit.data.registry import list_datasets
+from prunekit.models.registry import list_models
 
 
 def add_parser(sub):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 import os
-from prunekit.core.version import __version__
+import sys
+
 from prunekit.cli.errors import USER_ERRORS
+from prunekit.core.version import __version__
 
 # subcommand modules, in help order
 SUBCOMMANDS = ["run", "report", "info", "sensitivity", "shared", "compact", "bench"]

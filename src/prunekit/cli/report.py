@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from prunekit.reporting.tables import format_table
-from prunekit.reporting.runs import build_report
-from prunekit.reporting.runs import levels_table, load_run
+
 from prunekit.core.errors import RecipeError
+from prunekit.reporting.runs import build_report, levels_table, load_run
+from prunekit.reporting.tables import format_table
 
 
 def add_parser(sub):

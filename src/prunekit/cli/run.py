@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
 from prunekit.core.errors import RecipeError
 from prunekit.pipelines.recipe import load_recipe
 from prunekit.pipelines.runner import run_pipeline

@@ -12,13 +12,14 @@ alone over the sweep with the recipe's structure and score (no retraining), and 
 """
 from __future__ import annotations
 
-from pathlib import Path
 import argparse
+from pathlib import Path
+
+from prunekit.algorithms.sensitivity import DEFAULT_SPARSITIES, overall_sparsity, parse_sparsities
 from prunekit.io.checkpoint import atomic_write_text
 from prunekit.pipelines.recipe import load_recipe
 from prunekit.pipelines.sensitivity import run_sensitivity
 from prunekit.reporting.plots import sensitivity_curves
-from prunekit.algorithms.sensitivity import DEFAULT_SPARSITIES, overall_sparsity, parse_sparsities
 
 
 def add_parser(sub):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from prunekit.pipelines.recipe import load_recipe
-from prunekit.pipelines.shared import run_shared
-from prunekit.pipelines.recipe import parse_recipe
-from prunekit.pipelines.workloads import build_workload
-from prunekit.deploy.shared_weights import load_level, read_shared, switch_cost
+
 from prunekit.core.errors import RecipeError
+from prunekit.deploy.shared_weights import load_level, read_shared, switch_cost
+from prunekit.pipelines.recipe import load_recipe, parse_recipe
+from prunekit.pipelines.shared import run_shared
+from prunekit.pipelines.workloads import build_workload
 
 
 def _levels(text: str) -> list[float]:

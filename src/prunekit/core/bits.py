@@ -12,7 +12,8 @@ shared-weight level maps), so the layouts are defined once:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ def bits_for(n_symbols: int) -> int:
     return max(0, int(n_symbols - 1).bit_length())
 
 
-def pack(values: np.ndarray, bits: int, *, bitorder: str = "little") -> np.ndarray:
+def pack(values: np.ndarray, bits: int, *, bitorder: Literal["big", "little"] = "little") -> np.ndarray:
     """Pack non-negative integers (or bools, ``bits=1``) with ``bits`` bits each → ``uint8`` array."""
     v = np.asarray(values).reshape(-1)
     if bits == 0 or v.size == 0:
@@ -38,15 +39,16 @@ def pack(values: np.ndarray, bits: int, *, bitorder: str = "little") -> np.ndarr
     return np.packbits(planes.reshape(-1), bitorder=bitorder)
 
 
-def unpack(packed: np.ndarray, bits: int, count: int, *, bitorder: str = "little") -> np.ndarray:
+def unpack(packed: np.ndarray, bits: int, count: int, *, bitorder: Literal["big", "little"] = "little") -> np.ndarray:
     """Inverse of :func:`pack`: ``count`` values (``uint64``; ``bool`` when ``bits == 1``)."""
     if bits == 1:
         return np.unpackbits(np.asarray(packed, dtype=np.uint8), count=count, bitorder=bitorder).astype(bool)
     if bits == 0 or count == 0:
         return np.zeros(count, dtype=np.uint64)
     planes = np.unpackbits(np.asarray(packed, dtype=np.uint8), count=count * bits, bitorder=bitorder)
-    planes = planes.reshape(count, bits).astype(np.uint64)
-    return (planes << np.arange(bits, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+    bit_planes = planes.reshape(count, bits).astype(np.uint64)
+    out: np.ndarray = (bit_planes << np.arange(bits, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+    return out
 
 
 def pack_mask(m: Tensor) -> Tensor:

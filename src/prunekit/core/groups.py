@@ -23,11 +23,12 @@ read by an LM head tied to the embedding); they may be scored but are never phys
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
+
 from prunekit.core.errors import RecipeError
 
 __all__ = ["Slice", "CoupledGroup", "groups_by_kind"]

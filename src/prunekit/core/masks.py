@@ -16,7 +16,8 @@ Masks only shrink: :meth:`MaskSet.update` ANDs a new mask with the current one.
 from __future__ import annotations
 
 import warnings
-from typing import Iterator
+from collections.abc import Callable, ItemsView, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +47,7 @@ class MaskSet:
     def __len__(self) -> int:
         return len(self._masks)
 
-    def items(self):
+    def items(self) -> ItemsView[str, Tensor]:
         return self._masks.items()
 
     def names(self) -> list[str]:
@@ -70,12 +71,12 @@ class MaskSet:
         self.set(name, mask, structure)
         return self._masks[name]
 
-    def to(self, device) -> "MaskSet":
+    def to(self, device: torch.device | str) -> MaskSet:
         """Move every mask to ``device`` (in place; returns self)."""
         self._masks = {k: v.to(device) for k, v in self._masks.items()}
         return self
 
-    def copy(self) -> "MaskSet":
+    def copy(self) -> MaskSet:
         return MaskSet({k: v.clone() for k, v in self._masks.items()}, self.structures)
 
     # -- statistics -------------------------------------------------------------------------
@@ -91,10 +92,10 @@ class MaskSet:
         return sum(int(m.sum()) for m in self._masks.values())
 
     # -- state ------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"masks": {k: v.clone() for k, v in self._masks.items()}, "structures": dict(self.structures)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         masks = state["masks"]
         self._masks = {k: v.detach().bool().clone() for k, v in masks.items()}
         self.structures = dict(state.get("structures", {}))
@@ -119,7 +120,7 @@ class MaskSet:
         for name, p in self.check_model(model).items():
             p.mul_(self._masks[name].to(device=p.device, dtype=p.dtype))
 
-    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> "HardPrune":
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> HardPrune:
         """Start hard-pruning ``model`` (and re-mask after each step of ``optimizer``).
 
         Without ``optimizer`` only the weights (now) and the gradients are masked: momentum, weight decay
@@ -141,17 +142,17 @@ class HardPrune:
     def __init__(self, masks: MaskSet, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
         self.masks = masks
         self.model = model
-        self._handles: list = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._params = masks.check_model(model)
         self._mult: dict[str, Tensor] = {}
         self.refresh()
         for name, p in self._params.items():
             # in place on the accumulated .grad: no extra allocation per step
-            self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(name)))
+            self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(name)))  # type: ignore[no-untyped-call]
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.reapply()))
 
-    def _grad_hook(self, name: str):
+    def _grad_hook(self, name: str) -> Callable[[Tensor], None]:
         def hook(p: Tensor) -> None:
             if p.grad is not None:
                 p.grad.mul_(self._mult[name])
@@ -172,8 +173,8 @@ class HardPrune:
             h.remove()
         self._handles.clear()
 
-    def __enter__(self) -> "HardPrune":
+    def __enter__(self) -> HardPrune:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.detach()

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from prunekit.core.errors import RecipeError
 from prunekit.core.masks import MaskSet
 from prunekit.core.plan import PruneSpec, global_masks
 from prunekit.core.structures import Structure, parse_structure
 from prunekit.core.targets import find_targets
-from prunekit.core.errors import RecipeError
 
 
 # =============================================================================================
@@ -83,13 +86,13 @@ class NestedMasks:
         return out
 
     @classmethod
-    def from_level_maps(cls, maps: dict[str, Tensor], K: int, structures: dict[str, str] | None = None) -> "NestedMasks":
+    def from_level_maps(cls, maps: dict[str, Tensor], K: int, structures: dict[str, str] | None = None) -> NestedMasks:
         return cls([MaskSet({n: m <= k for n, m in maps.items()}, structures) for k in range(K)])
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"levels": [lv.state_dict() for lv in self.levels]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         lvs = []
         for s in state["levels"]:
             ms = MaskSet()
@@ -100,7 +103,7 @@ class NestedMasks:
 
 
 # -- nested selection: the structure's own selection with a must-keep base ------------------------------
-def nested_mask_for(w: Tensor, structure: "str | Structure", sparsity: float, base: Tensor | None = None,
+def nested_mask_for(w: Tensor, structure: str | Structure, sparsity: float, base: Tensor | None = None,
                     score: Any = "l2") -> Tensor:
     """Keep-mask of ``w`` at ``sparsity`` that contains ``base`` (the sparser level's mask): the
     structure's selection with ``base`` as must-keep entries (:meth:`Structure.mask`)."""

@@ -9,25 +9,24 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from collections.abc import Mapping
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from prunekit.core.errors import RecipeError
 from prunekit.core.groups import CoupledGroup
 from prunekit.core.masks import MaskSet
 from prunekit.core.scoring import _prune_lowest, group_scores, resolve_score, select_keep_global
 from prunekit.core.structures import Structure, Transposed, parse_structure
 from prunekit.core.targets import TargetSpec, find_targets, hf_conv1d
-from prunekit.core.errors import RecipeError
 
 __all__ = ["mask_for", "PruneSpec", "compute_masks", "global_masks", "scaled_sparsity", "prune", "validate_overrides",
            "target_plan", "group_masks", "kept_count"]
 
 
-def mask_for(weight: Tensor, structure: "str | Structure", sparsity: float, score="l2") -> Tensor:
+def mask_for(weight: Tensor, structure: str | Structure, sparsity: float, score="l2") -> Tensor:
     """Keep-mask (``torch.bool``, True = kept) of ``weight`` for ``structure`` at ``sparsity``.
 
     ``score``: ``"l1"``, ``"l2"``, ``"magnitude"``, a callable on the ``(G, S)`` group partition, or an
@@ -101,13 +100,13 @@ class PruneSpec:
     * ``ignore``: group name patterns left dense.  Groups with ``removable=False`` are never pruned.
     """
 
-    structure: "str | Structure" = "unstructured"
+    structure: str | Structure = "unstructured"
     sparsity: float = 0.5
-    score: "str | Callable" = "l2"
+    score: str | Callable = "l2"
     scope: str = "layer"
     targets: TargetSpec = field(default_factory=TargetSpec)
     overrides: dict = field(default_factory=dict)
-    groups: "list[CoupledGroup] | None" = field(default=None, repr=False, compare=False)
+    groups: list[CoupledGroup] | None = field(default=None, repr=False, compare=False)
     min_keep: int = 1
     multiple_of: int = 1
     uniform: bool = False
@@ -167,7 +166,7 @@ class PruneSpec:
                              f"targets: {list(names)[:20]}")
         return plan
 
-    def at(self, sparsity: float) -> "PruneSpec":
+    def at(self, sparsity: float) -> PruneSpec:
         """This spec moved to ``sparsity``, its overrides' sparsities scaled by :func:`scaled_sparsity`."""
         ov = {}
         for pat, o in self.overrides.items():
@@ -253,7 +252,7 @@ def _group_scores(g: CoupledGroup, params, importance, score) -> Tensor:
     return group_scores(g.partition(src, only=names), sc)
 
 
-def group_masks(spec: "PruneSpec", params: Mapping[str, Tensor], sparsity: float | None = None,
+def group_masks(spec: PruneSpec, params: Mapping[str, Tensor], sparsity: float | None = None,
                 importance: Mapping[str, Tensor] | None = None, target_names=None) -> MaskSet:
     """Masks of a group structure (see :class:`PruneSpec`): every unit scored with ``spec.score`` over
     all its coupled weight slices (:meth:`CoupledGroup.partition`; element-wise ``importance`` → l2),
@@ -302,7 +301,7 @@ def _kinds(old: str | None, kind: str) -> str:
     return "+".join(ks)
 
 
-def target_plan(model: nn.Module, spec: "PruneSpec", sparsity: float | None = None) -> dict[str, tuple[Structure, float]]:
+def target_plan(model: nn.Module, spec: PruneSpec, sparsity: float | None = None) -> dict[str, tuple[Structure, float]]:
     """``{tensor: (structure, sparsity)}`` of every tensor ``spec`` masks in ``model``: the targets'
     :meth:`PruneSpec.layer_plan`, or for a group structure the weights of its prunable groups."""
     targets = find_targets(model, spec.targets)
@@ -362,9 +361,9 @@ def compute_masks(model: nn.Module, spec: PruneSpec, sparsity: float | None = No
     return masks
 
 
-def prune(model: nn.Module, structure: "str | Structure" = "unstructured", sparsity: float = 0.5, *,
+def prune(model: nn.Module, structure: str | Structure = "unstructured", sparsity: float = 0.5, *,
           score="l2", scope: str = "layer", targets: TargetSpec | dict | None = None,
-          overrides: dict | None = None, apply: bool = True, groups: "list[CoupledGroup] | None" = None,
+          overrides: dict | None = None, apply: bool = True, groups: list[CoupledGroup] | None = None,
           **group_options) -> MaskSet:
     """Prune ``model`` in one call and return its :class:`MaskSet` (weights zeroed if ``apply``).
 

@@ -10,14 +10,14 @@ deterministically: the group with the lower index is pruned first (stable sort).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from prunekit.core.registry import Registry
 from prunekit.core.errors import RecipeError
+from prunekit.core.registry import Registry
 
 ScoreFn = Callable[[Tensor], Tensor]
 
@@ -61,7 +61,7 @@ def register_score(name: str, fn: ScoreFn, *, power: float = 1.0, help: str = ""
     return SCORES.add(name, Score(name, fn, power, help))
 
 
-def resolve_score(score: "str | ScoreFn | Score") -> Score:
+def resolve_score(score: str | ScoreFn | Score) -> Score:
     """A :class:`Score` from a registered name, a :class:`Score`, or a bare callable (``power`` 1)."""
     if isinstance(score, Score):
         return score
@@ -75,7 +75,7 @@ def resolve_score(score: "str | ScoreFn | Score") -> Score:
         raise RecipeError(f"unknown score {score!r}; valid: {SCORES.names()} or a callable") from None
 
 
-def group_scores(groups: Tensor, score: "Score | ScoreFn", sizes: Tensor | None = None) -> Tensor:
+def group_scores(groups: Tensor, score: Score | ScoreFn, sizes: Tensor | None = None) -> Tensor:
     """``(G,)`` scores of a zero-padded ``(G, S)`` partition.
 
     ``sizes`` ``(G,)``: real weights per group.  A partial group (size ``k < S``) is scored **per real

@@ -10,9 +10,10 @@ Glossary (used everywhere in prunekit):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from prunekit.core.masks import MaskSet
 from prunekit.core.targets import linear_types
@@ -44,12 +45,12 @@ def layer_table(model: nn.Module, masks: MaskSet | None = None, names: list[str]
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, example_input) -> dict[str, int]:
+def count_flops(model: nn.Module, example_input: Any) -> dict[str, int]:
     """Dense and nonzero FLOPs (2×MACs) of every Linear/HF Conv1D/Conv for ``example_input`` (a tensor, tuple or dict)."""
     dense, nonzero = [0], [0]
 
-    def hook(mod, inp, out):
-        w = mod.weight
+    def hook(mod: nn.Module, inp: Any, out: Tensor) -> None:
+        w = cast(Tensor, mod.weight)
         if isinstance(mod, linear):
             positions = out.numel() // out.shape[-1]
             macs = positions * w.numel()
@@ -79,7 +80,7 @@ def count_flops(model: nn.Module, example_input) -> dict[str, int]:
     return {"flops": dense[0], "nonzero_flops": nonzero[0]}
 
 
-def model_summary(model: nn.Module, masks: MaskSet | None = None, example_input=None) -> dict:
+def model_summary(model: nn.Module, masks: MaskSet | None = None, example_input: Any = None) -> dict[str, Any]:
     """The headline numbers: targeted sparsity, whole-model compression rate, params, FLOPs, layers."""
     rows = layer_table(model, masks)
     total = sum(p.numel() for p in model.parameters())

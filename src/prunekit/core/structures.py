@@ -44,8 +44,9 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -81,7 +82,7 @@ def _check_sparsity(sparsity: float) -> float:
     return s
 
 
-def _score_input(w: Tensor, score: "ScoreFn | str | Tensor | Score") -> tuple[Tensor, Score]:
+def _score_input(w: Tensor, score: ScoreFn | str | Tensor | Score) -> tuple[Tensor, Score]:
     """What is partitioned and how a group is scored: the weight and ``score``, or an element-wise
     importance tensor of the weight's shape (then grouped with the L2 norm)."""
     if isinstance(score, Tensor):
@@ -115,7 +116,7 @@ class Structure:
     coupled: ClassVar[bool] = False         # units of the model's coupled groups (GroupStructure), not per tensor
 
     @classmethod
-    def parse(cls, text: str) -> "Structure | None":
+    def parse(cls, text: str) -> Structure | None:
         """The structure ``text`` (lower-case, no spaces) names, or None if it is not this kind."""
         raise NotImplementedError
 
@@ -174,7 +175,7 @@ class Structure:
             return fixed
         return _check_sparsity(sparsity)
 
-    def mask(self, w: Tensor, sparsity: float | None = None, score: "ScoreFn | str | Tensor | Score" = "l2",
+    def mask(self, w: Tensor, sparsity: float | None = None, score: ScoreFn | str | Tensor | Score = "l2",
              base: Tensor | None = None) -> Tensor:
         """Element keep-mask (True = kept) of ``w.shape``: partition → score → select → unpartition.
 
@@ -200,7 +201,7 @@ class Structure:
         ADMM Z-step ``Π_S(W + U)`` (:mod:`prunekit.algorithms.admm`)."""
         return w * self.mask(w, sparsity, "l2").to(w.dtype)
 
-    def scores(self, w: Tensor, score: "ScoreFn | str | Tensor | Score" = "l2") -> Tensor:
+    def scores(self, w: Tensor, score: ScoreFn | str | Tensor | Score = "l2") -> Tensor:
         """``(G,)`` group scores (partial groups per real weight) — the global ranking's input."""
         src, sc = _score_input(w, score)
         return group_scores(self.partition(src), sc, self.valid(w.shape).sum(1))
@@ -285,7 +286,7 @@ class Unstructured(Structure):
     order = 0
 
     @classmethod
-    def parse(cls, text: str) -> "Structure | None":
+    def parse(cls, text: str) -> Structure | None:
         return cls() if text in ("unstructured", "irregular") else None
 
     def partition(self, w: Tensor) -> Tensor:
@@ -308,7 +309,7 @@ class Row(Structure):
     order = 1
 
     @classmethod
-    def parse(cls, text: str) -> "Structure | None":
+    def parse(cls, text: str) -> Structure | None:
         return cls() if text == "row" else None
 
     def partition(self, w: Tensor) -> Tensor:
@@ -331,7 +332,7 @@ class Column(Structure):
     order = 2
 
     @classmethod
-    def parse(cls, text: str) -> "Structure | None":
+    def parse(cls, text: str) -> Structure | None:
         return cls() if text == "column" else None
 
     def partition(self, w: Tensor) -> Tensor:
@@ -383,7 +384,7 @@ class Block(Structure):
             raise RecipeError(f"block shape must be positive, got {self.r}x{self.c}")
 
     @classmethod
-    def parse(cls, text: str) -> "Structure | None":
+    def parse(cls, text: str) -> Structure | None:
         m = cls._RE.match(text)
         if not m:
             return None
@@ -438,7 +439,7 @@ class NM(Structure):
             raise RecipeError(f"N:M needs 1 <= N <= M (N kept of every M); got {self.n}:{self.m}")
 
     @classmethod
-    def parse(cls, text: str) -> "Structure | None":
+    def parse(cls, text: str) -> Structure | None:
         m = cls._RE.match(text)
         if not m:
             return None
@@ -541,7 +542,7 @@ class Pattern(Structure):
             raise RecipeError(f"pattern tile must be positive, got {self.tile}")
 
     @classmethod
-    def parse(cls, text: str) -> "Structure | None":
+    def parse(cls, text: str) -> Structure | None:
         m = cls._RE.match(text)
         if not m:
             return None
@@ -716,7 +717,7 @@ class GroupStructure(Structure):
             raise ValueError(f"unknown group kind(s) {bad}; valid: {', '.join(GROUP_KINDS)} (combine with '+')")
 
     @classmethod
-    def parse(cls, text: str) -> "Structure | None":
+    def parse(cls, text: str) -> Structure | None:
         parts = text.split("+")
         if not all(p in GROUP_KINDS for p in parts):
             return None
@@ -744,7 +745,7 @@ class GroupStructure(Structure):
         self._needs_groups()
 
 
-def parse_structure(spec: "str | Structure") -> Structure:
+def parse_structure(spec: str | Structure) -> Structure:
     """Parse a structure string (see :func:`structure_syntax`) into a typed :class:`Structure`: the
     first registered structure (in :data:`STRUCTURES`) whose ``parse`` accepts it."""
     if isinstance(spec, Structure):

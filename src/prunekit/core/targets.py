@@ -13,11 +13,12 @@ import re
 from dataclasses import dataclass, field
 
 from torch import nn
+
 from prunekit.core.errors import RecipeError
 
 __all__ = ["TargetSpec", "find_targets", "MODULE_TYPES", "linear_types", "hf_conv1d"]
 
-MODULE_TYPES: dict[str, type] = {
+MODULE_TYPES: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear,
     "Conv2d": nn.Conv2d,
     "Conv1d": nn.Conv1d,
@@ -25,7 +26,7 @@ MODULE_TYPES: dict[str, type] = {
 # HF GPT-2 style Conv1D is registered lazily (transformers is optional)
 
 
-def hf_conv1d() -> type | None:
+def hf_conv1d() -> type[nn.Module] | None:
     """HF GPT-2's ``Conv1D`` (a Linear whose weight is stored ``(in, out)``), or None without transformers."""
     if "HFConv1D" not in MODULE_TYPES:
         try:
@@ -36,13 +37,13 @@ def hf_conv1d() -> type | None:
     return MODULE_TYPES["HFConv1D"]
 
 
-def linear_types() -> tuple[type, ...]:
+def linear_types() -> tuple[type[nn.Module], ...]:
     """Module types that compute ``x @ W`` on the last dimension: ``nn.Linear`` and HF ``Conv1D``."""
     c = hf_conv1d()
     return (nn.Linear,) if c is None else (nn.Linear, c)
 
 
-def _module_types(names) -> tuple[type, ...]:
+def _module_types(names: list[str]) -> tuple[type[nn.Module], ...]:
     out = []
     for n in names:
         if n == "HFConv1D":
@@ -65,7 +66,7 @@ class TargetSpec:
     exclude: list[str] = field(default_factory=list)
     types: list[str] = field(default_factory=lambda: ["Linear", "Conv2d"])
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for p in self.include + self.exclude:
             if p.startswith("re:"):
                 try:

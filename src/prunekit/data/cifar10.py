@@ -18,6 +18,7 @@ runs reproducible.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 import tempfile
@@ -30,10 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prunekit.data.paths import resolve_data_root
 from prunekit.core.errors import DataError
 from prunekit.data.images import ImageDataset
-import hashlib
+from prunekit.data.paths import resolve_data_root
 
 __all__ = ["MEAN", "STD", "CLASSES", "RECORD_BYTES", "SAMPLE_FILE", "SAMPLE_TRAIN", "load_cifar10",
            "read_batches", "random_crop_flip", "find_cifar10_dir", "download"]

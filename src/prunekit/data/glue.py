@@ -27,16 +27,17 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Sampler
 
-from prunekit.data.paths import resolve_data_root
 from prunekit.core.errors import DataError, UnknownNameError
+from prunekit.data.paths import resolve_data_root
 
 __all__ = ["GlueTask", "GlueExample", "GlueData", "GLUE_TASKS", "get_task", "list_tasks", "load_glue",
            "read_glue_tsv", "EncodedGlue", "encode_examples", "BucketBatchSampler", "pad_collate", "make_loader"]
@@ -392,5 +393,5 @@ def make_loader(encoded: EncodedGlue, batch_size: int, shuffle: bool = False, se
     (``token_type_ids``), ``labels``, batched by :class:`BucketBatchSampler` and padded per batch."""
     sampler = BucketBatchSampler(encoded.lengths, batch_size, shuffle=shuffle, seed=seed, bucket=bucket,
                                  drop_last=drop_last)
-    return DataLoader(encoded.features, batch_sampler=sampler, num_workers=num_workers,
+    return DataLoader(encoded.features, batch_sampler=sampler,  # type: ignore[arg-type]  # any sequence works num_workers=num_workers,
                       collate_fn=_Collate(encoded.pad_token_id, encoded.is_regression))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.data import TensorDataset

@@ -20,14 +20,14 @@ a correlation with a constant side is NaN.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from prunekit.data.glue import GlueTask, get_task
 from prunekit.core.errors import DataError
+from prunekit.data.glue import GlueTask, get_task
 
 __all__ = ["accuracy", "f1", "matthews_correlation", "pearson", "spearman", "glue_metrics", "primary_metric",
            "to_predictions"]

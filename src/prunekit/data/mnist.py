@@ -19,13 +19,14 @@ import os
 import urllib.request
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from prunekit.data.paths import resolve_data_root
 from prunekit.core.errors import DataError
 from prunekit.data.images import ImageDataset
+from prunekit.data.paths import resolve_data_root
 
 __all__ = ["MEAN", "STD", "CLASSES", "SPLITS", "load_mnist", "read_idx", "find_mnist_dir", "download"]
 
@@ -36,7 +37,7 @@ SPLITS = {"train": "train", "test": "t10k"}
 
 _IMAGES_MAGIC = 0x00000803
 _LABELS_MAGIC = 0x00000801
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+_IDX_DTYPES: dict[int, np.dtype[Any] | type[np.generic]] = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 # Well-known MD5s of the four gzipped files, checked by download().

@@ -8,14 +8,15 @@ without an import cycle.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from prunekit.core.errors import DataError, UnknownNameError
 from prunekit.core.registry import Registry
-from prunekit.data.images import ImageDataset
-from prunekit.data.mnist import load_mnist
 from prunekit.data.cifar10 import load_cifar10
 from prunekit.data.glue import load_glue
+from prunekit.data.images import ImageDataset
+from prunekit.data.mnist import load_mnist
 
 __all__ = ["DATASETS", "DataError", "ImageDataset", "get_dataset", "list_datasets", "canonical_dataset_name"]
 

@@ -62,23 +62,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from prunekit.io.checkpoint import (CheckpointError, _atomic_replace, atomic_write_json, sha256_file, state_dict_for_save)
-from prunekit.core.masks import MaskSet
-from prunekit.models.lenet import LeNet5, LeNet5Classic
-from prunekit.models.resnet import BasicBlock
-from safetensors.torch import save_file
-from safetensors.torch import load_file
 from prunekit.core.errors import ModelError
+from prunekit.core.masks import MaskSet
 from prunekit.deploy.surgery import CompactResult as GraphCompactResult
 from prunekit.deploy.surgery import apply_keeps
+from prunekit.io.checkpoint import CheckpointError, _atomic_replace, atomic_write_json, sha256_file, state_dict_for_save
+from prunekit.models.lenet import LeNet5, LeNet5Classic
+from prunekit.models.resnet import BasicBlock
 
 __all__ = ["Chain", "default_chains", "transformer_layers", "compact", "CompactResult", "save_compacted",
     "load_compacted", "rebuild_compacted", "apply_manifest", "COMPACT_FORMAT", "GRAPH_FORMAT", "graph_manifest"]

@@ -12,12 +12,14 @@ graph returns plain tensors (``logits`` / ``last_hidden_state``).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
 from prunekit.core.errors import ModelError
 
 __all__ = ["export_onnx", "check_onnx", "require_onnx", "OnnxCheck"]
@@ -74,7 +76,7 @@ def _normalise(inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor]) -> tupl
 
 def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
                 path: str | os.PathLike, *, dynamic_batch: bool = True, opset: int | None = None,
-                check: bool = True, atol: float = 1e-4) -> "OnnxCheck | None":
+                check: bool = True, atol: float = 1e-4) -> OnnxCheck | None:
     """Export ``model`` (in eval mode) to ``path``; with ``check`` compare onnxruntime with PyTorch on
     ``example_inputs`` and raise ``AssertionError`` naming the worst output if they differ by more than
     ``atol``.  ``dynamic_batch`` makes dimension 0 of every input dynamic (dimension 1 too for
@@ -83,15 +85,15 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | Ma
     names, args, keyword = _normalise(example_inputs)
     model = model.eval()
     wrapped = (_TensorOutputs(model, names) if keyword else model).eval()
-    dyn = None
+    dyn: tuple[Any, ...] | None = None
     if dynamic_batch:
-        dyn = {}
+        per_input: dict[str, dict[int, Any]] = {}
         for n, a in zip(names, args):
             axes = {0: torch.export.Dim.AUTO}
             if keyword and a.dim() >= 2:
                 axes[1] = torch.export.Dim.AUTO
-            dyn[n] = axes
-        dyn = tuple(dyn[n] for n in names)
+            per_input[n] = axes
+        dyn = tuple(per_input[n] for n in names)
         if keyword:  # the wrapper takes *args: one (varargs) entry holding all of them
             dyn = (dyn,)
     path = Path(path)

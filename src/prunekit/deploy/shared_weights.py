@@ -48,9 +48,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -59,11 +59,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from prunekit.core.bits import pack, unpack
-from prunekit.deploy import storage
-from prunekit.io.checkpoint import CheckpointError, _atomic_replace, state_dict_for_save
-from prunekit.core.nested import NestedMasks
-from prunekit.io.checkpoint import load_into
 from prunekit.core.errors import ModelError
+from prunekit.core.nested import NestedMasks
+from prunekit.deploy import storage
+from prunekit.io.checkpoint import CheckpointError, _atomic_replace, load_into, state_dict_for_save
 
 __all__ = ["NestedMasks", "save_shared", "read_shared", "load_level", "SharedWeightsModel", "SharedFormatError",
     "switch_cost", "switch_table", "patch_bytes", "breakeven_report", "SWITCH_ENCODINGS"]
@@ -158,7 +157,7 @@ def read_shared(path: str | os.PathLike) -> tuple[dict[str, Tensor], NestedMasks
     return state, nested, manifest
 
 
-def load_level(path: str | os.PathLike, level: int, model: nn.Module) -> "SharedWeightsModel":
+def load_level(path: str | os.PathLike, level: int, model: nn.Module) -> SharedWeightsModel:
     """Load level ``level`` (0 = sparsest) of the artifact at ``path`` into ``model`` in place; returns the
     :class:`SharedWeightsModel` that can :meth:`~SharedWeightsModel.switch` it."""
     state, nested, manifest = read_shared(path)

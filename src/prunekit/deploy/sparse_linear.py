@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
 from prunekit.deploy.timing import call_model, interleaved_ms
 
 __all__ = [
@@ -48,6 +49,9 @@ class SparseLinear(nn.Module):
     The forward is not differentiable with respect to the weight (it is a buffer, not a
     Parameter); gradients still flow to the input.
     """
+
+    weight: torch.Tensor          # sparse CSR buffer
+    bias: torch.Tensor | None     # (out, 1) buffer
 
     def __init__(self, linear: nn.Linear, *, index_dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -140,7 +144,7 @@ def time_linear(
     ms = interleaved_ms({"dense": lambda: linear(example_input), "csr": lambda: sparse(example_input)},
                         repeats=repeats, warmup=warmup, threads=num_threads)
     dense_ms, sparse_ms = ms["dense"], ms["csr"]
-    chosen = "csr" if sparse_ms * min_speedup <= dense_ms else "dense"
+    chosen: Literal["dense", "csr"] = "csr" if sparse_ms * min_speedup <= dense_ms else "dense"
     return LinearTiming(dense_ms, sparse_ms, chosen)
 
 

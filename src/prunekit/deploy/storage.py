@@ -38,14 +38,16 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from prunekit.core.errors import ModelError
 
-from prunekit.core.bits import bits_for as _bits_for, pack, unpack
+from prunekit.core.bits import bits_for as _bits_for
+from prunekit.core.bits import pack, unpack
+from prunekit.core.errors import ModelError
 from prunekit.core.structures import NM, Pattern, Structure
 
 __all__ = [
@@ -587,7 +589,7 @@ def encode(tensor: torch.Tensor, encoding: str, **opts: Any) -> Encoded:
     if encoding != "dense":
         neg = np.flatnonzero(zero & (bits != 0))
         if neg.size:
-            as_idx = neg.astype(_uint_for(max(bits.size - 1, 0)))
+            as_idx: np.ndarray = neg.astype(_uint_for(max(bits.size - 1, 0)))
             flags = np.zeros(bits.size, dtype=bool)
             flags[neg] = True
             as_mask = pack(flags, 1, bitorder="big")
@@ -891,17 +893,16 @@ def encode_state_dict(
 def decode_state_dict(tensors: Mapping[str, torch.Tensor], meta: str | Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Inverse of ``encode_state_dict``; ``meta`` is the JSON string or its parsed dict.
     Aliased (tied) entries come back as the same tensor object."""
-    if isinstance(meta, str):
-        meta = json.loads(meta)
-    if meta.get("format") != _STATE_DICT_FORMAT:
-        raise ModelError(f"unsupported storage format {meta.get('format')!r}; expected {_STATE_DICT_FORMAT!r}")
+    md: Mapping[str, Any] = json.loads(meta) if isinstance(meta, str) else meta
+    if md.get("format") != _STATE_DICT_FORMAT:
+        raise ModelError(f"unsupported storage format {md.get('format')!r}; expected {_STATE_DICT_FORMAT!r}")
     out: dict[str, torch.Tensor] = {}
-    aliases = {}
-    for key, m in meta["tensors"].items():
+    aliases: dict[str, str] = {}
+    for key, m in md["tensors"].items():
         if "alias_of" in m:
             aliases[key] = m["alias_of"]
         else:
             out[key] = decode(from_safetensors_dict(key, tensors, m))
     for key, target in aliases.items():
         out[key] = out[target]
-    return {k: out[k] for k in meta.get("order", meta["tensors"])}
+    return {k: out[k] for k in md.get("order", md["tensors"])}

@@ -26,16 +26,18 @@ tensor}``, True = kept; ``None`` = the weights' own zero pattern) and example in
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from prunekit.core.errors import ModelError
+
 from ..core.groups import CoupledGroup
 from ..graph import analyze_model, build_groups, call_model, macs_of
 from ..graph import macs as graph_macs
-from prunekit.core.errors import ModelError
 
 __all__ = ["compact", "CompactResult", "GroupReport", "CompactionError", "macs", "apply_keeps"]
 

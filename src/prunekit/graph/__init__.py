@@ -19,9 +19,9 @@ from torch import nn
 
 from ..core.groups import CoupledGroup
 from .analyze import Analysis, op_name
-from .rules import analyze
 from .groups import build_groups
-from .trace import TraceError, Traced, call_model, normalize_inputs, trace
+from .rules import analyze
+from .trace import Traced, TraceError, call_model, normalize_inputs, trace
 
 __all__ = ["coupled_groups", "analyze_model", "macs", "macs_of", "TraceError", "Traced", "trace",
            "call_model", "normalize_inputs", "Analysis"]

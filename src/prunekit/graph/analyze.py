@@ -20,8 +20,9 @@ fresh spaces, so an unknown op can only make groups non-removable, never wrong):
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from torch import fx
 

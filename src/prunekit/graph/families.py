@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable
+
 import torch
 from torch import Tensor, nn
+
+from prunekit.core.errors import ModelError
 from prunekit.core.masks import MaskSet
 from prunekit.core.scoring import resolve_score, select_keep
 from prunekit.core.targets import TargetSpec, hf_conv1d, linear_types
-from prunekit.core.errors import ModelError
-
 
 # --------------------------------------------------------------------------------------------- targets
 _FAMILIES: dict[str, tuple[str, ...]] = {
@@ -76,7 +77,7 @@ class CoupledGroup:
     size: int
     members: tuple[tuple[str, int], ...]
 
-    def partition(self, params: dict[str, Tensor]) -> Tensor:
+    def partition(self, params: Mapping[str, Tensor]) -> Tensor:
         """``(count, S)``: every group's weights from all members, concatenated."""
         parts = []
         for name, dim in self.members:
@@ -85,7 +86,7 @@ class CoupledGroup:
             parts.append(w.reshape(self.count, -1))
         return torch.cat(parts, 1)
 
-    def element_masks(self, keep: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    def element_masks(self, keep: Tensor, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Group keep-decision ``(count,)`` → element masks of every member."""
         per_unit = keep.bool().repeat_interleave(self.size)
         out = {}
@@ -129,7 +130,7 @@ def coupled_groups(model: nn.Module, kinds: tuple[str, ...] = ("heads", "neurons
 
 
 def head_neuron_masks(model: nn.Module, head_sparsity: float = 0.0, neuron_sparsity: float = 0.0,
-                      score: "str | Callable[[Tensor], Tensor]" = "l2") -> MaskSet:
+                      score: str | Callable[[Tensor], Tensor] = "l2") -> MaskSet:
     """Masks removing ``round(head_sparsity * heads)`` heads and ``round(neuron_sparsity * ffn)``
     neurons in *every* layer, the lowest by ``score`` over all of a group's slices (``l2``: the norm of
     the concatenated q/k/v rows and output columns of a head; of the FFN row + column of a neuron).

@@ -16,7 +16,7 @@ refined space applies to everything below it.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 __all__ = ["Spaces"]
 

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from prunekit.core.errors import ModelError
 from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
+
+from prunekit.core.errors import ModelError
 
 __all__ = ["TraceError", "Traced", "trace", "call_model", "normalize_inputs"]
 

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -31,9 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunekit.core.bits import pack_mask, unpack_mask
-from prunekit.core.masks import MaskSet
 from prunekit.core.errors import CheckpointError
-import shutil
+from prunekit.core.masks import MaskSet
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_manifest", "atomic_write_text",
            "atomic_write_json", "sha256_file", "signals_deferred", "pack_mask", "unpack_mask", "state_dict_for_save"]

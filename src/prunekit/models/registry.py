@@ -6,12 +6,12 @@ registered once, so two constructors never silently shadow each other.
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
 from prunekit.core.registry import Registry
-
 from prunekit.models.lenet import lenet5, lenet5_classic
 from prunekit.models.resnet import resnet18_cifar
 

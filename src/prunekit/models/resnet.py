@@ -11,10 +11,11 @@ Module names follow torchvision (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+
 from prunekit.core.errors import ModelError
 
 __all__ = ["BasicBlock", "ResNetCIFAR", "resnet18_cifar"]

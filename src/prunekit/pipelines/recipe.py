@@ -18,15 +18,15 @@ from typing import Any
 
 import yaml
 
+from prunekit.algorithms import get_algorithm_class
+from prunekit.core.errors import RecipeError, UnknownNameError
 from prunekit.core.plan import validate_overrides
 from prunekit.core.structures import parse_structure
-from prunekit.core.errors import RecipeError, UnknownNameError
-from prunekit.training.config import TrainConfig, _choice, _range
-from prunekit.algorithms import get_algorithm_class
 from prunekit.data.registry import canonical_dataset_name
 from prunekit.data.user import is_user_data, validate_user_data
 from prunekit.models.registry import list_models
 from prunekit.models.user import is_import_path
+from prunekit.training.config import TrainConfig, _choice, _range
 
 __all__ = ["RecipeError", "Recipe", "TrainConfig", "ModelConfig", "DataConfig", "PruneConfig", "TargetsConfig",
            "AlgorithmConfig", "LogConfig", "load_recipe", "parse_recipe", "apply_overrides", "from_dict", "to_dict"]

@@ -18,38 +18,44 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import shutil
+import signal
 import time
+from collections.abc import Callable, Sized
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import torch
 import yaml
 from torch import nn
 
 from prunekit.algorithms import get_algorithm_class
-from prunekit.training import distributed as D
-from prunekit.io.checkpoint import (CheckpointError, StateStore, atomic_write_json, atomic_write_text, save_checkpoint)
-from prunekit.pipelines.recipe import Recipe, from_dict, to_dict
+from prunekit.algorithms.hooks import Hook
 from prunekit.core.errors import RecipeError
 from prunekit.core.masks import MaskSet
 from prunekit.core.plan import PruneSpec, target_plan
-from prunekit.core.structures import parse_structure
-from prunekit.graph import TraceError, coupled_groups
-from prunekit.deploy import surgery
 from prunekit.core.stats import model_summary
-from prunekit.core.targets import TargetSpec
-from prunekit.algorithms.hooks import Hook
-from prunekit.training.loop import NonFiniteLoss, fit, rng_state, seed_everything, set_rng_state
-from prunekit.pipelines.workloads import Workload, build_workload
+from prunekit.core.structures import parse_structure
+from prunekit.core.targets import TargetSpec, find_targets
+from prunekit.deploy import surgery
+from prunekit.graph import TraceError, coupled_groups
+from prunekit.io.checkpoint import (
+    CheckpointError,
+    StateStore,
+    atomic_write_json,
+    atomic_write_text,
+    flatten_state,
+    save_checkpoint,
+)
+from prunekit.pipelines.recipe import Recipe, from_dict, to_dict
 from prunekit.pipelines.stages import Dense, HardPrune, Retrain, Search, Stage
-from prunekit.core.targets import find_targets
-from prunekit.io.checkpoint import flatten_state
-import shutil
-import signal
-from dataclasses import dataclass, field
+from prunekit.pipelines.workloads import Workload, build_workload
+from prunekit.training import distributed as D
 from prunekit.training.config import Runtime
 from prunekit.training.device import check_precision, resolve_device, set_threads, to_device
+from prunekit.training.loop import NonFiniteLoss, fit, rng_state, seed_everything, set_rng_state
 from prunekit.training.progress import TensorBoardLogger
 
 __all__ = ["Workload", "build_workload", "prune_spec_from", "validate_recipe", "machine_info", "run_pipeline",
@@ -97,7 +103,7 @@ def run_device(recipe: Recipe) -> torch.device:
     return device
 
 
-def _extra_hooks(recipe: Recipe, ctx: "RunContext") -> list:
+def _extra_hooks(recipe: Recipe, ctx: RunContext) -> list:
     """Hooks every fit of the run gets: the test kill switch, TensorBoard logging (``log.tensorboard``)."""
     hooks: list = [_TestKill(os.environ[KILL_ENV], ctx)] if os.environ.get(KILL_ENV) else []
     if recipe.log.tensorboard and ctx.is_main:
@@ -147,7 +153,7 @@ def validate_recipe(recipe: Recipe, workload: Workload, spec: PruneSpec | None =
     try:
         plan = target_plan(workload.model, spec)
         params = dict(workload.model.named_parameters())
-        for n, (st, sp) in plan.items():
+        for n, (st, _sp) in plan.items():
             st.check_shape(params[n].shape)
     except ValueError as e:
         raise RecipeError(f"prune.targets/structure: {e}") from None
@@ -190,7 +196,7 @@ def _resumable_loader(loader, seed: int):
         return loader          # a custom sampler keeps its order; resume replays it from its RNG state
     shuffle = isinstance(loader.sampler, torch.utils.data.RandomSampler)
     try:
-        bs = D.ResumableSampler(len(loader.dataset), loader.batch_size, seed, shuffle=shuffle,
+        bs = D.ResumableSampler(len(cast(Sized, loader.dataset)), loader.batch_size, seed, shuffle=shuffle,
                                 world=D.world_size(), rank=D.rank())
     except ValueError as e:
         raise RecipeError(f"data: {e}") from None
@@ -202,7 +208,7 @@ class _TestKill(Hook):
     """``$PRUNEKIT_TEST_KILL_AT_STEP`` = ``N`` (optimizer steps counted over all phases of the run) or
     ``phase:N``: SIGKILL this process right after that step — deterministic crash for resume tests."""
 
-    def __init__(self, spec: str, run: "RunContext"):
+    def __init__(self, spec: str, run: RunContext):
         phase, _, n = spec.rpartition(":")
         self.phase, self.n, self.run = phase or None, int(n), run
 
@@ -331,7 +337,9 @@ def _open_store(out: Path, resolved: dict, resume: bool, log) -> tuple[StateStor
     if not resume:
         raise ResumeError(f"{out} holds an unfinished run ({len(store.checkpoints())} checkpoint(s) in "
                           f"{store.root}); pass --resume to continue it, or pick another --out")
-    state, meta, path = store.load_latest(warn=log)
+    latest = store.load_latest(warn=log)
+    assert latest is not None, "store.exists(): there is a checkpoint"
+    state, meta, path = latest
     diff = _recipe_diff(resolved, state["recipe"])
     if diff:
         raise ResumeError(f"cannot resume {out}: the recipe differs from the one it was started with: "
@@ -426,6 +434,7 @@ class Report(Stage):
 
     def run(self, ctx: RunContext) -> dict:
         recipe, model, masks, metric = ctx.recipe, ctx.model, ctx.masks, ctx.task.metric
+        assert masks is not None, "the report stage runs after hard-pruning"
         res = ctx.results
         summary = model_summary(model, masks, to_device(ctx.workload.example_input, ctx.device))
         for layer in summary["layers"]:
@@ -474,6 +483,7 @@ def _graph_macs(model: nn.Module, masks: MaskSet, example_input, log) -> dict:
 
 def _rank_digests(ctx: RunContext) -> dict:
     _, algo_tensors = flatten_state(ctx.algo.state_dict())
+    assert ctx.masks is not None, "digests are taken after hard-pruning"
     digest = D.tensor_digest({**{f"model.{k}": v for k, v in ctx.model.state_dict().items()},
                               **{f"mask.{k}": v for k, v in ctx.masks.items()},
                               **{f"algo.{k}": v for k, v in algo_tensors.items()}})

@@ -4,7 +4,7 @@ Checkpointed and resumable like every run (:func:`prunekit.pipelines.runner.run_
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from prunekit.core.errors import RecipeError
 from prunekit.pipelines.runner import open_run, run_stages

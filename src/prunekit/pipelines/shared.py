@@ -1,29 +1,40 @@
 """The shared-weights pipeline: train nested levels sequentially or jointly, save one artifact."""
 from __future__ import annotations
 
+import dataclasses as _dc
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
 import torch
 from torch import Tensor, nn
-from prunekit.core.masks import MaskSet
-from prunekit.core.plan import PruneSpec
-from prunekit.training.loop import fit
-from prunekit.algorithms.shared_levels import FreezeShared, JointLevels, LevelView
-from prunekit.core.nested import NestedMasks, _spec_at, nested_masks, sorted_levels
-from prunekit.deploy.timing import forward_latency_ms
-from prunekit.deploy.shared_weights import SharedWeightsModel, breakeven_report, save_shared, switch_table
-from prunekit.pipelines.recipe import from_dict
-import dataclasses as _dc
-from prunekit.training.config import TrainConfig
-from prunekit.core.errors import RecipeError
-from datetime import datetime, timezone
+
 from prunekit.algorithms import get_algorithm_class
-from prunekit.pipelines.recipe import to_dict
+from prunekit.algorithms.shared_levels import FreezeShared, JointLevels, LevelView
+from prunekit.core.errors import RecipeError
+from prunekit.core.masks import MaskSet
+from prunekit.core.nested import NestedMasks, _spec_at, nested_masks, sorted_levels
+from prunekit.core.plan import PruneSpec
+from prunekit.deploy.shared_weights import SharedWeightsModel, breakeven_report, save_shared, switch_table
+from prunekit.deploy.timing import forward_latency_ms
+from prunekit.pipelines.recipe import from_dict, to_dict
 from prunekit.pipelines.runner import machine_info, open_run, prune_spec_from, run_stages
-from prunekit.pipelines.stages import (Dense, HardPrune, JointBase, JointLevelsStage, Retrain, Search, SharedLevel,
-                                       Stage, level_nested)
+from prunekit.pipelines.stages import (
+    Dense,
+    HardPrune,
+    JointBase,
+    JointLevelsStage,
+    Retrain,
+    Search,
+    SharedLevel,
+    Stage,
+    level_nested,
+)
+from prunekit.training.config import TrainConfig
+from prunekit.training.loop import fit
 
 
 def train_sequential(model: nn.Module, task, train_loader, eval_loader, spec: PruneSpec,

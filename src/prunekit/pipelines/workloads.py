@@ -2,23 +2,25 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
-
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
-from prunekit.pipelines.recipe import Recipe
-from prunekit.core.errors import RecipeError
+
 from prunekit.adapters.hf import GlueTaskAdapter, load_model, load_tokenizer
-from prunekit.graph.families import default_targets
-from prunekit.training.tasks import ClassificationTask
+from prunekit.core.errors import RecipeError
+from prunekit.core.registry import Registry
 from prunekit.data.glue import encode_examples, get_task, load_glue, make_loader
 from prunekit.data.registry import get_dataset
-from prunekit.core.registry import Registry
-from prunekit.models.user import build_model
 from prunekit.data.user import is_user_data
+from prunekit.graph.families import default_targets
+from prunekit.models.user import build_model
+from prunekit.pipelines.recipe import Recipe
 from prunekit.pipelines.user_workloads import build_user_workload
+from prunekit.training.tasks import ClassificationTask
 
 
 def build_glue_workload(recipe: Recipe):

@@ -21,8 +21,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from prunekit.reporting.tables import display_score
+
 from prunekit.core.errors import RecipeError
+from prunekit.reporting.tables import display_score
 
 __all__ = ["DEFAULT_SIZE", "DPI", "accuracy_vs_sparsity", "layer_sparsity_heatmap", "latency_vs_sparsity",
            "sensitivity_curves"]

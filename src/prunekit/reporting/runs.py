@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prunekit.reporting.tables import display_score, format_table
-from prunekit.reporting import plots
-from prunekit.io.checkpoint import atomic_write_text
+
 from prunekit.core.errors import RecipeError
+from prunekit.io.checkpoint import atomic_write_text
+from prunekit.reporting import plots
+from prunekit.reporting.tables import display_score, format_table
 
 __all__ = ["RunRecord", "load_run", "load_runs", "methods_tasks_table", "levels_table", "layers_markdown",
            "summary_table", "build_report", "render_report", "display_score"]
@@ -159,7 +160,7 @@ def load_runs(run_dirs) -> list[RunRecord]:
 
 
 
-def _fmt_cr(values: list[float]) -> str:
+def _fmt_cr(values: list[float | None]) -> str:
     vals = sorted({round(v, 2) for v in values if v is not None})
     if not vals:
         return "–"
@@ -223,7 +224,7 @@ def methods_tasks_table(runs: list[RunRecord], *, dense_row: bool = True, averag
                 dense.setdefault((r.task, r.metric), r.dense_score)
         if dense:
             add(["dense", "–", "0.00%", "1.00×"] + [display_score(dense.get(c), tasks[c]) for c in cols], dense)
-    for (method, structure, ts), row in rows.items():
+    for (method, structure, _ts), row in rows.items():
         sp = sum(row["sp"]) / len(row["sp"])
         add([method, structure, f"{100 * sp:.2f}%", _fmt_cr(row["cr"])]
             + [display_score(row["cells"].get(c), tasks[c]) for c in cols], row["cells"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 
-
 def format_table(layers: list[dict], title: str | None = None) -> str:
     """Markdown table of per-layer rows (dicts with name, shape, structure, sparsity, nonzeros)."""
     lines = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch

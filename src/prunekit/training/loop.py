@@ -18,20 +18,21 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from prunekit.algorithms.hooks import Hook, TrainContext
+from prunekit.core.errors import NonFiniteLoss
+from prunekit.core.masks import MaskSet
+from prunekit.training import distributed as D
 from prunekit.training.config import Runtime, TrainConfig
 from prunekit.training.device import Amp, device_of, to_device
 from prunekit.training.progress import make_progress
-from prunekit.core.masks import MaskSet
-from prunekit.algorithms.hooks import Hook, TrainContext
-from prunekit.core.errors import NonFiniteLoss
-from prunekit.training import distributed as D
 
 __all__ = ["seed_everything", "TrainContext", "Hook", "fit", "make_optimizer", "make_scheduler", "NonFiniteLoss",
     "rng_state", "set_rng_state"]
@@ -103,7 +104,7 @@ def _epoch_batches(loader, epoch: int, skip: int):
     if sampler is None or not hasattr(sampler, "set_epoch"):
         sampler = getattr(loader, "sampler", None)
     fast = sampler is not None and hasattr(sampler, "set_epoch") and hasattr(sampler, "skip")
-    if fast:
+    if fast and sampler is not None:   # fast implies a sampler
         sampler.set_epoch(epoch, skip_batches=skip)
         return iter(loader)
     if sampler is not None and hasattr(sampler, "set_epoch"):
@@ -196,7 +197,7 @@ class _Loop:
 def _start(model, task, train_loader, eval_loader, cfg, hooks, masks, desc, restore_best, resume, baseline,
            runtime: Runtime | None = None) -> _Loop:
     """Optimizer, schedule, hard-prune, hooks' ``begin``; then a resume snapshot (once) or the baseline."""
-    steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    steps_per_epoch = len(train_loader)
     total = int(math.ceil(cfg.epochs * steps_per_epoch))
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, total)
@@ -229,11 +230,11 @@ def _epoch_iter(lp: _Loop, epoch: int, resume: dict | None):
     """The epoch's batches; the first epoch of a resume replays its RNG and skips the batches done."""
     first = resume is not None and epoch == lp.start_epoch
     skip = lp.skip if first else 0
-    if first:
+    if first and resume is not None:   # first implies a resume
         set_rng_state(resume.get("epoch_start_rng") or resume["rng"], lp.loader)
     lp.epoch_start_rng = rng_state(lp.loader)
     batches = _epoch_batches(lp.loader, epoch, skip)
-    if first:
+    if first and resume is not None:
         set_rng_state(resume["rng"], lp.loader)
     lp.batch_i = skip
     return batches
@@ -242,6 +243,7 @@ def _epoch_iter(lp: _Loop, epoch: int, resume: dict | None):
 def _train_step(lp: _Loop, batch, epoch: int, distributed: bool) -> torch.Tensor:
     """Forward (task loss + hooks' extra losses), backward, gradient averaging, clip, optimizer step."""
     ctx, desc = lp.ctx, lp.desc
+    assert lp.device is not None, "_start sets the loop's device"
     amp = lp.amp or Amp("fp32", lp.device)
     batch = to_device(batch, lp.device)
     with amp.autocast():
@@ -333,7 +335,7 @@ def _run_epochs(lp: _Loop, resume, checkpoint_every: int, on_checkpoint, bar) ->
 
 
 def fit(model: nn.Module, task, train_loader: Iterable, eval_loader: Iterable | None, cfg: TrainConfig, *,
-        hooks: list[Hook] = (), masks: MaskSet | None = None, desc: str = "train",
+        hooks: Sequence[Hook] = (), masks: MaskSet | None = None, desc: str = "train",
         restore_best: bool = False, baseline: dict | None = None, resume: dict | None = None, checkpoint_every: int = 0,
         on_checkpoint: Callable[[Callable[[], dict]], None] | None = None, runtime: Runtime | None = None) -> dict:
     """Train ``model`` per ``cfg``; returns ``{"history": [...], "best": metrics, "steps": n, "seconds": s}``.

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.algorithms import get_algorithm_class
-from prunekit.algorithms.distill import Distiller, DistillConfig
+from prunekit.algorithms.distill import DistillConfig, Distiller
 from prunekit.algorithms.hooks import Hook, TrainContext
 from prunekit.core.masks import HardPrune, MaskSet
 from prunekit.core.plan import PruneSpec
@@ -127,6 +127,7 @@ class Pruner:
     def final_masks(self) -> MaskSet:
         """The hard-prune masks the algorithm chooses now (weights untouched); after :meth:`finalize`, its masks."""
         if self.finalized:
+            assert self.masks is not None, "finalize() sets the masks"
             return self.masks
         return self.algorithm.final_masks(self.model)
 
@@ -136,6 +137,7 @@ class Pruner:
         if self.finalized:
             if optimizer is not None:
                 self.set_optimizer(optimizer)
+            assert self.masks is not None, "finalize() sets the masks"
             return self.masks
         masks = self.algorithm.final_masks(self.model)
         masks.apply(self.model)
