@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Any, Generic, TypeVar
+
 import torch
 from torch import nn
 
@@ -24,7 +26,9 @@ from prunekit.core.registry import Registry
 
 __all__ = ["Algorithm", "register", "get_algorithm_class", "list_algorithms", "ALGORITHMS", "full_masks"]
 
-ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
+P = TypeVar("P")
+
+ALGORITHMS: Registry[type[Algorithm[Any]]] = Registry("algorithm")
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
@@ -51,7 +55,9 @@ def full_masks(model: nn.Module, spec: PruneSpec) -> MaskSet:
     return ms
 
 
-class Algorithm(Hook):
+class Algorithm(Hook, Generic[P]):
+    """Generic over its params type ``P`` (the class's ``Params`` dataclass): ``class X(Algorithm["X.Params"])``."""
+
     name = "base"
     has_search = False
 
@@ -59,7 +65,7 @@ class Algorithm(Hook):
     class Params:
         pass
 
-    def __init__(self, params: Algorithm.Params, spec: PruneSpec):
+    def __init__(self, params: P, spec: PruneSpec):
         self.params = params
         self.spec = spec
 
