@@ -13,6 +13,7 @@ keys rejected) and ``state_dict()`` / ``load_state_dict()`` of plain tensors and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -24,19 +25,23 @@ from prunekit.core.registry import Registry
 
 __all__ = ["Algorithm", "register", "get_algorithm_class", "list_algorithms", "ALGORITHMS", "full_masks"]
 
-ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
+ALGORITHMS: Registry[type[Algorithm[Any]]] = Registry("algorithm")
+
+A = TypeVar("A", bound="type[Algorithm[Any]]")
+P = TypeVar("P")
 
 
-def register(cls: type[Algorithm]) -> type[Algorithm]:
+def register(cls: A) -> A:
     """Class decorator: register an algorithm under its ``name``."""
-    return ALGORITHMS.add(cls.name, cls)
+    ALGORITHMS.add(cls.name, cls)
+    return cls  # the same object add() returns, typed as the class itself
 
 
 def list_algorithms() -> list[str]:
     return ALGORITHMS.names()
 
 
-def get_algorithm_class(name: str) -> type[Algorithm]:
+def get_algorithm_class(name: str) -> type[Algorithm[Any]]:
     """The registered class; a miss raises :class:`~prunekit.core.errors.UnknownNameError`."""
     return ALGORITHMS.get(name)
 
@@ -51,7 +56,9 @@ def full_masks(model: nn.Module, spec: PruneSpec) -> MaskSet:
     return ms
 
 
-class Algorithm(Hook):
+class Algorithm(Hook, Generic[P]):
+    """Generic over its params type ``P`` (the class's ``Params`` dataclass): ``class X(Algorithm["X.Params"])``."""
+
     name = "base"
     has_search = False
 
@@ -59,7 +66,7 @@ class Algorithm(Hook):
     class Params:
         pass
 
-    def __init__(self, params: Algorithm.Params, spec: PruneSpec):
+    def __init__(self, params: P, spec: PruneSpec):
         self.params = params
         self.spec = spec
 
@@ -69,8 +76,8 @@ class Algorithm(Hook):
     def final_masks(self, model: nn.Module) -> MaskSet:
         return compute_masks(model, self.spec)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
