@@ -13,8 +13,8 @@ from torch import nn
 
 from prunekit.algorithms.base import Algorithm, full_masks, register
 from prunekit.algorithms.hooks import TrainContext
-from prunekit.core.masks import MaskSet
 from prunekit.core.errors import RecipeError
+from prunekit.core.masks import MaskSet
 from prunekit.core.plan import PruneSpec, compute_masks
 from prunekit.core.schedules import cubic_sparsity
 
