@@ -87,7 +87,7 @@ class Pruner(_Pruner):
             if recipe.distill and "teacher" in kw and "distill" not in kw:
                 kw["distill"] = recipe.distill
         spec = as_prune_spec(spec)
-        if spec.structure.coupled and spec.groups is None:
+        if spec.st.coupled and spec.groups is None:
             if example_inputs is None:
                 raise ValueError(f"structure {spec.structure} needs example_inputs= (the coupled groups come from a "
                                  "trace of the model)")

@@ -13,7 +13,6 @@ keys rejected) and ``state_dict()`` / ``load_state_dict()`` of plain tensors and
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -26,21 +25,23 @@ from prunekit.core.registry import Registry
 
 __all__ = ["Algorithm", "register", "get_algorithm_class", "list_algorithms", "ALGORITHMS", "full_masks"]
 
-P = TypeVar("P")
-
 ALGORITHMS: Registry[type[Algorithm[Any]]] = Registry("algorithm")
 
+A = TypeVar("A", bound="type[Algorithm[Any]]")
+P = TypeVar("P")
 
-def register(cls: type[Algorithm]) -> type[Algorithm]:
+
+def register(cls: A) -> A:
     """Class decorator: register an algorithm under its ``name``."""
-    return ALGORITHMS.add(cls.name, cls)
+    ALGORITHMS.add(cls.name, cls)
+    return cls  # the same object add() returns, typed as the class itself
 
 
 def list_algorithms() -> list[str]:
     return ALGORITHMS.names()
 
 
-def get_algorithm_class(name: str) -> type[Algorithm]:
+def get_algorithm_class(name: str) -> type[Algorithm[Any]]:
     """The registered class; a miss raises :class:`~prunekit.core.errors.UnknownNameError`."""
     return ALGORITHMS.get(name)
 
@@ -75,8 +76,8 @@ class Algorithm(Hook, Generic[P]):
     def final_masks(self, model: nn.Module) -> MaskSet:
         return compute_masks(model, self.spec)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass

@@ -30,7 +30,7 @@ from prunekit.graph.families import head_neuron_masks
 
 
 @register
-class HeadsNeurons(Algorithm):
+class HeadsNeurons(Algorithm["HeadsNeurons.Params"]):
     """One-shot removal of whole attention heads and/or FFN neurons (coupled structures), then the
     pipeline's hard-pruned retraining.  ``structure``: ``heads`` | ``neurons`` | ``heads+neurons``;
     ``head_sparsity`` / ``neuron_sparsity`` default to the recipe's ``prune.sparsity``."""
@@ -45,7 +45,7 @@ class HeadsNeurons(Algorithm):
         head_sparsity: float | None = None
         neuron_sparsity: float | None = None
 
-        def __post_init__(self):
+        def __post_init__(self) -> None:
             if self.structure not in ("heads", "neurons", "heads+neurons"):
                 raise RecipeError(f"structure {self.structure!r} is not one of ['heads', 'neurons', 'heads+neurons']")
             for k in ("head_sparsity", "neuron_sparsity"):

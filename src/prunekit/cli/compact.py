@@ -111,7 +111,7 @@ def compact_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     tmp_dir = out / ".sizes"
     tmp_dir.mkdir(exist_ok=True)
     save_file(sparse_masked, str(tmp_dir / "masked_sparse.safetensors"), metadata={"prunekit": meta2})
-    sizes = [
+    sizes: list[dict[str, Any]] = [
         {"file": "dense (run checkpoint, zeros stored)", "bytes": _file_bytes(run_dir / MODEL_FILE)},
         {"file": "masked, sparse-encoded", "bytes": _file_bytes(tmp_dir / "masked_sparse.safetensors")},
         {"file": "compacted (model.safetensors)", "bytes": _file_bytes(out / "model.safetensors")},

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -18,15 +19,16 @@ from torch import Tensor, nn
 from prunekit.core.errors import RecipeError
 from prunekit.core.groups import CoupledGroup
 from prunekit.core.masks import MaskSet
-from prunekit.core.scoring import _prune_lowest, group_scores, resolve_score, select_keep_global
-from prunekit.core.structures import Structure, Transposed, parse_structure
+from prunekit.core.scoring import Score, ScoreFn, _prune_lowest, group_scores, resolve_score, select_keep_global
+from prunekit.core.structures import GroupStructure, Structure, Transposed, parse_structure
 from prunekit.core.targets import TargetSpec, find_targets, hf_conv1d
 
 __all__ = ["mask_for", "PruneSpec", "compute_masks", "global_masks", "scaled_sparsity", "prune", "validate_overrides",
            "target_plan", "group_masks", "kept_count"]
 
 
-def mask_for(weight: Tensor, structure: str | Structure, sparsity: float, score="l2") -> Tensor:
+def mask_for(weight: Tensor, structure: str | Structure, sparsity: float,
+             score: str | ScoreFn | Score | Tensor = "l2") -> Tensor:
     """Keep-mask (``torch.bool``, True = kept) of ``weight`` for ``structure`` at ``sparsity``.
 
     ``score``: ``"l1"``, ``"l2"``, ``"magnitude"``, a callable on the ``(G, S)`` group partition, or an
@@ -44,7 +46,7 @@ def scaled_sparsity(layer_sparsity: float, spec_sparsity: float, sparsity: float
     return float(sparsity)
 
 
-def _check_fraction(key: str, value) -> None:
+def _check_fraction(key: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RecipeError(f"{key}: expected a number, got {value!r}")
     if not math.isfinite(value):
@@ -53,7 +55,7 @@ def _check_fraction(key: str, value) -> None:
         raise RecipeError(f"{key}: {value} is out of range (must be >= 0 and < 1)")
 
 
-def validate_overrides(overrides: dict) -> None:
+def validate_overrides(overrides: dict[str, Any]) -> None:
     """Check ``{pattern: sparsity | {sparsity, structure}}``; ``ValueError`` naming ``overrides[pattern]...``.
 
     The one validator for per-layer overrides: recipes (:mod:`prunekit.pipelines.recipe`) and :class:`PruneSpec` use it."""
@@ -102,17 +104,17 @@ class PruneSpec:
 
     structure: str | Structure = "unstructured"
     sparsity: float = 0.5
-    score: str | Callable = "l2"
+    score: str | ScoreFn | Score = "l2"
     scope: str = "layer"
     targets: TargetSpec = field(default_factory=TargetSpec)
-    overrides: dict = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
     groups: list[CoupledGroup] | None = field(default=None, repr=False, compare=False)
     min_keep: int = 1
     multiple_of: int = 1
     uniform: bool = False
-    ignore: list = field(default_factory=list)
+    ignore: list[str] = field(default_factory=list)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.structure = parse_structure(self.structure)
         for k, lo in (("min_keep", 1), ("multiple_of", 1)):
             v = getattr(self, k)
@@ -123,7 +125,7 @@ class PruneSpec:
         if isinstance(self.ignore, str) or not all(isinstance(p, str) for p in self.ignore):
             raise ValueError(f"prune.ignore must be a list of group name patterns; got {self.ignore!r}")
         self.ignore = list(self.ignore)
-        if not self.structure.coupled and (self.min_keep != 1 or self.multiple_of != 1 or self.uniform or self.ignore):
+        if not self.st.coupled and (self.min_keep != 1 or self.multiple_of != 1 or self.uniform or self.ignore):
             raise ValueError(f"prune.min_keep/multiple_of/uniform/ignore apply to group structures "
                              f"(channels, heads, kv_groups, neurons), not {self.structure}")
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
@@ -138,17 +140,24 @@ class PruneSpec:
         except ValueError as e:
             raise RecipeError(f"prune.{e}") from None
 
-    def layer_plan(self, names, sparsity: float | None = None) -> dict[str, tuple[Structure, float]]:
+    @property
+    def st(self) -> Structure:
+        """``structure`` as a :class:`Structure` (``__post_init__`` parses a string; this is that object)."""
+        return parse_structure(self.structure)
+
+    def layer_plan(self, names: Iterable[str] | Mapping[str, nn.Module], sparsity: float | None = None) -> dict[str, tuple[Structure, float]]:
         """``{param_name: (structure, sparsity)}`` after overrides; ``sparsity`` moves the whole spec
         there (overrides scaled by :func:`scaled_sparsity`).  ``names``: parameter names, or the
         ``{name: module}`` of :func:`find_targets` — then an HF ``Conv1D`` weight (stored ``(in, out)``)
         gets its structure as :class:`Transposed`, so rows stay outputs and N:M runs along the input."""
-        plan = {}
+        plan: dict[str, tuple[Structure, float]] = {}
         conv1d = hf_conv1d() if isinstance(names, Mapping) else None
-        transposed = {n for n, m in names.items() if conv1d is not None and isinstance(m, conv1d)} if conv1d else set()
-        used = set()
+        transposed: set[str] = set()
+        if conv1d is not None and isinstance(names, Mapping):
+            transposed = {n for n, m in names.items() if isinstance(m, conv1d)}
+        used: set[str] = set()
         for n in names:
-            st, sp = self.structure, float(self.sparsity)
+            st, sp = self.st, float(self.sparsity)
             for pat, ov in self.overrides.items():
                 if fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(n.removesuffix(".weight"), pat):
                     used.add(pat)
@@ -168,7 +177,7 @@ class PruneSpec:
 
     def at(self, sparsity: float) -> PruneSpec:
         """This spec moved to ``sparsity``, its overrides' sparsities scaled by :func:`scaled_sparsity`."""
-        ov = {}
+        ov: dict[str, Any] = {}
         for pat, o in self.overrides.items():
             if isinstance(o, dict):
                 ov[pat] = ({**o, "sparsity": scaled_sparsity(o["sparsity"], self.sparsity, sparsity)}
@@ -188,20 +197,22 @@ class PruneSpec:
                 return pat, float(ov)
         return None, float(self.sparsity)
 
-    def group_plan(self, target_names=None, sparsity: float | None = None
+    def group_plan(self, target_names: Iterable[str] | None = None, sparsity: float | None = None
                    ) -> tuple[list[tuple[CoupledGroup, float, bool]], dict[str, str]]:
         """Group structures: ``([(group, sparsity, overridden)], {skipped group: why})`` for the groups of
         the structure's kinds; skipped: not removable (with the graph's reason), ``ignore`` d, or (with
         ``target_names``, parameter names) no producing layer among the targets."""
-        if not self.structure.coupled:
+        if not self.st.coupled:
             raise ValueError(f"{self.structure} is not a group structure")
         if self.groups is None:
             raise ValueError(f"structure {self.structure} needs the model's coupled groups: PruneSpec(groups="
                              "prunekit.graph.coupled_groups(model, example_inputs)), or prunekit.prune(model, "
                              f"'{self.structure}', sparsity, example_inputs=...)")
-        kinds = self.structure.kinds
+        kinds = cast(GroupStructure, self.st).kinds
         names = set(target_names) if target_names is not None else None
-        plan, skipped, used = [], {}, set()
+        plan: list[tuple[CoupledGroup, float, bool]] = []
+        skipped: dict[str, str] = {}
+        used: set[str] = set()
         for g in self.groups:
             if g.kind not in kinds:
                 continue
@@ -245,7 +256,8 @@ def _masked_tensors(g: CoupledGroup, params: Mapping[str, Tensor]) -> list[str]:
     return [t for t in g.tensors if t in params and params[t].dim() >= 2]
 
 
-def _group_scores(g: CoupledGroup, params, importance, score) -> Tensor:
+def _group_scores(g: CoupledGroup, params: Mapping[str, Tensor], importance: Mapping[str, Tensor],
+                  score: str | ScoreFn | Score) -> Tensor:
     names = _masked_tensors(g, params)
     src = {n: (importance[n] if n in importance else params[n]).detach() for n in names}
     sc = resolve_score("l2") if any(n in importance for n in names) else resolve_score(score)
@@ -253,7 +265,7 @@ def _group_scores(g: CoupledGroup, params, importance, score) -> Tensor:
 
 
 def group_masks(spec: PruneSpec, params: Mapping[str, Tensor], sparsity: float | None = None,
-                importance: Mapping[str, Tensor] | None = None, target_names=None) -> MaskSet:
+                importance: Mapping[str, Tensor] | None = None, target_names: Iterable[str] | None = None) -> MaskSet:
     """Masks of a group structure (see :class:`PruneSpec`): every unit scored with ``spec.score`` over
     all its coupled weight slices (:meth:`CoupledGroup.partition`; element-wise ``importance`` → l2),
     selected per group (layer scope; overrides by group name) or by one ranking per kind over all
@@ -305,18 +317,18 @@ def target_plan(model: nn.Module, spec: PruneSpec, sparsity: float | None = None
     """``{tensor: (structure, sparsity)}`` of every tensor ``spec`` masks in ``model``: the targets'
     :meth:`PruneSpec.layer_plan`, or for a group structure the weights of its prunable groups."""
     targets = find_targets(model, spec.targets)
-    if not spec.structure.coupled:
+    if not spec.st.coupled:
         return spec.layer_plan(targets, sparsity)
     params = dict(model.named_parameters())
     out: dict[str, tuple[Structure, float]] = {}
     for g, sp, _ in spec.group_plan(targets, sparsity)[0]:
         for n in _masked_tensors(g, params):
-            out.setdefault(n, (spec.structure, sp))
+            out.setdefault(n, (spec.st, sp))
     return out
 
 
 def global_masks(plan: dict[str, tuple[Structure, float]], weights: dict[str, Tensor], sparsity: float,
-                 score="l2", importance: dict[str, Tensor] | None = None,
+                 score: str | ScoreFn | Score = "l2", importance: dict[str, Tensor] | None = None,
                  base: MaskSet | None = None) -> MaskSet:
     """Global scope: one ranking over the groups of every planned tensor (one whole-group structure
     for all), ``round(sparsity * weights)`` weights pruned overall; ``base`` masks stay kept."""
@@ -349,7 +361,7 @@ def compute_masks(model: nn.Module, spec: PruneSpec, sparsity: float | None = No
     targets = find_targets(model, spec.targets)
     params = {n: p.detach() for n, p in model.named_parameters()}
     imp = importance or {}
-    if spec.structure.coupled:
+    if spec.st.coupled:
         return group_masks(spec, params, sparsity, imp, targets)
     plan = spec.layer_plan(targets, sparsity)
     if spec.scope == "global":
@@ -362,9 +374,9 @@ def compute_masks(model: nn.Module, spec: PruneSpec, sparsity: float | None = No
 
 
 def prune(model: nn.Module, structure: str | Structure = "unstructured", sparsity: float = 0.5, *,
-          score="l2", scope: str = "layer", targets: TargetSpec | dict | None = None,
-          overrides: dict | None = None, apply: bool = True, groups: list[CoupledGroup] | None = None,
-          **group_options) -> MaskSet:
+          score: str | ScoreFn | Score = "l2", scope: str = "layer", targets: TargetSpec | dict[str, Any] | None = None,
+          overrides: dict[str, Any] | None = None, apply: bool = True, groups: list[CoupledGroup] | None = None,
+          **group_options: Any) -> MaskSet:
     """Prune ``model`` in one call and return its :class:`MaskSet` (weights zeroed if ``apply``).
 
     Group structures need ``groups`` (``prunekit.prune`` finds them from ``example_inputs``);

@@ -46,7 +46,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 import torch
 from torch import Tensor
@@ -92,7 +92,7 @@ def _score_input(w: Tensor, score: ScoreFn | str | Tensor | Score) -> tuple[Tens
     return w.detach(), resolve_score(score)
 
 
-STRUCTURES: Registry[type] = Registry("structure")
+STRUCTURES: Registry[type[Structure]] = Registry("structure")
 
 
 def structure_syntax() -> str:
@@ -292,10 +292,10 @@ class Unstructured(Structure):
     def partition(self, w: Tensor) -> Tensor:
         return w.reshape(-1, 1)
 
-    def unpartition(self, groups: Tensor, shape) -> Tensor:
+    def unpartition(self, groups: Tensor, shape: Sequence[int]) -> Tensor:
         return groups.reshape(tuple(shape))
 
-    def valid(self, shape) -> Tensor:
+    def valid(self, shape: Sequence[int]) -> Tensor:
         return torch.ones(math.prod(shape), 1, dtype=torch.bool)
 
 
@@ -315,10 +315,10 @@ class Row(Structure):
     def partition(self, w: Tensor) -> Tensor:
         return as_matrix(w)
 
-    def unpartition(self, groups: Tensor, shape) -> Tensor:
+    def unpartition(self, groups: Tensor, shape: Sequence[int]) -> Tensor:
         return groups.reshape(tuple(shape))
 
-    def valid(self, shape) -> Tensor:
+    def valid(self, shape: Sequence[int]) -> Tensor:
         return torch.ones(shape[0], math.prod(shape[1:]), dtype=torch.bool)
 
 
@@ -338,10 +338,10 @@ class Column(Structure):
     def partition(self, w: Tensor) -> Tensor:
         return as_matrix(w).t()
 
-    def unpartition(self, groups: Tensor, shape) -> Tensor:
+    def unpartition(self, groups: Tensor, shape: Sequence[int]) -> Tensor:
         return groups.t().reshape(tuple(shape))
 
-    def valid(self, shape) -> Tensor:
+    def valid(self, shape: Sequence[int]) -> Tensor:
         return torch.ones(math.prod(shape[1:]), shape[0], dtype=torch.bool)
 
 
@@ -377,9 +377,9 @@ class Block(Structure):
     syntax: ClassVar[str] = "block:RxC"
     help: ClassVar[str] = "whole RxC blocks, e.g. block:4x4"
     order: ClassVar[int] = 3
-    _RE: ClassVar[re.Pattern] = re.compile(r"^block:(\d+)x(\d+)$")
+    _RE: ClassVar[re.Pattern[str]] = re.compile(r"^block:(\d+)x(\d+)$")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.r < 1 or self.c < 1:
             raise RecipeError(f"block shape must be positive, got {self.r}x{self.c}")
 
@@ -397,7 +397,7 @@ class Block(Structure):
     def name(self) -> str:  # type: ignore[override]
         return f"block:{self.r}x{self.c}"
 
-    def check_shape(self, shape) -> None:
+    def check_shape(self, shape: Sequence[int]) -> None:
         super().check_shape(shape)
         R, C = _matrix_shape(shape)
         if self.r > R or self.c > C:
@@ -408,7 +408,7 @@ class Block(Structure):
     def partition(self, w: Tensor) -> Tensor:
         return _tiles(as_matrix(w), self.r, self.c)
 
-    def unpartition(self, groups: Tensor, shape) -> Tensor:
+    def unpartition(self, groups: Tensor, shape: Sequence[int]) -> Tensor:
         R, C = _matrix_shape(shape)
         return _untiles(groups, R, C, self.r, self.c).reshape(tuple(shape))
 
@@ -432,9 +432,9 @@ class NM(Structure):
     help: ClassVar[str] = "N kept of every M consecutive weights, e.g. nm:2:4"
     order: ClassVar[int] = 4
     selects_groups: ClassVar[bool] = False
-    _RE: ClassVar[re.Pattern] = re.compile(r"^nm:(\d+):(\d+)$")
+    _RE: ClassVar[re.Pattern[str]] = re.compile(r"^nm:(\d+):(\d+)$")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not (1 <= self.n <= self.m):
             raise RecipeError(f"N:M needs 1 <= N <= M (N kept of every M); got {self.n}:{self.m}")
 
@@ -452,13 +452,13 @@ class NM(Structure):
     def name(self) -> str:  # type: ignore[override]
         return f"nm:{self.n}:{self.m}"
 
-    def fixed_sparsity(self, shape) -> float:
+    def fixed_sparsity(self, shape: Sequence[int]) -> float:
         return 1.0 - self.n / self.m
 
     def partition(self, w: Tensor) -> Tensor:
         return _tiles(as_matrix(w), 1, self.m)
 
-    def unpartition(self, groups: Tensor, shape) -> Tensor:
+    def unpartition(self, groups: Tensor, shape: Sequence[int]) -> Tensor:
         R, C = _matrix_shape(shape)
         return _untiles(groups, R, C, 1, self.m).reshape(tuple(shape))
 
@@ -531,9 +531,9 @@ class Pattern(Structure):
                            "keeping K; +conn also removes whole tiles")
     order: ClassVar[int] = 5
     selects_groups: ClassVar[bool] = False
-    _RE: ClassVar[re.Pattern] = re.compile(r"^pattern(?::(\d+)(?::(\d+))?)?(?:@(\d+)x(\d+))?(\+conn)?$")
+    _RE: ClassVar[re.Pattern[str]] = re.compile(r"^pattern(?::(\d+)(?::(\d+))?)?(?:@(\d+)x(\d+))?(\+conn)?$")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.keep is not None and self.keep < 1:
             raise RecipeError(f"pattern keep must be >= 1, got {self.keep}")
         if self.set_size is not None and self.set_size < 1:
@@ -569,7 +569,7 @@ class Pattern(Structure):
             return int(shape[2]), int(shape[3])
         return self.tile or (4, 4)
 
-    def check_shape(self, shape) -> None:
+    def check_shape(self, shape: Sequence[int]) -> None:
         super().check_shape(shape)
         if len(shape) == 4 and self.tile is not None and tuple(self.tile) != (shape[2], shape[3]):
             raise RecipeError(f"{self.name}: conv tiles are the kernels ({shape[2]}x{shape[3]}), not {self.tile}")
@@ -585,7 +585,7 @@ class Pattern(Structure):
         tr, tc = self.tile_shape(w.shape)
         return _tiles(as_matrix(w), tr, tc)
 
-    def unpartition(self, groups: Tensor, shape) -> Tensor:
+    def unpartition(self, groups: Tensor, shape: Sequence[int]) -> Tensor:
         if len(shape) == 4:
             return groups.reshape(tuple(shape))
         tr, tc = self.tile_shape(shape)
@@ -597,11 +597,11 @@ class Pattern(Structure):
             return self.keep
         return max(1, math.ceil((1.0 - _check_sparsity(sparsity)) * T - 1e-9))
 
-    def keep_for(self, shape, sparsity: float) -> int:
+    def keep_for(self, shape: Sequence[int], sparsity: float) -> int:
         tr, tc = self.tile_shape(shape)
         return self._keep_of(tr * tc, sparsity)
 
-    def fixed_sparsity(self, shape) -> float | None:
+    def fixed_sparsity(self, shape: Sequence[int]) -> float | None:
         if self.keep is None or self.conn:
             return None
         tr, tc = self.tile_shape(shape)
@@ -627,6 +627,8 @@ class Pattern(Structure):
         g = parts.abs().float()
         order = torch.argsort(-g, dim=1, stable=True)[:, :keep]
         own = torch.zeros_like(g, dtype=torch.bool).scatter_(1, order, True)
+        uniq: Tensor
+        counts: Tensor
         uniq, counts = torch.unique(own, dim=0, return_counts=True)
         # most frequent first; ties broken by the pattern's bits (deterministic)
         keys = [(-int(c), tuple(int(x) for x in u.tolist())) for u, c in zip(uniq, counts)]
@@ -711,7 +713,7 @@ class GroupStructure(Structure):
     order: ClassVar[int] = 6
     coupled: ClassVar[bool] = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         bad = [k for k in self.kinds if k not in GROUP_KINDS]
         if bad or not self.kinds:
             raise ValueError(f"unknown group kind(s) {bad}; valid: {', '.join(GROUP_KINDS)} (combine with '+')")
@@ -730,7 +732,7 @@ class GroupStructure(Structure):
     def check_shape(self, shape: Sequence[int]) -> None:
         return None
 
-    def _needs_groups(self):
+    def _needs_groups(self) -> NoReturn:
         raise ValueError(f"structure {self.name!r} is made of the model's coupled groups, not of one tensor: use "
                          "compute_masks(model, PruneSpec(..., groups=prunekit.graph.coupled_groups(model, x))) "
                          "or prunekit.prune(model, structure, sparsity, example_inputs=x)")
@@ -738,10 +740,11 @@ class GroupStructure(Structure):
     def partition(self, w: Tensor) -> Tensor:
         self._needs_groups()
 
-    def unpartition(self, groups: Tensor, shape) -> Tensor:
+    def unpartition(self, groups: Tensor, shape: Sequence[int]) -> Tensor:
         self._needs_groups()
 
-    def mask(self, w, sparsity=None, score="l2", base=None) -> Tensor:
+    def mask(self, w: Tensor, sparsity: float | None = None, score: ScoreFn | str | Tensor | Score = "l2",
+             base: Tensor | None = None) -> Tensor:
         self._needs_groups()
 
 

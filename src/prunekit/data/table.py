@@ -84,9 +84,9 @@ def _format(path: Path, fmt: str | None) -> str:
 
 
 def _read_delimited(path: Path, fmt: str) -> tuple[list[str], list[Row]]:
-    quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",", quoting=quoting)
+        reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",",
+                            quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
         header = next(reader, None)
         if not header:
             raise DataError(f"{path}: empty file (expected a header row with the column names)")

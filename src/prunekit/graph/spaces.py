@@ -213,7 +213,7 @@ class Spaces:
         """Flags of every root, plus those of every space it is a part of."""
         out = {r: list(v) for r, v in self.flags.items() if self.find(r) == r}
         order = [r for r in self.ref if self.find(r) == r]
-        seen: set[int] = set()
+        seen: set[tuple[int, tuple[str, ...]]] = set()
 
         def push(r: int, inherited: list[str]) -> None:
             if (r, tuple(inherited)) in seen or len(seen) > 10 * len(self.parent):

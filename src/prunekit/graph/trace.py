@@ -58,6 +58,8 @@ def normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict
 
     Hugging Face models with ``config.use_cache`` get ``use_cache=False`` (a cache object is not a
     traceable output and is irrelevant to pruning)."""
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     if isinstance(example_inputs, dict):
         args, kwargs = (), dict(example_inputs)
     elif isinstance(example_inputs, (tuple, list)):
