@@ -23,7 +23,7 @@ FAMILIES = {
     "gpt2": ("GPT2Config", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "vocab_size": 100},
              "GPT2LMHeadModel", 4),
     "llama": ("LlamaConfig", {"num_key_value_heads": 2, "head_dim": 8}, "LlamaForCausalLM", 7),
-    "qwen2": ("Qwen2Config", {"num_key_value_heads": 2}, "Qwen2ForCausalLM", 7),
+    "qwen2": ("Qwen2Config", {"num_key_value_heads": 2, "head_dim": 8}, "Qwen2ForCausalLM", 7),
     "vit": ("ViTConfig", {"image_size": 16, "patch_size": 8, "num_channels": 3}, "ViTForImageClassification", 6),
 }
 SIMPLE = ("distilbert", "gpt2")  # configs that do not take COMMON's names

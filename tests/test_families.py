@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_tiny import FAMILIES, example, tiny
+import prunekit
 from prunekit import PruneSpec, compute_masks, prune
 from prunekit.core.stats import count_flops
 from prunekit.core.targets import find_targets
@@ -73,3 +74,33 @@ def test_conv1d_structures_run_along_the_input_as_for_linear(structure):
         assert int(kept_cols.sum()) == 48 and bool((m.any(0) == kept_cols).all())
     if structure == "nm:2:4":    # 2 of every 4 consecutive inputs of each output
         assert bool((m.t().reshape(96, 8, 4).sum(-1) == 2).all())
+
+
+HEADS = {"albert", "bert", "distilbert", "electra", "gpt2", "roberta", "vit"}   # "heads"; Llama/Qwen2: KV groups
+RELOADS = {"llama", "qwen2", "deberta-v2"}    # config can express the result (no head-size derivation note)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_groups_prune_and_verified_compaction_for_every_family(family, tmp_path):
+    """Heads (or KV groups) and FFN neurons found from the trace, pruned at 50% with default targets,
+    physically removed; outputs equal the masked model's (surgery verifies, rel. error <= 1e-4)."""
+    from prunekit.graph import coupled_groups
+    model, x = tiny(family), example(family)
+    kinds = {g.kind for g in coupled_groups(model, x) if g.removable}
+    attn = "heads" if family in HEADS else ("kv_groups" if family in ("llama", "qwen2") else None)
+    assert "neurons" in kinds and (attn is None or attn in kinds)
+    structure = "neurons" if attn is None else f"{attn}+neurons"
+    masks = prune(model, structure, 0.5, example_inputs=x, targets=default_targets(model))
+    with torch.no_grad():
+        masked = model(**x).logits
+    res = prunekit.compact(model, masks, x)
+    assert res.params_after < res.params_before
+    assert res.rel_err <= 1e-4
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(**x).logits, masked, rtol=1e-4, atol=1e-5)
+    assert bool(res.notes) == (family not in RELOADS)        # the notes say when from_pretrained cannot reload
+    if family in RELOADS:                                     # the config expresses the result: HF reloads it
+        res.model.save_pretrained(tmp_path)
+        again = type(res.model).from_pretrained(tmp_path).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again(**x).logits, masked, rtol=1e-4, atol=1e-5)

@@ -46,8 +46,8 @@ def linear_types() -> tuple[type[nn.Module], ...]:
 def _module_types(names: list[str]) -> tuple[type[nn.Module], ...]:
     out = []
     for n in names:
-        if n == "HFConv1D":
-            hf_conv1d()
+        if n == "HFConv1D" and hf_conv1d() is None:
+            continue                   # transformers absent: no model can hold an HF Conv1D
         if n not in MODULE_TYPES:
             raise RecipeError(f"unknown module type {n!r} in targets.types; valid: {sorted(MODULE_TYPES)}")
         out.append(MODULE_TYPES[n])
@@ -64,7 +64,7 @@ def _match(pattern: str, name: str) -> bool:
 class TargetSpec:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
-    types: list[str] = field(default_factory=lambda: ["Linear", "Conv2d"])
+    types: list[str] = field(default_factory=lambda: ["Linear", "Conv2d", "HFConv1D"])
 
     def __post_init__(self) -> None:
         for p in self.include + self.exclude:

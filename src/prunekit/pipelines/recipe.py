@@ -87,7 +87,7 @@ class DataConfig:
 class TargetsConfig:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
-    types: list[str] = field(default_factory=lambda: ["Linear", "Conv2d"])
+    types: list[str] = field(default_factory=lambda: ["Linear", "Conv2d", "HFConv1D"])
 
 
 @dataclass
