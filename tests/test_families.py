@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_tiny import FAMILIES, example, tiny
 import prunekit
+from hf_tiny import FAMILIES, example, tiny
 from prunekit import PruneSpec, compute_masks, prune
 from prunekit.core.stats import count_flops
 from prunekit.core.targets import find_targets
