@@ -7,7 +7,7 @@ neurons.  Units are chosen by the L2 norm over all of a group's slices (prunekit
 masked, then :func:`prunekit.deploy.surgery.compact` removes them (verified against the masked
 model).  Torch-Pruning (MetaPruner + MagnitudeImportance(p=2)) prunes a fresh copy; for the CNNs its
 ratio is bisected to the same parameter count.  Latency: ``torch.set_num_threads(1)``,
-``inference_mode``, median of ``reps`` after one warm-up.
+``inference_mode``, median of ``reps`` after one warm-up, dense / prunekit / Torch-Pruning interleaved (deploy.timing.interleaved_ms).
 
 Usage: ``PYTHONPATH=src python benchmarks/compaction.py [--quick] [--out PATH]``.
 """
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import platform
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from prunekit.deploy.surgery import compact
+from prunekit.deploy.timing import interleaved_ms
 from prunekit.graph import call_model, coupled_groups, macs
 from prunekit.models.resnet import resnet18_cifar
 
@@ -126,17 +127,6 @@ def nparams(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-@torch.inference_mode()
-def latency_ms(model: nn.Module, x, reps: int) -> float:
-    call_model(model, x)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        call_model(model, x)
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
-
-
 # ------------------------------------------------------------------------------------------ Torch-Pruning
 def tp_prune(name: str, model: nn.Module, x, ratio: float) -> nn.Module:
     import torch_pruning as tp  # noqa: PLC0415
@@ -223,7 +213,10 @@ def rows_for(name: str, quick: bool, batches, reps: dict[int, int]) -> list[dict
         theirs, ratio, tp_err = None, None, f"{type(e).__name__}: {str(e)[:300]}"
     for b in batches:
         xb = make_x(b)
-        dense = latency_ms(model, xb, reps[b])
+        variants = {"dense": model, "prunekit": ours, **({"torch-pruning": theirs} if theirs is not None else {})}
+        ms = interleaved_ms({k: functools.partial(call_model, m, xb) for k, m in variants.items()},
+                            repeats=reps[b], warmup=1, threads=1)     # interleaved: load hits every variant alike
+        dense = ms["dense"]
         for tool, m in (("prunekit", ours), ("torch-pruning", theirs)):
             row = {"model": name, "input": note, "groups": f"{n_groups} groups ({'+'.join(used)})",
                    "sparsity": "50% of the units of every removable group", "batch": b, "threads": 1,
@@ -235,7 +228,7 @@ def rows_for(name: str, quick: bool, batches, reps: dict[int, int]) -> list[dict
             with torch.inference_mode():
                 ref = call_model(model, xb)
             row.update(params_after=nparams(m), macs_before=macs(model, xb)["total"], macs_after=macs(m, xb)["total"],
-                       latency_ms=round(latency_ms(m, xb, reps[b]), 2))
+                       latency_ms=round(ms[tool], 2))
             row["speedup"] = round(dense / row["latency_ms"], 3)
             if tool == "prunekit":
                 row.update(max_abs_diff=res.max_abs_diff, rel_err_vs_masked=res.rel_err,
