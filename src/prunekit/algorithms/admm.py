@@ -30,23 +30,26 @@ weights, gradients and post-step re-masking) during the later stages; at every s
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from prunekit.algorithms.base import Algorithm, full_masks, register
+from prunekit.algorithms.hooks import TrainContext
 from prunekit.core.errors import RecipeError
 from prunekit.core.masks import MaskSet
-from prunekit.core.plan import compute_masks, target_plan
+from prunekit.core.plan import PruneSpec, compute_masks, target_plan
 from prunekit.core.targets import find_targets
 
 __all__ = ["ADMM", "ProgressiveADMM", "admm_penalty", "project_masks", "project_weights"]
 
 
-def admm_penalty(weights: dict[str, Tensor], Z: dict[str, Tensor], U: dict[str, Tensor], rho: float) -> Tensor:
+def admm_penalty(weights: Mapping[str, Tensor], Z: Mapping[str, Tensor], U: Mapping[str, Tensor], rho: float) -> Tensor:
     """``Σ_i ρ/2 ‖W_i − Z_i + U_i‖²_F``; its gradient w.r.t. ``W_i`` is ``ρ (W_i − Z_i + U_i)``."""
-    total = None
+    total: Tensor | None = None
     for n, w in weights.items():
         t = (w - Z[n] + U[n]).pow(2).sum()
         total = t if total is None else total + t
@@ -55,7 +58,7 @@ def admm_penalty(weights: dict[str, Tensor], Z: dict[str, Tensor], U: dict[str, 
     return 0.5 * rho * total
 
 
-def project_masks(model: nn.Module, spec, values: dict[str, Tensor], sparsity: float | None = None) -> MaskSet:
+def project_masks(model: nn.Module, spec: PruneSpec, values: dict[str, Tensor], sparsity: float | None = None) -> MaskSet:
     """Masks of the Euclidean projection ``Π_S(values)`` for every target of ``spec``.
 
     The projection keeps the groups with the largest L2 norm of ``values`` (element-wise importance
@@ -64,10 +67,10 @@ def project_masks(model: nn.Module, spec, values: dict[str, Tensor], sparsity: f
     return compute_masks(model, spec, sparsity=sparsity, importance=values)
 
 
-def project_weights(model: nn.Module, spec, values: dict[str, Tensor], sparsity: float | None = None) -> dict[str, Tensor]:
+def project_weights(model: nn.Module, spec: PruneSpec, values: dict[str, Tensor], sparsity: float | None = None) -> dict[str, Tensor]:
     """``Π_S(values)``: each layer's :meth:`Structure.project` at its planned sparsity (layer scope), or
     ``values`` masked by the global ranking of ``values`` (global scope)."""
-    if spec.scope == "global" or spec.structure.coupled:
+    if spec.scope == "global" or spec.st.coupled:
         ms = project_masks(model, spec, values, sparsity)
         return {n: v * ms[n].to(v.dtype) for n, v in values.items()}
     targets = {n: m for n, m in find_targets(model, spec.targets).items() if n in values}
@@ -75,7 +78,7 @@ def project_weights(model: nn.Module, spec, values: dict[str, Tensor], sparsity:
     return {n: st.project(values[n], sp) for n, (st, sp) in plan.items()}
 
 
-def _check_rho(rho, growth, rho_max):
+def _check_rho(rho: float, growth: float, rho_max: float) -> None:
     if not rho > 0:
         raise RecipeError(f"algorithm.params.rho must be > 0, got {rho}")
     if not growth >= 1:
@@ -84,12 +87,24 @@ def _check_rho(rho, growth, rho_max):
         raise RecipeError(f"algorithm.params.rho_max ({rho_max}) must be >= rho ({rho})")
 
 
-class _Splitting(Algorithm):
+class _SplittingParams(Protocol):
+    """What :class:`_Splitting` reads from its algorithm's params."""
+
+    rho: float
+    rho_growth: float
+    rho_max: float
+    update_every: int
+
+
+P = TypeVar("P", bound=_SplittingParams)
+
+
+class _Splitting(Algorithm[P]):
     """Shared parts of ADMM-type algorithms: target parameters, projection, ρ schedule, update timing."""
 
     has_search = True
 
-    def __init__(self, params, spec):
+    def __init__(self, params: P, spec: PruneSpec):
         super().__init__(params, spec)
         self.Z: dict[str, Tensor] = {}
         self.rho = float(params.rho)
@@ -107,7 +122,7 @@ class _Splitting(Algorithm):
     def _sparsity_now(self) -> float | None:
         return None  # = spec.sparsity
 
-    def _project(self, model, values: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _project(self, model: nn.Module, values: dict[str, Tensor]) -> dict[str, Tensor]:
         """``Π_S(values)`` (previous hard-prune masks, if any, stay in force)."""
         if self.masks is not None:
             values = {n: v * self.masks[n].to(v.dtype) for n, v in values.items()}
@@ -118,18 +133,18 @@ class _Splitting(Algorithm):
         self.rho = min(self.rho * self.params.rho_growth, self.params.rho_max)
         return old
 
-    def after_step(self, ctx):
+    def after_step(self, ctx: TrainContext) -> None:
         if self.params.update_every and ctx.step % self.params.update_every == 0:
             self.update(ctx)
 
-    def epoch_end(self, ctx):
+    def epoch_end(self, ctx: TrainContext) -> None:
         if not self.params.update_every:
             self.update(ctx)
 
-    def update(self, ctx) -> None:
+    def update(self, ctx: TrainContext) -> None:
         raise NotImplementedError
 
-    def final_masks(self, model):
+    def final_masks(self, model: nn.Module) -> MaskSet:
         if not self._params:
             self._bind(model)
         with torch.no_grad():
@@ -144,12 +159,12 @@ class _Splitting(Algorithm):
             out.update(n, m, final.structures.get(n))
         return out
 
-    def _final_values(self, name, p) -> Tensor:
+    def _final_values(self, name: str, p: Tensor) -> Tensor:
         return p.detach().clone()
 
 
 @register
-class ADMM(_Splitting):
+class ADMM(_Splitting["ADMM.Params"]):
     """ADMM pruning (Zhang et al., ECCV 2018); see the module docstring for the formulas."""
 
     name = "admm"
@@ -163,30 +178,30 @@ class ADMM(_Splitting):
         final_with_u: bool = False  # final masks = Π(W + U) instead of Π(W)
         rescale_dual: bool = True   # keep Λ = ρU fixed when ρ changes (U ← U·ρ_old/ρ_new)
 
-        def __post_init__(self):
+        def __post_init__(self) -> None:
             _check_rho(self.rho, self.rho_growth, self.rho_max)
             if self.update_every < 0:
                 raise RecipeError(f"algorithm.params.update_every must be >= 0, got {self.update_every}")
 
-    def __init__(self, params, spec):
+    def __init__(self, params: ADMM.Params, spec: PruneSpec):
         super().__init__(params, spec)
         self.U: dict[str, Tensor] = {}
 
-    def _init_split(self, model) -> None:
+    def _init_split(self, model: nn.Module) -> None:
         with torch.no_grad():
             self.Z = self._project(model, {n: p.detach().clone() for n, p in self._params.items()})
             self.U = {n: torch.zeros_like(p) for n, p in self._params.items()}
 
-    def begin(self, ctx):
+    def begin(self, ctx: TrainContext) -> None:
         self._bind(ctx.model)
         if not self.Z:                      # fresh start (a resumed state keeps its Z, U)
             self._init_split(ctx.model)
 
-    def extra_loss(self, ctx, batch, outputs):
+    def extra_loss(self, ctx: TrainContext, batch: Any, outputs: Any) -> Tensor:
         return admm_penalty(self._params, self.Z, self.U, self.rho)
 
     @torch.no_grad()
-    def update(self, ctx) -> None:
+    def update(self, ctx: TrainContext) -> None:
         """One Z-step and dual step: ``Z = Π(W + U)``, ``U += W − Z``, then the ρ schedule."""
         W = {n: p.detach() for n, p in self._params.items()}
         self.Z = self._project(ctx.model, {n: W[n] + self.U[n] for n in W})
@@ -198,15 +213,15 @@ class ADMM(_Splitting):
                 self.U[n] *= old / self.rho
         self.updates += 1
 
-    def _final_values(self, name, p):
+    def _final_values(self, name: str, p: Tensor) -> Tensor:
         v = p.detach().clone()
         return v + self.U[name] if self.params.final_with_u and name in self.U else v
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return {"rho": self.rho, "updates": self.updates,
                 "Z": {n: z.clone() for n, z in self.Z.items()}, "U": {n: u.clone() for n, u in self.U.items()}}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rho = float(state["rho"])
         self.updates = int(state["updates"])
         self.Z = {n: z.clone() for n, z in state["Z"].items()}
@@ -224,7 +239,7 @@ class ProgressiveADMM(ADMM):
     class Params(ADMM.Params):
         targets: list[float] = field(default_factory=list)   # increasing; the last = prune.sparsity
 
-        def __post_init__(self):
+        def __post_init__(self) -> None:
             super().__post_init__()
             for i, t in enumerate(self.targets):
                 if not (0 < t < 1):
@@ -232,7 +247,9 @@ class ProgressiveADMM(ADMM):
             if any(b <= a for a, b in zip(self.targets, self.targets[1:])):
                 raise RecipeError(f"algorithm.params.targets must increase strictly, got {self.targets}")
 
-    def __init__(self, params, spec):
+    params: Params
+
+    def __init__(self, params: ProgressiveADMM.Params, spec: PruneSpec):
         super().__init__(params, spec)
         targets = list(params.targets) or [float(spec.sparsity)]
         if abs(targets[-1] - float(spec.sparsity)) > 1e-9:
@@ -241,10 +258,10 @@ class ProgressiveADMM(ADMM):
         self.targets = targets
         self.stage = 0
 
-    def _sparsity_now(self):
+    def _sparsity_now(self) -> float:
         return self.targets[self.stage]
 
-    def masks_during_search(self, model):
+    def masks_during_search(self, model: nn.Module) -> MaskSet:
         if self.masks is None:              # a resumed state brings its own masks
             self.masks = full_masks(model, self.spec)
         return self.masks
@@ -252,34 +269,36 @@ class ProgressiveADMM(ADMM):
     def _stage_end(self, total_steps: int, stage: int) -> int:
         return round((stage + 1) * total_steps / len(self.targets))
 
-    def after_step(self, ctx):
+    def after_step(self, ctx: TrainContext) -> None:
         super().after_step(ctx)
         if self.stage < len(self.targets) - 1 and ctx.step >= self._stage_end(ctx.total_steps, self.stage):
             self.next_stage(ctx)
 
     @torch.no_grad()
-    def next_stage(self, ctx) -> None:
+    def next_stage(self, ctx: TrainContext) -> None:
         """Hard-prune to the current stage's target, then start ADMM towards the next one."""
-        vals = {n: self._final_values(n, p) * self.masks[n].to(p.dtype) for n, p in self._params.items()}
+        masks = self.masks
+        assert masks is not None, "masks_during_search runs before the first step"
+        vals = {n: self._final_values(n, p) * masks[n].to(p.dtype) for n, p in self._params.items()}
         stage_masks = project_masks(ctx.model, self.spec, vals, self._sparsity_now())
         for n, m in stage_masks.items():
-            self.masks.update(n, m, stage_masks.structures.get(n))
+            masks.update(n, m, stage_masks.structures.get(n))
         if ctx.hard_prune is not None:
             ctx.hard_prune.refresh()
         else:
-            self.masks.apply(ctx.model)
+            masks.apply(ctx.model)
         self.stage += 1
         self.rho = float(self.params.rho)
         self._init_split(ctx.model)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         s = super().state_dict()
         s["stage"] = self.stage
         if self.masks is not None:
             s["masks"] = self.masks.state_dict()["masks"]
         return s
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.stage = int(state["stage"])
         if "masks" in state:

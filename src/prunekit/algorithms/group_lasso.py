@@ -25,15 +25,19 @@ whose rows/columns it owns), so a head's query/key/value rows and output columns
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from prunekit.algorithms.base import Algorithm, register
+from prunekit.algorithms.hooks import TrainContext
 from prunekit.core.errors import RecipeError
 from prunekit.core.groups import CoupledGroup
-from prunekit.core.plan import compute_masks, target_plan
+from prunekit.core.masks import MaskSet
+from prunekit.core.plan import PruneSpec, compute_masks, target_plan
 from prunekit.core.structures import Structure
 from prunekit.core.targets import find_targets
 
@@ -50,9 +54,9 @@ def group_lasso_penalty(st: Structure, w: Tensor, alpha: Tensor, lam: float, smo
     return lam * (alpha * _norms(st, w, smooth)).sum()
 
 
-def unit_norms(g: CoupledGroup, params: dict[str, Tensor], smooth: float = 0.0) -> Tensor:
+def unit_norms(g: CoupledGroup, params: Mapping[str, Tensor], smooth: float = 0.0) -> Tensor:
     """``(count,)`` differentiable ``sqrt(Σ w² + δ²)`` of every unit of ``g`` over its slices of ``params``."""
-    tot = None
+    tot: Tensor | None = None
     for s in g.slices:
         if s.tensor not in params:
             continue
@@ -60,6 +64,7 @@ def unit_norms(g: CoupledGroup, params: dict[str, Tensor], smooth: float = 0.0) 
         part = params[s.tensor].narrow(s.dim, start, stop - start).movedim(s.dim, 0).reshape(g.count, -1)
         sq = part.pow(2).sum(1)
         tot = sq if tot is None else tot + sq
+    assert tot is not None, f"coupled group {g.name} has no slice among the parameters"
     return (tot + smooth * smooth).clamp_min(0).sqrt()
 
 
@@ -69,7 +74,7 @@ def reweight(st: Structure, w: Tensor, eps: float) -> Tensor:
 
 
 @register
-class GroupLasso(Algorithm):
+class GroupLasso(Algorithm["GroupLasso.Params"]):
     """Reweighted group lasso (Li et al. 2020); see the module docstring."""
 
     name = "group_lasso"
@@ -83,7 +88,7 @@ class GroupLasso(Algorithm):
         reweight_at_start: bool = True  # α from the dense weights (else α = 1 until the first reset)
         smooth: float = 1e-8            # δ in sqrt(Σw² + δ²)
 
-        def __post_init__(self):
+        def __post_init__(self) -> None:
             if not self.lam >= 0:
                 raise RecipeError(f"algorithm.params.lam must be >= 0, got {self.lam}")
             if not self.eps > 0:
@@ -93,19 +98,19 @@ class GroupLasso(Algorithm):
             if self.smooth < 0:
                 raise RecipeError(f"algorithm.params.smooth must be >= 0, got {self.smooth}")
 
-    def __init__(self, params, spec):
+    def __init__(self, params: GroupLasso.Params, spec: PruneSpec):
         super().__init__(params, spec)
         self.alpha: dict[str, Tensor] = {}
         self.reweights = 0
-        self._params = {}
+        self._params: dict[str, nn.Parameter] = {}
         self._structs: dict[str, Structure] = {}
         self._groups: list[CoupledGroup] = []
 
-    def begin(self, ctx):
+    def begin(self, ctx: TrainContext) -> None:
         plan = target_plan(ctx.model, self.spec)
         params = dict(ctx.model.named_parameters())
         self._params = {n: params[n] for n in plan}
-        if self.spec.structure.coupled:
+        if self.spec.st.coupled:
             self._groups = [g for g, _, _ in self.spec.group_plan(find_targets(ctx.model, self.spec.targets))[0]]
             if not self.alpha:
                 if self.params.reweight_at_start:
@@ -122,7 +127,7 @@ class GroupLasso(Algorithm):
                 self.alpha = {n: torch.ones(self._structs[n].num_groups(p.shape), device=p.device) for n, p in self._params.items()}
 
     @torch.no_grad()
-    def _reweight(self):
+    def _reweight(self) -> None:
         if self._groups:
             self.alpha = {g.name: 1.0 / (unit_norms(g, self._params) + self.params.eps) for g in self._groups}
             self.reweights += 1
@@ -130,12 +135,13 @@ class GroupLasso(Algorithm):
         self.alpha = {n: reweight(self._structs[n], p, self.params.eps) for n, p in self._params.items()}
         self.reweights += 1
 
-    def penalty(self) -> Tensor:
-        tot = None
+    def penalty(self) -> Tensor | None:
+        """None when there is no target."""
+        tot: Tensor | None = None
         if self._groups:
             for g in self._groups:
-                n = unit_norms(g, self._params, self.params.smooth)
-                t = self.params.lam * (self.alpha[g.name].to(device=n.device, dtype=n.dtype) * n).sum()
+                un = unit_norms(g, self._params, self.params.smooth)
+                t = self.params.lam * (self.alpha[g.name].to(device=un.device, dtype=un.dtype) * un).sum()
                 tot = t if tot is None else tot + t
             return tot
         for n, p in self._params.items():
@@ -143,25 +149,25 @@ class GroupLasso(Algorithm):
             tot = t if tot is None else tot + t
         return tot
 
-    def extra_loss(self, ctx, batch, outputs):
+    def extra_loss(self, ctx: TrainContext, batch: Any, outputs: Any) -> Tensor | None:
         return self.penalty() if self.params.lam > 0 else None
 
-    def after_step(self, ctx):
+    def after_step(self, ctx: TrainContext) -> None:
         if self.params.reweight_every and ctx.step % self.params.reweight_every == 0:
             self._reweight()
 
-    def epoch_end(self, ctx):
+    def epoch_end(self, ctx: TrainContext) -> None:
         if not self.params.reweight_every:
             self._reweight()
 
-    def final_masks(self, model):
+    def final_masks(self, model: nn.Module) -> MaskSet:
         params = dict(model.named_parameters())
         names = target_plan(model, self.spec)
         return compute_masks(model, self.spec, importance={n: params[n].detach() for n in names})
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return {"reweights": self.reweights, "alpha": {n: a.clone() for n, a in self.alpha.items()}}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reweights = int(state["reweights"])
         self.alpha = {n: a.clone() for n, a in state["alpha"].items()}

@@ -42,14 +42,18 @@ records the accuracy right after it (``score_after_hard_prune``), before retrain
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from prunekit.algorithms.admm import _check_rho, _Splitting
 from prunekit.algorithms.base import register
+from prunekit.algorithms.hooks import TrainContext
 from prunekit.core.errors import RecipeError
+from prunekit.core.plan import PruneSpec
 
 __all__ = ["SLR", "slr_alpha", "slr_step_size"]
 
@@ -58,7 +62,8 @@ def slr_alpha(j: int, M: float, r: float) -> float:
     """``α_j = 1 − 1 / (M · j^(1 − 1/j^r))`` (Gurevin et al. 2021, eq. 8; Bragin et al. 2015)."""
     if j < 1:
         raise RecipeError(f"SLR step index starts at 1, got {j}")
-    return 1.0 - 1.0 / (M * j ** (1.0 - 1.0 / j ** r))
+    alpha: float = 1.0 - 1.0 / (M * j ** (1.0 - 1.0 / j ** r))
+    return alpha
 
 
 def slr_step_size(s_prev: float, j: int, M: float, r: float, g_prev_norm: float, g_norm: float) -> float:
@@ -69,7 +74,7 @@ def slr_step_size(s_prev: float, j: int, M: float, r: float, g_prev_norm: float,
 
 
 @register
-class SLR(_Splitting):
+class SLR(_Splitting["SLR.Params"]):
     """Surrogate Lagrangian Relaxation pruning (Gurevin et al. 2021); see the module docstring."""
 
     name = "slr"
@@ -84,7 +89,7 @@ class SLR(_Splitting):
         r: float = 0.1              # 0 < r < 1
         update_every: int = 0       # optimizer steps between SLR iterations; 0 = each epoch end
 
-        def __post_init__(self):
+        def __post_init__(self) -> None:
             _check_rho(self.rho, self.rho_growth, self.rho_max)
             if not self.M > 1:
                 raise RecipeError(f"algorithm.params.M must be > 1, got {self.M}")
@@ -95,7 +100,7 @@ class SLR(_Splitting):
             if self.update_every < 0:
                 raise RecipeError(f"algorithm.params.update_every must be >= 0, got {self.update_every}")
 
-    def __init__(self, params, spec):
+    def __init__(self, params: SLR.Params, spec: PruneSpec):
         super().__init__(params, spec)
         self.Lam: dict[str, Tensor] = {}
         self.s = float(params.s0 if params.s0 is not None else params.rho)
@@ -104,10 +109,10 @@ class SLR(_Splitting):
         self.L_prev: float | None = None   # L_ρ(W^{k−1}, Z^{k−1}, Λ^k)
         self.iterations = 0
         self.accepted = {"w_step": 0, "z_step": 0}
-        self._probe = None
+        self._probe: Any = None   # the first training batch (any type the task takes)
 
     # -- Lagrangian pieces -------------------------------------------------------------------------
-    def _coupling(self, W, Z, Lam) -> float:
+    def _coupling(self, W: Mapping[str, Tensor], Z: Mapping[str, Tensor], Lam: Mapping[str, Tensor]) -> float:
         """``Σ tr[Λᵀ(W − Z)] + ρ/2 ‖W − Z‖²`` (the Z-dependent part of L_ρ, indicator = 0)."""
         tot = 0.0
         for n in W:
@@ -116,7 +121,7 @@ class SLR(_Splitting):
         return tot
 
     @torch.no_grad()
-    def _f(self, ctx) -> float:
+    def _f(self, ctx: TrainContext) -> float:
         was = ctx.model.training
         ctx.model.eval()
         try:
@@ -126,7 +131,7 @@ class SLR(_Splitting):
         return float(loss)
 
     @staticmethod
-    def _norm(W, Z) -> float:
+    def _norm(W: Mapping[str, Tensor], Z: Mapping[str, Tensor]) -> float:
         return math.sqrt(sum(float((W[n] - Z[n]).pow(2).sum()) for n in W))
 
     def _multiplier_step(self, g: dict[str, Tensor], g_norm: float) -> bool:
@@ -140,7 +145,7 @@ class SLR(_Splitting):
         return True
 
     # -- hooks --------------------------------------------------------------------------------------
-    def begin(self, ctx):
+    def begin(self, ctx: TrainContext) -> None:
         self._bind(ctx.model)
         if not self.Z:
             with torch.no_grad():
@@ -149,14 +154,14 @@ class SLR(_Splitting):
                 self.Lam = {n: torch.zeros_like(p) for n, p in self._params.items()}
                 self.g_prev_norm = self._norm(W, self.Z)
 
-    def extra_loss(self, ctx, batch, outputs):
+    def extra_loss(self, ctx: TrainContext, batch: Any, outputs: Any) -> Tensor | None:
         if self._probe is None:
             self._probe = batch
             if self.L_prev is None:     # L_ρ(W^0, Z^0, Λ^0) before the first optimizer step
                 with torch.no_grad():
                     W = {n: p.detach() for n, p in self._params.items()}
                     self.L_prev = self._f(ctx) + self._coupling(W, self.Z, self.Lam)
-        tot = None
+        tot: Tensor | None = None
         for n, w in self._params.items():
             d = w - self.Z[n]
             t = (self.Lam[n] * d).sum() + 0.5 * self.rho * d.pow(2).sum()
@@ -164,7 +169,7 @@ class SLR(_Splitting):
         return tot
 
     @torch.no_grad()
-    def update(self, ctx) -> None:
+    def update(self, ctx: TrainContext) -> None:
         if self._probe is None:
             return
         W = {n: p.detach() for n, p in self._params.items()}
@@ -188,14 +193,14 @@ class SLR(_Splitting):
         self.iterations += 1
         self.updates += 1
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return {"rho": self.rho, "s": self.s, "j": self.j, "g_prev_norm": self.g_prev_norm,
                 "L_prev": self.L_prev if self.L_prev is not None else float("nan"),
                 "iterations": self.iterations, "updates": self.updates,
                 "accepted_w_step": self.accepted["w_step"], "accepted_z_step": self.accepted["z_step"],
                 "Z": {n: z.clone() for n, z in self.Z.items()}, "Lam": {n: v.clone() for n, v in self.Lam.items()}}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rho, self.s, self.j = float(state["rho"]), float(state["s"]), int(state["j"])
         self.g_prev_norm = float(state["g_prev_norm"])
         lp = float(state["L_prev"])

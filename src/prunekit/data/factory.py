@@ -41,13 +41,14 @@ def _label_value(label: Any, where: str, task_type: str) -> float | int:
         label = label.item()
     if isinstance(label, bool) or not isinstance(label, numbers.Number):
         raise DataError(f"{where}: label {label!r} is not a number")
+    num: Any = label   # a numbers.Number (int, float, numpy scalar, ...): typeshed's Number declares no operations
     if task_type == "classification":
-        if not float(label).is_integer() or label < 0:
+        if not float(num).is_integer() or num < 0:
             raise DataError(f"{where}: classification label {label!r} is not a class id (an integer >= 0)")
-        return int(label)
-    if not math.isfinite(float(label)):
+        return int(num)
+    if not math.isfinite(float(num)):
         raise DataError(f"{where}: regression label {label!r} is not finite")
-    return float(label)
+    return float(num)
 
 
 def check_examples(ds: Any, name: str, task_type: str) -> list[float | int]:

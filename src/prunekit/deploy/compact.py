@@ -65,7 +65,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +133,7 @@ def _slice_out(m: nn.Module, keep: Tensor) -> None:
             m.bias = _new_param(m.bias, m.bias[keep])
         if m.track_running_stats and m.running_mean is not None:
             m.running_mean = m.running_mean[keep].clone()
-            m.running_var = m.running_var[keep].clone()
+            m.running_var = cast(Tensor, m.running_var)[keep].clone()   # set with running_mean
         m.num_features = int(keep.numel())
     else:
         raise TypeError(f"cannot slice output units of a {type(m).__name__}")
@@ -181,7 +181,7 @@ class _Ledger:
 
     def slice_out(self, name: str, keep: Tensor) -> None:
         m = self.model.get_submodule(name)
-        n = m.weight.shape[0] if not isinstance(m, _BNS) else m.num_features
+        n = cast(Tensor, m.weight).shape[0] if not isinstance(m, _BNS) else m.num_features
         self.out[name] = self._base(self.out, name, n)[keep]
         _slice_out(m, keep)
 
@@ -230,6 +230,7 @@ def _compact_chain(ledger: _Ledger, ch: Chain) -> int:
     for nm, m in ((ch.producer, P), (ch.consumer, C)):
         if not isinstance(m, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"chain module {nm!r} is a {type(m).__name__}; expected Linear or Conv2d")
+    P, C = cast("nn.Linear | nn.Conv2d", P), cast("nn.Linear | nn.Conv2d", C)   # checked just above
     n = P.weight.shape[0]
     const = P.bias.detach().clone() if P.bias is not None else torch.zeros(n, dtype=P.weight.dtype)
     for b in ch.between:
@@ -261,7 +262,7 @@ def _compact_chain(ledger: _Ledger, ch: Chain) -> int:
     if keep_mask.all():
         return 0
     if fold.any():
-        C.bias.add_((col_sum[:, fold] * const[fold]).sum(1))
+        cast(Tensor, C.bias).add_((col_sum[:, fold] * const[fold]).sum(1))   # fold needs a bias (foldable)
         ledger.folded[ch.consumer] = ledger.folded.get(ch.consumer, 0) + int(fold.sum())
     keep = keep_mask.nonzero().reshape(-1)
     ledger.slice_out(ch.producer, keep)
@@ -284,7 +285,8 @@ def _removal(unused: torch.Tensor, constant: torch.Tensor, const: torch.Tensor, 
 # ------------------------------------------------------------------------------------------------
 # Transformer layers (HF BERT family)
 # ------------------------------------------------------------------------------------------------
-def _is_transformer_layer(m: nn.Module) -> bool:
+def _is_transformer_layer(module: nn.Module) -> bool:
+    m: Any = module   # an HF layer's submodules are found by name
     try:
         sa = m.attention.self
         return all(isinstance(getattr(sa, k, None), nn.Linear) for k in ("query", "key", "value")) \
@@ -301,7 +303,7 @@ def transformer_layers(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def _compact_ffn(ledger: _Ledger, layer: str) -> int:
-    L = ledger.model.get_submodule(layer)
+    L: Any = ledger.model.get_submodule(layer)   # an HF BERT-family layer (see _is_transformer_layer)
     W1, W2 = L.intermediate.dense, L.output.dense
     n = W1.out_features
     unused = (W2.weight == 0).all(0)
@@ -323,7 +325,7 @@ def _compact_ffn(ledger: _Ledger, layer: str) -> int:
 
 @torch.no_grad()
 def _compact_heads(ledger: _Ledger, layer: str) -> int:
-    L = ledger.model.get_submodule(layer)
+    L: Any = ledger.model.get_submodule(layer)   # an HF BERT-family layer (see _is_transformer_layer)
     sa, Wo = L.attention.self, L.attention.output.dense
     d = int(sa.attention_head_size)
     H = sa.query.out_features // d
@@ -354,7 +356,7 @@ def _compact_heads(ledger: _Ledger, layer: str) -> int:
     return H - kept
 
 
-def _set_head_attrs(sa: nn.Module, kept: int) -> None:
+def _set_head_attrs(sa: Any, kept: int) -> None:
     """Head count of a compacted attention module; ``attention_head_size``, ``scaling`` and the
     attention implementation (``config._attn_implementation``, SDPA by default) stay as they are."""
     sa.num_attention_heads = kept
@@ -434,14 +436,15 @@ def compact(model: nn.Module, masks: MaskSet | None = None, *, chains: Sequence[
                 changed += k
         if not changed:
             break
-    heads, inter = {}, {}
+    heads: dict[str, int] = {}
+    inter: dict[str, int] = {}
     for layer in layers:
         removed[f"{layer}.heads"] = _compact_heads(ledger, layer)
         removed[f"{layer}.ffn"] = _compact_ffn(ledger, layer)
-        L = model.get_submodule(layer)
+        L: Any = model.get_submodule(layer)
         heads[layer] = int(L.attention.self.num_attention_heads)
         inter[layer] = int(L.intermediate.dense.out_features)
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": COMPACT_FORMAT,
         "model_class": type(model).__name__,
         "keep_out": {k: v.tolist() for k, v in ledger.out.items()},

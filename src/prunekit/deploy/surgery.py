@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -119,7 +119,7 @@ def unit_status(g: CoupledGroup, masks: Mapping[str, Tensor], state: Mapping[str
         t, m = state.get(s.tensor), masks.get(s.tensor)
         if m is None and (t is None or not isinstance(t, nn.Parameter) or t.dim() < 2):
             continue
-        alive = s.unit_view(m.bool() if m is not None else t.detach() != 0, g.count).any(1)
+        alive = s.unit_view(m.bool() if m is not None else cast(Tensor, t).detach() != 0, g.count).any(1)   # t: a Parameter here
         if isinstance(t, nn.Parameter) and t.dim() >= 2:
             some |= ~alive
         if (alive & some).any() or alive.any():
@@ -216,28 +216,28 @@ def _depthwise(model: nn.Module) -> set[int]:
 
 
 def _fix_module(m: nn.Module, depthwise: bool) -> None:
-    w = getattr(m, "weight", None)
+    w: Tensor | None = getattr(m, "weight", None)
     if isinstance(m, nn.Linear):
-        m.out_features, m.in_features = int(w.shape[0]), int(w.shape[1])
+        m.out_features, m.in_features = int(m.weight.shape[0]), int(m.weight.shape[1])
     elif isinstance(m, nn.modules.conv._ConvNd):
-        m.out_channels = int(w.shape[0])
+        m.out_channels = int(m.weight.shape[0])
         if depthwise:
-            m.groups = m.in_channels = int(w.shape[0])
+            m.groups = m.in_channels = int(m.weight.shape[0])
         else:
-            m.in_channels = int(w.shape[1]) * m.groups
+            m.in_channels = int(m.weight.shape[1]) * m.groups
     elif isinstance(m, nn.modules.batchnorm._NormBase):
-        ref = w if w is not None else m.running_mean
+        ref = cast(Tensor, w if w is not None else m.running_mean)   # affine or tracking stats: one is set
         m.num_features = int(ref.shape[0])
     elif isinstance(m, nn.LayerNorm) and w is not None:
         m.normalized_shape = tuple(int(s) for s in w.shape)
     elif isinstance(m, nn.GroupNorm) and w is not None:
         m.num_channels = int(w.shape[0])
     elif isinstance(m, nn.Embedding):
-        m.num_embeddings, m.embedding_dim = int(w.shape[0]), int(w.shape[1])
+        m.num_embeddings, m.embedding_dim = int(m.weight.shape[0]), int(m.weight.shape[1])
     elif type(m).__name__ == "Conv1D" and w is not None:   # HF GPT-2 style (in, out) weight
-        m.nf = int(w.shape[1])
+        setattr(m, "nf", int(w.shape[1]))  # noqa: B010 - HF Conv1D attribute, not declared on nn.Module
         if hasattr(m, "nx"):
-            m.nx = int(w.shape[0])
+            setattr(m, "nx", int(w.shape[0]))  # noqa: B010
 
 
 _HEAD_ATTRS = ("num_attention_heads", "num_heads", "n_head", "n_heads")
@@ -315,7 +315,8 @@ def _update_config(model: nn.Module, groups: Sequence[CoupledGroup], plan) -> tu
         return {}, []
     keep_of = {g.name: keep for g, keep in plan}
     kept = {g.name: int(keep_of[g.name].sum()) if g.name in keep_of else g.count for g in groups if g.removable}
-    upd, notes = {}, []
+    upd: dict[str, int | None] = {}
+    notes: list[str] = []
     kv = _uniform(kept[g.name] for g in groups if g.kind == "kv_groups" and g.name in kept)
     heads = _uniform(kept[g.name] for g in groups if g.kind == "heads" and g.name in kept)
     attn = [g for g in groups if g.kind in ("heads", "kv_groups") and g.name in kept]
@@ -409,10 +410,9 @@ def compact(model: nn.Module, masks: Any, example_inputs: Any, *, groups: Sequen
     ref = copy.deepcopy(model).eval()
     mdict = _mask_dict(ref, masks)
     _apply_masks(ref, mdict)
-    analysis = None
-    if groups is None or count_macs:
-        analysis = analyze_model(ref, example_inputs)
+    analysis = analyze_model(ref, example_inputs) if groups is None or count_macs else None
     if groups is None:
+        assert analysis is not None
         groups = build_groups(analysis)
     plan, partial = plan_removals(groups, mdict, _state(ref))
     new, diff, rel, err = _try(ref, plan, example_inputs)
@@ -430,6 +430,7 @@ def compact(model: nn.Module, masks: Any, example_inputs: Any, *, groups: Sequen
     res = CompactResult(new, reports, _nparams(ref), _nparams(new), diff, rel, config_updates=updates, notes=notes,
                         keeps=_keep_vectors(plan, _state(ref)), attrs=_head_attrs(new, plan))
     if count_macs:
+        assert analysis is not None
         res.macs_before = macs_of(analysis.traced)["total"]
         res.macs_after = graph_macs(new, example_inputs)["total"]
     if inplace:

@@ -37,7 +37,7 @@ from prunekit.core.errors import RecipeError
 from prunekit.core.masks import MaskSet
 from prunekit.core.plan import PruneSpec, target_plan
 from prunekit.core.stats import model_summary
-from prunekit.core.structures import parse_structure
+from prunekit.core.structures import GroupStructure, parse_structure
 from prunekit.core.targets import TargetSpec, find_targets
 from prunekit.deploy import surgery
 from prunekit.graph import TraceError, coupled_groups
@@ -135,14 +135,14 @@ def validate_recipe(recipe: Recipe, workload: Workload, spec: PruneSpec | None =
 
     spec = spec or prune_spec_from(recipe)
     cls = get_algorithm_class(recipe.algorithm.name)
-    if spec.groups is None and getattr(cls, "uses_groups", None) and not spec.structure.coupled:
+    if spec.groups is None and getattr(cls, "uses_groups", None) and not spec.st.coupled:
         try:                                # e.g. heads_neurons: groups from the graph when the model traces
             was = workload.model.training
             spec.groups = coupled_groups(workload.model.eval(), workload.example_input)
             workload.model.train(was)
         except TraceError:
             workload.model.train(was)
-    if spec.structure.coupled and spec.groups is None:
+    if spec.st.coupled and spec.groups is None:
         try:
             was = workload.model.training
             spec.groups = coupled_groups(workload.model.eval(), workload.example_input)
@@ -157,7 +157,7 @@ def validate_recipe(recipe: Recipe, workload: Workload, spec: PruneSpec | None =
             st.check_shape(params[n].shape)
     except ValueError as e:
         raise RecipeError(f"prune.targets/structure: {e}") from None
-    if spec.structure.coupled and not plan:
+    if spec.st.coupled and not plan:
         raise RecipeError(f"prune.structure {spec.structure}: the model has no prunable group of these kinds; "
                           f"groups: {group_table(spec, workload.model)}")
     algo = cls(from_dict(cls.Params, recipe.algorithm.params, "algorithm.params"), spec)
@@ -167,14 +167,14 @@ def validate_recipe(recipe: Recipe, workload: Workload, spec: PruneSpec | None =
 def group_table(spec: PruneSpec, model: nn.Module) -> list[dict]:
     """Group structures: every group of the structure's kinds with ``count`` and ``status``
     (``pruned`` or why it is left dense: not removable and the graph's reason, ignored, not a target)."""
-    if not spec.structure.coupled or spec.groups is None:
+    if not spec.st.coupled or spec.groups is None:
         return []
     plan, skipped = spec.group_plan(find_targets(model, spec.targets))
     sp = {g.name: s for g, s, _ in plan}
     return [{"name": g.name, "kind": g.kind, "count": g.count,
              **({"status": "pruned", "sparsity": sp[g.name]} if g.name in sp else
                 {"status": "dense", "reason": skipped.get(g.name, "")})}
-            for g in spec.groups if g.kind in spec.structure.kinds]
+            for g in spec.groups if g.kind in cast(GroupStructure, spec.st).kinds]
 
 
 def _resumable_loader(loader, seed: int):
@@ -449,13 +449,13 @@ class Report(Stage):
                     "precision": recipe.precision,
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "algorithm_state_keys": sorted(ctx.algo.state_dict())})
-        gst = ctx.spec.structure if ctx.spec.structure.coupled else None
+        gst = cast(GroupStructure, ctx.spec.st) if ctx.spec.st.coupled else None
         if gst is None and getattr(ctx.algo, "uses_groups", None) and getattr(ctx.algo.params, "structure", None):
-            gst = parse_structure(ctx.algo.params.structure)      # heads_neurons: the alias's group kinds
+            gst = cast(GroupStructure, parse_structure(ctx.algo.params.structure))   # heads_neurons: the alias's group kinds
         if gst is not None:
             out["structure"] = str(gst)
             out["group_kinds"] = list(gst.kinds)
-            if ctx.spec.structure.coupled:
+            if ctx.spec.st.coupled:
                 out["groups"] = group_table(ctx.spec, model)
             out.update(_graph_macs(model, masks, ctx.workload.example_input, ctx.log))
         if D.is_distributed():
@@ -476,6 +476,7 @@ def _graph_macs(model: nn.Module, masks: MaskSet, example_input, log) -> dict:
     except (TraceError, surgery.CompactionError) as e:
         log(f"MACs from the graph: not available ({str(e).splitlines()[0][:200]})")
         return {"macs": {"note": str(e).splitlines()[0][:300]}}
+    assert res.macs_before is not None   # count_macs (the default) sets both
     return {"macs": {"dense": res.macs_before, "compacted": res.macs_after,
                      "reduction": res.macs_before / max(res.macs_after or 1, 1)},
             "params_compacted": {"before": res.params_before, "after": res.params_after}}

@@ -128,9 +128,11 @@ def _check_outputs(model: nn.Module, x: Any, n_out: int, what: str) -> None:
 
 def _image_workload(recipe: Recipe) -> UserWorkload:
     d = recipe.data
-    opts = {"image_size": d.image_size, "mean": d.mean, "std": d.std, "grayscale": d.grayscale}
-    train = load_imagefolder(d.root, "train", limit=d.limit, augment=d.augment, **opts)
-    val = load_imagefolder(d.root, "val", limit=d.eval_limit or d.limit, **opts)
+    assert d.root is not None, "imagefolder needs data.root (checked with the recipe)"
+    train = load_imagefolder(d.root, "train", limit=d.limit, augment=d.augment,
+                             image_size=d.image_size, mean=d.mean, std=d.std, grayscale=d.grayscale)
+    val = load_imagefolder(d.root, "val", limit=d.eval_limit or d.limit,
+                           image_size=d.image_size, mean=d.mean, std=d.std, grayscale=d.grayscale)
     model = build_model(recipe.model.name, recipe.model.args, num_classes=train.num_classes)
     x0 = train.images[:1]
     _check_outputs(model, x0, train.num_classes, f"{train.num_classes} classes {list(train.classes)}")
@@ -144,12 +146,14 @@ def _image_workload(recipe: Recipe) -> UserWorkload:
 
 def _factory_workload(recipe: Recipe) -> UserWorkload:
     d = recipe.data
+    assert d.factory is not None, "a factory workload needs data.factory (checked with the recipe)"
     fd = load_factory(d.factory, d.factory_args, d.task_type)
     train, ev = fd.train, fd.eval
     if d.limit is not None and d.limit < len(train):
         train = torch.utils.data.Subset(train, range(d.limit))
-    if (d.eval_limit or d.limit) is not None and (d.eval_limit or d.limit) < len(ev):
-        ev = torch.utils.data.Subset(ev, range(d.eval_limit or d.limit))
+    eval_limit = d.eval_limit or d.limit
+    if eval_limit is not None and eval_limit < len(ev):
+        ev = torch.utils.data.Subset(ev, range(eval_limit))
     n_classes = None if d.task_type == "regression" else fd.num_classes
     model = build_model(recipe.model.name, recipe.model.args, num_classes=n_classes)
     x0 = torch.utils.data.default_collate([train[0]])[0]
@@ -170,8 +174,10 @@ def _table_path(d, path: str) -> Path:
 def _text_splits(recipe: Recipe):
     d = recipe.data
     if user_data_kind(recipe.data) == "hf_disk":
+        assert d.root is not None, "hf_disk needs data.root (checked with the recipe)"
         train, ev = load_hf_disk(d.root, d.text_columns, d.label_column, d.task_type, d.train, d.eval)
     else:
+        assert d.train is not None and d.eval is not None, "table needs data.train and data.eval (checked with the recipe)"
         train, ev = load_table_splits(_table_path(d, d.train), _table_path(d, d.eval), d.text_columns,
                                       d.label_column, d.task_type, d.format)
     train = subsample(train, d.limit, recipe.seed)
