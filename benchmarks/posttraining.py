@@ -4,14 +4,18 @@ no retraining, from calibration samples of the training set.
     python benchmarks/posttraining.py --part lenet            # LeNet-5 / MNIST at 50, 80, 90 % unstructured
     python benchmarks/posttraining.py --part minilm --tasks sst2
     python benchmarks/posttraining.py --part decoder          # small GPT-2 LM on SST-2 sentences, perplexity
+    python benchmarks/posttraining.py --part minilm_retrain --tasks sst2 --retrain-limit 2000
+                                                              # + 1 epoch of hard-pruned retraining
+    python benchmarks/posttraining.py --part resnet           # ResNet-18 on the 200-image CIFAR-10 sample
 
 Dense models are trained once through ``run_pipeline`` (the dense phase of a recipe, ``retrain.epochs=0``)
 and cached outside git under ``--cache`` (default ``$PRUNEKIT_PTQ_CACHE`` or ``~/.cache/prunekit_ptq``);
 MiniLM uses ``recipes/glue_<task>_bench.yaml`` (SST-2: 8000-sentence subset, 2 epochs; the same dense budget as
 ``benchmarks/glue_minilm.py``).  Every row prunes a fresh copy of the dense model, at 1 thread:
-``seconds`` = mask computation incl. calibration forwards; ``peak_mb`` = the process's peak resident memory
-so far (``ru_maxrss``; an upper bound for the row).  Rows are merged into ``--out`` by
-``(model, task, method, structure, sparsity)``.
+``seconds`` = mask computation incl. calibration forwards (retraining rows: + the retraining epoch);
+``peak_mb`` = the process's peak resident memory so far (``ru_maxrss``; an upper bound for the row).  Rows are
+merged into ``--out`` by ``(model, task, method, structure, sparsity, retrain_epochs, tool)``.  Calibration:
+``--samples`` training examples (seed 0), the recipe section :class:`~prunekit.algorithms.calibration.CalibrationConfig`.
 """
 from __future__ import annotations
 
@@ -30,11 +34,14 @@ from pathlib import Path
 import torch
 
 from prunekit.algorithms.base import get_algorithm_class
+from prunekit.algorithms.calibration import CalibrationConfig
 from prunekit.core.plan import PruneSpec, compute_masks
 from prunekit.core.targets import TargetSpec
+from prunekit.graph.families import head_neuron_masks
 from prunekit.io.checkpoint import atomic_write_json, load_checkpoint
 from prunekit.pipelines.recipe import from_dict, load_recipe, parse_recipe
 from prunekit.pipelines.runner import build_workload, run_pipeline
+from prunekit.training.loop import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "posttraining.json"
@@ -65,35 +72,33 @@ def workload(recipe):
     return wl
 
 
-def prune_copy(wl, method: str, spec: PruneSpec, params: dict):
+def prune_copy(wl, method: str, spec: PruneSpec, calib: CalibrationConfig, params: dict | None = None):
     """``(model, masks, seconds)``: a pruned copy of the workload's model."""
     model = copy.deepcopy(wl.model)
     t0 = time.perf_counter()
     if method == "magnitude":
         masks = compute_masks(model, spec)
     elif method == "magnitude_heads_neurons":
-        from prunekit.graph.families import head_neuron_masks
         masks = head_neuron_masks(model, spec.sparsity, spec.sparsity, "l2")
     else:
         cls = get_algorithm_class(method)
-        algo = cls(from_dict(cls.Params, params, "algorithm.params"), spec)
+        algo = cls(from_dict(cls.Params, params or {}, "algorithm.params"), spec)
         algo.calibration_loader = wl.train_loader
+        algo.calibration = calib
         masks = algo.final_masks(model)
     masks.apply(model)
     return model, masks, time.perf_counter() - t0
 
 
-def row(model_name, task, method, structure, sparsity, score, dense, seconds, **extra) -> dict:
+def row(model_name, task, method, structure, sparsity, score, dense, seconds, retrain_epochs=0, **extra) -> dict:
     return {"model": model_name, "task": task, "method": method, "structure": structure, "sparsity": sparsity,
-            "retrain_epochs": 0, "score": score, "dense_score": dense, "seconds": round(seconds, 2),
+            "retrain_epochs": retrain_epochs, "score": score, "dense_score": dense, "seconds": round(seconds, 2),
             "peak_mb": round(peak_mb(), 1), "tool": "prunekit", **extra}
 
 
 def save(out: Path, rows: list[dict], meta: dict) -> None:
     data = json.loads(out.read_text()) if out.is_file() else {"rows": []}
-    def key(r: dict) -> tuple:
-        return (r["model"], r["task"], r["method"], r["structure"], r["sparsity"])
-
+    key = lambda r: (r["model"], r["task"], r["method"], r["structure"], r["sparsity"], r["retrain_epochs"], r["tool"])
     new = {key(r) for r in rows}
     data["rows"] = [r for r in data.get("rows", []) if key(r) not in new] + rows
     data.setdefault("commands", [])
@@ -104,7 +109,9 @@ def save(out: Path, rows: list[dict], meta: dict) -> None:
     atomic_write_json(out, data)
 
 
-def run_grid(wl, model_name, task, grid, metric, flush, params) -> list[dict]:
+def run_grid(wl, model_name, task, grid, metric, flush, calib, retrain=None) -> list[dict]:
+    """One row per ``(method, structure, sparsity, targets)``; ``retrain = (train_loader, TrainConfig)`` adds
+    hard-pruned retraining (the score after the last epoch; no best-epoch selection)."""
     dense = wl.task.evaluate(wl.model, wl.eval_loader)[metric]
     print(f"{model_name} {task} dense {metric} = {dense:.4f}", flush=True)
     rows = []
@@ -112,10 +119,18 @@ def run_grid(wl, model_name, task, grid, metric, flush, params) -> list[dict]:
         if METHODS and method not in METHODS:
             continue
         spec = PruneSpec("unstructured" if structure == "heads+neurons" else structure, sparsity, targets=targets)
-        model, masks, secs = prune_copy(wl, method, spec, params)
+        model, masks, secs = prune_copy(wl, method, spec, calib)
+        extra = {}
+        if retrain is not None:
+            extra["score_before_retrain"] = wl.task.evaluate(model, wl.eval_loader)[metric]
+            t0 = time.perf_counter()
+            fit(model, wl.task, retrain[0], None, retrain[1], masks=masks, desc="retrain")
+            extra["retrain_seconds"] = round(time.perf_counter() - t0, 2)
         score = wl.task.evaluate(model, wl.eval_loader)[metric]
         rows.append(row(model_name, task, method, structure, sparsity, score, dense, secs,
-                        measured_sparsity=round(masks.sparsity(), 4)))
+                        retrain_epochs=retrain[1].epochs if retrain else 0,
+                        measured_sparsity=round(masks.sparsity(), 4), calibration_samples=calib.samples,
+                        **extra))
         print(json.dumps(rows[-1]), flush=True)
         flush(rows)
     return rows
@@ -130,8 +145,7 @@ def part_lenet(a, flush) -> list[dict]:
     wl = workload(dense_recipe(r, a.cache, "lenet5_mnist"))
     t = TargetSpec()
     grid = [(m, "unstructured", s, t) for s in (0.5, 0.8, 0.9) for m in ("magnitude", "wanda", "sparsegpt")]
-    return run_grid(wl, "lenet5", "mnist", grid, "accuracy", flush, {"calibration_samples": a.samples,
-                                                                     "calibration_batch_size": 64})
+    return run_grid(wl, "lenet5", "mnist", grid, "accuracy", flush, CalibrationConfig(a.samples, 64, None))
 
 
 def part_minilm(a, flush) -> list[dict]:
@@ -142,9 +156,43 @@ def part_minilm(a, flush) -> list[dict]:
         t = TargetSpec(list(r.prune.targets.include), [], ["Linear"])
         grid = [(m, st, 0.5, t) for st in ("unstructured", "nm:2:4") for m in ("magnitude", "wanda", "sparsegpt")]
         grid += [("magnitude_heads_neurons", "heads+neurons", 0.3, t), ("obs_structured", "heads+neurons", 0.3, t)]
-        params = {"calibration_samples": a.samples, "calibration_batch_size": 16, "max_length": r.data.max_length}
-        rows += run_grid(wl, "minilm-l6", task, grid, wl.task.metric, lambda rs: flush(rows + rs), params)
+        calib = CalibrationConfig(a.samples, 16, r.data.max_length)
+        rows += run_grid(wl, "minilm-l6", task, grid, wl.task.metric, lambda rs: flush(rows + rs), calib)
     return rows
+
+
+def part_minilm_retrain(a, flush) -> list[dict]:
+    """magnitude / wanda / sparsegpt at 50 % and 2:4, then 1 epoch of hard-pruned retraining (the recipe's
+    ``retrain`` phase) on a ``--retrain-limit`` random subset of the task's training set."""
+    rows = []
+    for task in a.tasks:
+        r = load_recipe(ROOT / "recipes" / f"glue_{task}_bench.yaml", ["prune.sparsity=0.0", "retrain.epochs=0"])
+        wl = workload(dense_recipe(r, a.cache, f"minilm_{task}"))
+        sub = build_workload(load_recipe(ROOT / "recipes" / f"glue_{task}_bench.yaml",
+                                         [f"data.limit={a.retrain_limit}"])).train_loader
+        cfg = load_recipe(ROOT / "recipes" / f"glue_{task}_bench.yaml", ["retrain.epochs=1"]).phase("retrain")
+        t = TargetSpec(list(r.prune.targets.include), [], ["Linear"])
+        grid = [(m, st, 0.5, t) for st in ("unstructured", "nm:2:4") for m in ("magnitude", "wanda", "sparsegpt")]
+        calib = CalibrationConfig(a.samples, 16, r.data.max_length)
+        rows += run_grid(wl, "minilm-l6", task, grid, wl.task.metric, lambda rs: flush(rows + rs), calib,
+                         retrain=(sub, cfg))
+    return rows
+
+
+def part_resnet(a, flush) -> list[dict]:
+    """ResNet-18 (CIFAR variant) on the 200-image CIFAR-10 sample (160 train / 40 test): dense trained briefly."""
+    r = parse_recipe({"name": "resnet18-ptq-dense", "seed": 0, "model": {"name": "resnet18_cifar"},
+                      "data": {"name": "cifar10", "batch_size": 32, "eval_batch_size": 100},
+                      "prune": {"structure": "unstructured", "sparsity": 0.0,
+                                "targets": {"include": ["*"], "exclude": ["conv1", "fc"], "types": ["Conv2d"]}},
+                      "algorithm": {"name": "oneshot"},
+                      "train": {"optimizer": "adam", "lr": 1e-3, "epochs": 1, "scheduler": "cosine"},
+                      "dense": {"epochs": a.resnet_epochs}, "retrain": {"epochs": 0}})
+    wl = workload(dense_recipe(r, a.cache, f"resnet18_cifar200_e{a.resnet_epochs}"))
+    t = TargetSpec(["*"], ["conv1", "fc"], ["Conv2d"])
+    grid = [(m, "unstructured", 0.5, t) for m in ("magnitude", "wanda", "sparsegpt")]
+    return run_grid(wl, "resnet18_cifar", "cifar10-sample200", grid, "accuracy", flush,
+                    CalibrationConfig(min(a.samples, 160), 32, None))
 
 
 def part_decoder(a, flush) -> list[dict]:
@@ -152,13 +200,13 @@ def part_decoder(a, flush) -> list[dict]:
     wl = decoder_workload(a.cache, epochs=1)
     t = TargetSpec(["transformer.h.*"], [], ["HFConv1D"])
     grid = [(m, st, 0.5, t) for st in ("unstructured", "nm:2:4") for m in ("magnitude", "wanda", "sparsegpt")]
-    return run_grid(wl, "gpt2-tiny", "sst2-lm", grid, "perplexity", flush,
-                    {"calibration_samples": a.samples, "calibration_batch_size": 16, "max_length": 64})
+    return run_grid(wl, "gpt2-tiny", "sst2-lm", grid, "perplexity", flush, CalibrationConfig(a.samples, 16, 64))
 
 
 METHODS: list[str] = []      # --methods: run only these rows' methods
 
-PARTS = {"lenet": part_lenet, "minilm": part_minilm, "decoder": part_decoder}
+PARTS = {"lenet": part_lenet, "minilm": part_minilm, "minilm_retrain": part_minilm_retrain, "resnet": part_resnet,
+         "decoder": part_decoder}
 
 
 def main(argv=None) -> int:
@@ -170,6 +218,8 @@ def main(argv=None) -> int:
                                                                       Path.home() / ".cache" / "prunekit_ptq")))
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--methods", nargs="+", default=[], help="only rows of these methods")
+    ap.add_argument("--retrain-limit", type=int, default=2000, help="minilm_retrain: train examples for the epoch")
+    ap.add_argument("--resnet-epochs", type=int, default=15, help="resnet: dense epochs on the 160 train images")
     a = ap.parse_args(argv)
     METHODS[:] = a.methods
     torch.set_num_threads(1)
