@@ -203,6 +203,48 @@ def part_decoder(a, flush) -> list[dict]:
     return run_grid(wl, "gpt2-tiny", "sst2-lm", grid, "perplexity", flush, CalibrationConfig(a.samples, 16, 64))
 
 
+GLUE = {"sst2", "mrpc", "stsb", "rte", "cola", "qnli", "qqp", "mnli"}
+
+
+def percent_glue(r: dict) -> dict:
+    """A GLUE row written as a fraction (before the metrics became percentages) in points (x100)."""
+    if r["task"] in GLUE and r.get("dense_score") is not None and r["dense_score"] <= 1.0:
+        r = dict(r)
+        for k in ("score", "dense_score", "score_before_retrain"):
+            if r.get(k) is not None:
+                r[k] = round(r[k] * 100, 2)
+        r["converted_from_fraction"] = True
+    return r
+
+
+def merge(out: Path, files: list[Path]) -> None:
+    """Rows of other result files into ``out`` (GLUE fractions converted to points); their commands are kept."""
+    data = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+    meta = {k: v for k, v in data.items() if k != "rows"}
+    rows = [percent_glue(r) for r in data.get("rows", [])]
+    for f in files:
+        other = json.loads(Path(f).read_text())
+        rows += [{**percent_glue(r), "command": r.get("command", other.get("command"))} for r in other["rows"]]
+        for c in other.get("commands", [other.get("command")]):
+            if c and c not in meta.setdefault("commands", []):
+                meta["commands"].append(c)
+    meta["command"] = " ".join(["python", *map(shlex.quote, sys.argv)])
+    save(out, rows, meta)
+
+
+def table(path: Path) -> str:
+    """The rows as a markdown table (score = the task's metric; GLUE in points)."""
+    rows = json.loads(path.read_text())["rows"]
+    head = "| model | task | method | structure | sparsity | retrain epochs | score | dense | Δ | seconds | peak MB |"
+    out = [head, "|" + "---|" * 11]
+    for r in rows:
+        d = r["score"] - r["dense_score"]
+        out.append(f"| {r['model']} | {r['task']} | {r['method']}{'' if r['tool'] == 'prunekit' else ' (' + r['tool'] + ')'}"
+                   f" | {r['structure']} | {r['sparsity']:.0%} | {r['retrain_epochs']} | {r['score']:.2f} | "
+                   f"{r['dense_score']:.2f} | {d:+.2f} | {r['seconds']} | {r['peak_mb']:.0f} |")
+    return "\n".join(out)
+
+
 METHODS: list[str] = []      # --methods: run only these rows' methods
 
 PARTS = {"lenet": part_lenet, "minilm": part_minilm, "minilm_retrain": part_minilm_retrain, "resnet": part_resnet,
@@ -211,7 +253,9 @@ PARTS = {"lenet": part_lenet, "minilm": part_minilm, "minilm_retrain": part_mini
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=sorted(PARTS), required=True)
+    ap.add_argument("--part", choices=sorted(PARTS))
+    ap.add_argument("--merge", nargs="+", type=Path, help="merge the rows of these result files into --out")
+    ap.add_argument("--table", action="store_true", help="print --out as a markdown table")
     ap.add_argument("--tasks", nargs="+", default=["sst2"])
     ap.add_argument("--samples", type=int, default=128, help="calibration samples")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("PRUNEKIT_PTQ_CACHE",
@@ -221,13 +265,22 @@ def main(argv=None) -> int:
     ap.add_argument("--retrain-limit", type=int, default=2000, help="minilm_retrain: train examples for the epoch")
     ap.add_argument("--resnet-epochs", type=int, default=15, help="resnet: dense epochs on the 160 train images")
     a = ap.parse_args(argv)
+    if a.merge:
+        merge(a.out, a.merge)
+        return 0
+    if a.table:
+        print(table(a.out))
+        return 0
+    if a.part is None:
+        ap.error("--part is required (or --merge / --table)")
     METHODS[:] = a.methods
     torch.set_num_threads(1)
     os.environ.setdefault("PRUNEKIT_NO_PROGRESS", "1")
     meta = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]), "machine": machine(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "notes": "no retraining; score: accuracy/F1 in percent (LeNet), fraction (GLUE), perplexity (decoder); "
-                     "seconds = pruning incl. calibration forwards at 1 thread; peak_mb = process peak RSS so far"}
+            "notes": "score: accuracy/F1/... in points (percent) for LeNet, ResNet and GLUE, perplexity for the decoder; "
+                     "seconds = pruning incl. calibration forwards at 1 thread (retraining: retrain_seconds); "
+                     "peak_mb = process peak RSS so far"}
     PARTS[a.part](a, lambda rows: save(a.out, rows, meta))
     return 0
 

@@ -369,3 +369,21 @@ def test_obs_rounds_close_to_greedy_and_exact_count():
     assert err[4] <= err[1] * 1.02 + 1e-6 and err[4] <= err[24] * 1.25
     with pytest.raises(ValueError, match="rounds"):
         obs_group_prune(W, H, 48, 1, 3, rounds=0)
+
+
+def test_python_api_pruner_with_calibration_section():
+    """``prunekit.Pruner`` from a recipe dict: the calibration section + ``calibration_data`` drive sparsegpt."""
+    import prunekit
+    model = _tiny_bert()
+    loader = torch.utils.data.DataLoader(_loader_items(), batch_size=4)
+    recipe = {"prune": {"structure": "nm:2:4", "sparsity": 0.5,
+                        "targets": {"include": ["bert.encoder.*"], "types": ["Linear"]}},
+              "algorithm": {"name": "sparsegpt"}, "calibration": {"samples": 8, "batch_size": 4, "max_length": 10}}
+    pruner = prunekit.Pruner(model, recipe, calibration_data=loader)
+    assert pruner.algorithm.calibration == CalibrationConfig(8, 4, 10, 0)
+    masks = pruner.finalize()
+    params = dict(model.named_parameters())
+    assert len(masks) == 12
+    for n, m in masks.items():
+        assert (m.reshape(-1, 4).sum(1) == 2).all() and (params[n][~m] == 0).all()
+    pruner.detach()
