@@ -148,11 +148,20 @@ def part_lenet(a, flush) -> list[dict]:
     return run_grid(wl, "lenet5", "mnist", grid, "accuracy", flush, CalibrationConfig(a.samples, 64, None))
 
 
+def minilm_dense_recipe(a, task: str):
+    """The task's bench recipe as a dense-only run (``--dense-epochs`` overrides its dense budget)."""
+    over = ["prune.sparsity=0.0", "retrain.epochs=0"]
+    if a.dense_epochs is not None:
+        over.append(f"dense.epochs={a.dense_epochs}")
+    r = load_recipe(ROOT / "recipes" / f"glue_{task}_bench.yaml", over)
+    return r, f"minilm_{task}" + (f"_e{a.dense_epochs}" if a.dense_epochs is not None else "")
+
+
 def part_minilm(a, flush) -> list[dict]:
     rows = []
     for task in a.tasks:
-        r = load_recipe(ROOT / "recipes" / f"glue_{task}_bench.yaml", ["prune.sparsity=0.0", "retrain.epochs=0"])
-        wl = workload(dense_recipe(r, a.cache, f"minilm_{task}"))
+        r, label = minilm_dense_recipe(a, task)
+        wl = workload(dense_recipe(r, a.cache, label))
         t = TargetSpec(list(r.prune.targets.include), [], ["Linear"])
         grid = [(m, st, 0.5, t) for st in ("unstructured", "nm:2:4") for m in ("magnitude", "wanda", "sparsegpt")]
         grid += [("magnitude_heads_neurons", "heads+neurons", 0.3, t), ("obs_structured", "heads+neurons", 0.3, t)]
@@ -166,8 +175,8 @@ def part_minilm_retrain(a, flush) -> list[dict]:
     ``retrain`` phase) on a ``--retrain-limit`` random subset of the task's training set."""
     rows = []
     for task in a.tasks:
-        r = load_recipe(ROOT / "recipes" / f"glue_{task}_bench.yaml", ["prune.sparsity=0.0", "retrain.epochs=0"])
-        wl = workload(dense_recipe(r, a.cache, f"minilm_{task}"))
+        r, label = minilm_dense_recipe(a, task)
+        wl = workload(dense_recipe(r, a.cache, label))
         sub = build_workload(load_recipe(ROOT / "recipes" / f"glue_{task}_bench.yaml",
                                          [f"data.limit={a.retrain_limit}"])).train_loader
         cfg = load_recipe(ROOT / "recipes" / f"glue_{task}_bench.yaml", ["retrain.epochs=1"]).phase("retrain")
@@ -263,6 +272,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--methods", nargs="+", default=[], help="only rows of these methods")
     ap.add_argument("--retrain-limit", type=int, default=2000, help="minilm_retrain: train examples for the epoch")
+    ap.add_argument("--dense-epochs", type=float, default=None, help="minilm: dense epochs (default: the recipe's)")
     ap.add_argument("--resnet-epochs", type=int, default=15, help="resnet: dense epochs on the 160 train images")
     a = ap.parse_args(argv)
     if a.merge:
