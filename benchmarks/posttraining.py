@@ -96,11 +96,14 @@ def row(model_name, task, method, structure, sparsity, score, dense, seconds, re
             "peak_mb": round(peak_mb(), 1), "tool": "prunekit", **extra}
 
 
+def _key(r: dict) -> tuple:
+    return (r["model"], r["task"], r["method"], r["structure"], r["sparsity"], float(r["retrain_epochs"]), r["tool"])
+
+
 def save(out: Path, rows: list[dict], meta: dict) -> None:
     data = json.loads(out.read_text()) if out.is_file() else {"rows": []}
-    key = lambda r: (r["model"], r["task"], r["method"], r["structure"], r["sparsity"], r["retrain_epochs"], r["tool"])
-    new = {key(r) for r in rows}
-    data["rows"] = [r for r in data.get("rows", []) if key(r) not in new] + rows
+    new = {_key(r) for r in rows}
+    data["rows"] = [r for r in data.get("rows", []) if _key(r) not in new] + rows
     data.setdefault("commands", [])
     if meta["command"] not in data["commands"]:
         data["commands"].append(meta["command"])
@@ -193,12 +196,12 @@ def part_resnet(a, flush) -> list[dict]:
     r = parse_recipe({"name": "resnet18-ptq-dense", "seed": 0, "model": {"name": "resnet18_cifar"},
                       "data": {"name": "cifar10", "batch_size": 32, "eval_batch_size": 100},
                       "prune": {"structure": "unstructured", "sparsity": 0.0,
-                                "targets": {"include": ["*"], "exclude": ["conv1", "fc"], "types": ["Conv2d"]}},
+                                "targets": {"include": ["*"], "exclude": ["conv1", "fc"], "types": ["Linear", "Conv2d"]}},
                       "algorithm": {"name": "oneshot"},
                       "train": {"optimizer": "adam", "lr": 1e-3, "epochs": 1, "scheduler": "cosine"},
                       "dense": {"epochs": a.resnet_epochs}, "retrain": {"epochs": 0}})
     wl = workload(dense_recipe(r, a.cache, f"resnet18_cifar200_e{a.resnet_epochs}"))
-    t = TargetSpec(["*"], ["conv1", "fc"], ["Conv2d"])
+    t = TargetSpec(["*"], ["conv1", "fc"], ["Linear", "Conv2d"])
     grid = [(m, "unstructured", 0.5, t) for m in ("magnitude", "wanda", "sparsegpt")]
     return run_grid(wl, "resnet18_cifar", "cifar10-sample200", grid, "accuracy", flush,
                     CalibrationConfig(min(a.samples, 160), 32, None))
@@ -238,7 +241,11 @@ def merge(out: Path, files: list[Path]) -> None:
             if c and c not in meta.setdefault("commands", []):
                 meta["commands"].append(c)
     meta["command"] = " ".join(["python", *map(shlex.quote, sys.argv)])
-    save(out, rows, meta)
+    latest = {}
+    for r in rows:                           # a later row with the same key replaces an earlier one
+        r["retrain_epochs"] = int(r["retrain_epochs"]) if float(r["retrain_epochs"]).is_integer() else r["retrain_epochs"]
+        latest[_key(r)] = r
+    atomic_write_json(out, {**meta, "rows": list(latest.values())})
 
 
 def table(path: Path) -> str:
