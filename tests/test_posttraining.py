@@ -287,10 +287,10 @@ def _mnist_or_skip():
 
 def test_sparsegpt_then_one_retraining_epoch_keeps_the_masks(tmp_path):
     """Composable: SparseGPT's masks are the hard-prune masks of retraining; sparsity holds, weights move."""
-    from prunekit.pipelines.recipe import parse_recipe
-    from prunekit.pipelines.runner import run_pipeline
     from prunekit.io.checkpoint import load_checkpoint
     from prunekit.models.registry import get_model
+    from prunekit.pipelines.recipe import parse_recipe
+    from prunekit.pipelines.runner import run_pipeline
     _mnist_or_skip()
     r = {"name": "ptq-rt", "seed": 0, "model": {"name": "lenet5"},
          "data": {"name": "mnist", "limit": 256, "eval_limit": 128, "batch_size": 64, "eval_batch_size": 128},
@@ -313,7 +313,8 @@ def test_sparsegpt_then_one_retraining_epoch_keeps_the_masks(tmp_path):
 
 def test_calibration_section_typed_and_old_keys_point_to_it():
     from prunekit.core.errors import RecipeError
-    from prunekit.pipelines.recipe import CalibrationConfig as RC, parse_recipe
+    from prunekit.pipelines.recipe import CalibrationConfig as RC
+    from prunekit.pipelines.recipe import parse_recipe
     base = {"model": {"name": "lenet5"}, "algorithm": {"name": "wanda"}}
     r = parse_recipe(base, ["calibration.samples=32", "calibration.max_length=null"])
     assert RC is CalibrationConfig

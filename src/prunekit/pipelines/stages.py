@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from prunekit.algorithms.calibration import PostTraining
 from prunekit.algorithms.distill import make_distiller
 from prunekit.algorithms.sensitivity import allocate_budget, layer_sensitivity, overrides_yaml
 from prunekit.algorithms.shared_levels import FreezeShared, JointLevels, LevelView
-from prunekit.algorithms.calibration import PostTraining
 from prunekit.core.masks import MaskSet
 from prunekit.core.nested import NestedMasks, nested_masks
 from prunekit.io.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.algorithms import get_algorithm_class
-from prunekit.algorithms.calibration import CalibrationConfig
+from prunekit.algorithms.calibration import CalibrationConfig, PostTraining
 from prunekit.algorithms.distill import DistillConfig, Distiller
 from prunekit.algorithms.hooks import Hook, TrainContext
 from prunekit.core.masks import HardPrune, MaskSet
@@ -73,11 +73,12 @@ class Pruner:
         if params is None or isinstance(params, dict):
             params = cls.Params(**(params or {}))
         self.algorithm = cls(params, self.spec)
-        if calibration_data is not None:      # post-training algorithms (sparsegpt, wanda, obs_structured)
-            self.algorithm.calibration_loader = calibration_data
-        if calibration is not None:
-            self.algorithm.calibration = (calibration if isinstance(calibration, CalibrationConfig)
-                                          else CalibrationConfig(**calibration))
+        if isinstance(self.algorithm, PostTraining):   # sparsegpt, wanda, obs_structured; ignored by the others
+            if calibration_data is not None:
+                self.algorithm.calibration_loader = calibration_data
+            if calibration is not None:
+                self.algorithm.calibration = (calibration if isinstance(calibration, CalibrationConfig)
+                                              else CalibrationConfig(**calibration))
         self.distiller = Distiller(teacher, task, distill) if teacher is not None else None
         if self.distiller is not None:
             self.distiller.teacher.to(device_of(model))
