@@ -250,7 +250,10 @@ def merge(out: Path, files: list[Path]) -> None:
 
 def table(path: Path) -> str:
     """The rows as a markdown table (score = the task's metric; GLUE in points)."""
-    rows = json.loads(path.read_text())["rows"]
+    order = {m: i for i, m in enumerate(("magnitude", "magnitude_heads_neurons", "wanda", "sparsegpt", "obs_structured"))}
+    rows = sorted(json.loads(path.read_text())["rows"],
+                  key=lambda r: (r["model"], r["task"], float(r["retrain_epochs"]), r["structure"], r["sparsity"],
+                                 order.get(r["method"], 9), r["tool"]))
     head = "| model | task | method | structure | sparsity | retrain epochs | score | dense | Δ | seconds | peak MB |"
     out = [head, "|" + "---|" * 11]
     for r in rows:
