@@ -10,6 +10,7 @@ import torch
 
 from prunekit.algorithms.base import get_algorithm_class
 from prunekit.algorithms.calibration import (
+    CalibrationConfig,
     LayerStats,
     collect_batches,
     collect_stats,
@@ -195,8 +196,8 @@ def test_blockwise_driver_matches_whole_model_hooks(make, types):
 def _run_algo(name, model, batches, structure="unstructured", sparsity=0.5, targets=None, **params):
     cls = get_algorithm_class(name)
     spec = PruneSpec(structure, sparsity, targets=targets or TargetSpec(include=["bert.encoder.*"], types=["Linear"]))
-    algo = cls(from_dict(cls.Params, {"calibration_samples": 8, "calibration_batch_size": 4, **params},
-                         "algorithm.params"), spec)
+    algo = cls(from_dict(cls.Params, params, "algorithm.params"), spec)
+    algo.calibration = CalibrationConfig(samples=8, batch_size=4)
     algo.calibration_loader = torch.utils.data.DataLoader(batches, batch_size=None)
     return algo.final_masks(model)
 
@@ -215,7 +216,8 @@ def test_sparsegpt_on_bert_deterministic_and_masks_match_zeros():
         loader = torch.utils.data.DataLoader(items, batch_size=4)
         cls = get_algorithm_class("sparsegpt")
         spec = PruneSpec("unstructured", 0.5, targets=TargetSpec(include=["bert.encoder.*"], types=["Linear"]))
-        algo = cls(from_dict(cls.Params, {"calibration_samples": 8, "calibration_batch_size": 4}, "x"), spec)
+        algo = cls(cls.Params(), spec)
+        algo.calibration = CalibrationConfig(samples=8, batch_size=4)
         algo.calibration_loader = loader
         masks = algo.final_masks(model)
         params = dict(model.named_parameters())
@@ -235,7 +237,8 @@ def test_obs_structured_heads_neurons_on_bert():
     loader = torch.utils.data.DataLoader(_loader_items(), batch_size=4)
     cls = get_algorithm_class("obs_structured")
     spec = PruneSpec("unstructured", 0.5)
-    algo = cls(from_dict(cls.Params, {"calibration_samples": 8, "calibration_batch_size": 4}, "x"), spec)
+    algo = cls(cls.Params(), spec)
+    algo.calibration = CalibrationConfig(samples=8, batch_size=4)
     algo.calibration_loader = loader
     masks = algo.final_masks(model)
     params = dict(model.named_parameters())
@@ -262,10 +265,126 @@ def test_posttraining_recipe_through_run_pipeline(tmp_path):
     r = {"name": "ptq", "seed": 0, "model": {"name": "lenet5"},
          "data": {"name": "mnist", "limit": 256, "eval_limit": 128, "batch_size": 64, "eval_batch_size": 128},
          "prune": {"structure": "unstructured", "sparsity": 0.6},
-         "algorithm": {"name": "sparsegpt", "params": {"calibration_samples": 64, "calibration_batch_size": 32,
-                                                      "allocation": "owl", "owl_lambda": 0.1}},
+         "algorithm": {"name": "sparsegpt", "params": {"allocation": "owl", "owl_lambda": 0.1}},
+         "calibration": {"samples": 64, "batch_size": 32},
          "train": {"optimizer": "adam", "lr": 1e-3, "epochs": 0.25, "scheduler": "none"},
          "dense": {"epochs": 0.25}, "retrain": {"epochs": 0}}
     res = run_pipeline(parse_recipe(r), tmp_path, log=lambda *_: None)
     assert abs(res["sparsity"] - 0.6) < 2e-3                                  # targeted weights
     assert len({round(x["sparsity"], 3) for x in res["layers"]}) > 1        # OWL: non-uniform
+
+
+def _mnist_or_skip():
+    from prunekit.data.paths import resolve_data_root
+    try:
+        ok = (Path(resolve_data_root(None)) / "mnist" / "train-images-idx3-ubyte.gz").exists()
+    except Exception:  # noqa: BLE001
+        ok = False
+    if not ok:
+        pytest.skip("MNIST not in the data folder")
+    os.environ["PRUNEKIT_NO_PROGRESS"] = "1"
+
+
+def test_sparsegpt_then_one_retraining_epoch_keeps_the_masks(tmp_path):
+    """Composable: SparseGPT's masks are the hard-prune masks of retraining; sparsity holds, weights move."""
+    from prunekit.io.checkpoint import load_checkpoint
+    from prunekit.models.registry import get_model
+    from prunekit.pipelines.recipe import parse_recipe
+    from prunekit.pipelines.runner import run_pipeline
+    _mnist_or_skip()
+    r = {"name": "ptq-rt", "seed": 0, "model": {"name": "lenet5"},
+         "data": {"name": "mnist", "limit": 256, "eval_limit": 128, "batch_size": 64, "eval_batch_size": 128},
+         "prune": {"structure": "nm:2:4", "sparsity": 0.5}, "algorithm": {"name": "sparsegpt"},
+         "calibration": {"samples": 64, "batch_size": 32},
+         "train": {"optimizer": "adam", "lr": 1e-3, "epochs": 0.25, "scheduler": "none"},
+         "dense": {"epochs": 0.25}, "retrain": {"epochs": 1}}
+    res = run_pipeline(parse_recipe(r), tmp_path, log=lambda *_: None)
+    assert abs(res["sparsity"] - 0.5) < 1e-4 and len(res["history"]["retrain"]) >= 1
+    model = get_model("lenet5")
+    load_checkpoint(tmp_path, model)
+    params = dict(model.named_parameters())
+    for lay in res["layers"]:
+        w = params[lay["name"]].detach()
+        w = w.reshape(w.shape[0], -1)
+        full = w[:, : w.shape[1] // 4 * 4]                                        # conv1: 25 inputs, a ragged tail
+        assert int((full.reshape(-1, 4) != 0).sum(1).max()) <= 2, lay["name"]    # 2:4 holds after retraining
+        assert float((full == 0).float().mean()) >= 0.5
+
+
+def test_calibration_section_typed_and_old_keys_point_to_it():
+    from prunekit.core.errors import RecipeError
+    from prunekit.pipelines.recipe import CalibrationConfig as RC
+    from prunekit.pipelines.recipe import parse_recipe
+    base = {"model": {"name": "lenet5"}, "algorithm": {"name": "wanda"}}
+    r = parse_recipe(base, ["calibration.samples=32", "calibration.max_length=null"])
+    assert RC is CalibrationConfig
+    assert (r.calibration.samples, r.calibration.batch_size, r.calibration.max_length, r.calibration.seed) == \
+        (32, 8, None, 0)
+    assert parse_recipe(base).calibration == CalibrationConfig(128, 8, 128, 0)
+    with pytest.raises(RecipeError, match="unknown recipe key calibration.sample"):
+        parse_recipe(base, ["calibration.sample=3"])
+    with pytest.raises(RecipeError, match="calibration.batch_size must be a positive integer"):
+        parse_recipe(base, ["calibration.batch_size=0"])
+    with pytest.raises(RecipeError, match="moved to the top-level calibration section: calibration.samples"):
+        parse_recipe({**base, "algorithm": {"name": "sparsegpt", "params": {"calibration_samples": 8}}})
+
+
+def test_calibration_section_drives_the_algorithm():
+    """samples/batch_size/max_length/seed of ``algo.calibration`` decide the batches; same seed, same masks."""
+    items = _loader_items(32)
+    loader = torch.utils.data.DataLoader(items, batch_size=4)
+    cls = get_algorithm_class("wanda")
+    spec = PruneSpec("unstructured", 0.5, targets=TargetSpec(include=["bert.encoder.*"], types=["Linear"]))
+    algo = cls(cls.Params(), spec)
+    algo.calibration_loader = loader
+    algo.calibration = CalibrationConfig(samples=12, batch_size=5, max_length=7, seed=2)
+    bs = algo.calibration_batches()
+    assert [b["input_ids"].shape for b in bs] == [(5, 7), (5, 7), (2, 7)]
+    m1 = algo.final_masks(_tiny_bert())
+    m2 = algo.final_masks(_tiny_bert())
+    algo.calibration = CalibrationConfig(samples=12, batch_size=5, max_length=7, seed=3)
+    m3 = algo.final_masks(_tiny_bert())
+    assert all(torch.equal(m1[n], m2[n]) for n in m1.names())
+    assert any(not torch.equal(m1[n], m3[n]) for n in m1.names())
+
+
+def test_recipes_for_posttraining_parse():
+    from prunekit.pipelines.recipe import load_recipe
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    for name, algo, epochs in [("glue_sst2_sparsegpt", "sparsegpt", 0), ("glue_mrpc_wanda", "wanda", 0),
+                               ("lenet5_sparsegpt", "sparsegpt", 0), ("lenet5_sparsegpt_retrain", "sparsegpt", 1)]:
+        r = load_recipe(root / f"{name}.yaml")
+        assert r.algorithm.name == algo and r.phase("retrain").epochs == epochs, name
+        assert r.calibration.samples == 128
+
+
+def test_obs_rounds_close_to_greedy_and_exact_count():
+    W, X, H = _layer(6, rows=12, cols=48)
+    Y = W @ X
+    err = {}
+    for rounds in (1, 4, 24):
+        Wn, keep = obs_group_prune(W, H, count=48, size=1, n_prune=24, percdamp=0.0, rounds=rounds)
+        assert int(keep.sum()) == 24 and (Wn[:, ~keep] == 0).all()
+        err[rounds] = float((Y - Wn @ X).norm() / Y.norm())
+    assert err[24] <= err[1] + 1e-6                          # greedy (24 rounds of 1) no worse than single-shot
+    assert err[4] <= err[1] * 1.02 + 1e-6 and err[4] <= err[24] * 1.25
+    with pytest.raises(ValueError, match="rounds"):
+        obs_group_prune(W, H, 48, 1, 3, rounds=0)
+
+
+def test_python_api_pruner_with_calibration_section():
+    """``prunekit.Pruner`` from a recipe dict: the calibration section + ``calibration_data`` drive sparsegpt."""
+    import prunekit
+    model = _tiny_bert()
+    loader = torch.utils.data.DataLoader(_loader_items(), batch_size=4)
+    recipe = {"prune": {"structure": "nm:2:4", "sparsity": 0.5,
+                        "targets": {"include": ["bert.encoder.*"], "types": ["Linear"]}},
+              "algorithm": {"name": "sparsegpt"}, "calibration": {"samples": 8, "batch_size": 4, "max_length": 10}}
+    pruner = prunekit.Pruner(model, recipe, calibration_data=loader)
+    assert pruner.algorithm.calibration == CalibrationConfig(8, 4, 10, 0)
+    masks = pruner.finalize()
+    params = dict(model.named_parameters())
+    assert len(masks) == 12
+    for n, m in masks.items():
+        assert (m.reshape(-1, 4).sum(1) == 2).all() and (params[n][~m] == 0).all()
+    pruner.detach()

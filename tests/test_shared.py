@@ -257,3 +257,26 @@ def test_sequential_sparsest_level_from_registered_algorithm(algo_name):
     m0, m1 = nm[0]["0.weight"], nm[1]["0.weight"]
     assert int(m0.all(1).sum()) == 4 and int(m1.all(1).sum()) == 6            # 8 rows: 4 kept, then 6
     assert not bool((m0 & ~m1).any())
+
+
+def test_sequential_sparsest_level_from_sparsegpt():
+    """Shared-weight levels with a post-training algorithm for the sparsest level (calibration from the loader)."""
+    from prunekit.algorithms import get_algorithm_class
+    from prunekit.algorithms.calibration import CalibrationConfig
+    from prunekit.core.nested import _spec_at
+
+    model, loader = _tiny()
+    spec = PruneSpec("unstructured", 0.5, targets=TargetSpec(["0"]))
+    cls = get_algorithm_class("sparsegpt")
+    algo = cls(cls.Params(), _spec_at(spec, 0.75))
+    algo.calibration_loader = loader
+    algo.calibration = CalibrationConfig(samples=32, batch_size=16)
+    W0 = model[0].weight.detach().clone()
+    cfg = TrainConfig(epochs=0.5, lr=0.05)
+    r = train_sequential(model, ClassificationTask(), loader, None, spec, [0.75, 0.5], algorithm=algo,
+                         retrain_cfg=None, level_cfg=cfg, log=lambda *_: None)
+    m0, m1 = r["nested"][0]["0.weight"], r["nested"][1]["0.weight"]
+    assert int(m0.sum()) == 12 and int(m1.sum()) == 24                          # 48 weights: 25 %, then 50 %
+    assert not bool((m0 & ~m1).any())
+    # level 0 holds SparseGPT's compensated weights (not the dense ones) on its kept positions
+    assert not torch.allclose(r["dense_values"]["0.weight"][m0], W0[m0])

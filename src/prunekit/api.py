@@ -84,6 +84,7 @@ class Pruner(_Pruner):
             spec = prune_spec_from(recipe)
             if algorithm is None:
                 algorithm, params = recipe.algorithm.name, recipe.algorithm.params if params is None else params
+            kw.setdefault("calibration", recipe.calibration)     # post-training algorithms' data section
             if recipe.distill and "teacher" in kw and "distill" not in kw:
                 kw["distill"] = recipe.distill
         spec = as_prune_spec(spec)

@@ -31,6 +31,7 @@ from prunekit.core.masks import MaskSet
 from prunekit.core.targets import find_targets
 
 __all__ = [
+    "CalibrationConfig",
     "LayerStats",
     "owl_plan",
     "PostTraining",
@@ -59,7 +60,7 @@ def collect_batches(loader: Any, samples: int, batch_size: int, max_length: int 
     """``samples`` calibration examples drawn (seeded, without replacement) from ``loader``'s data set,
     collated by the loader's own ``collate_fn`` into batches of ``batch_size``; token tensors are cut
     to ``max_length``.  A loader without a map-style ``dataset`` is read in order instead."""
-    for k, v in (("calibration_samples", samples), ("calibration_batch_size", batch_size)):
+    for k, v in (("calibration.samples", samples), ("calibration.batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise RecipeError(f"{k} must be a positive integer, got {v!r}")
     if max_length is not None and max_length < 1:
@@ -304,24 +305,46 @@ def _run_blocks(model, batches, targets, prune_block, hessian) -> None:
 
 # --------------------------------------------------------------------------------------------- algorithm base
 @dataclass
-class PostTrainingParams:
-    """Shared parameters of the post-training algorithms (``algorithm.params`` in a recipe)."""
+class CalibrationConfig:
+    """The calibration data of the post-training algorithms: the recipe's top-level ``calibration`` section.
 
-    calibration_samples: int = 128
-    calibration_batch_size: int = 16
-    max_length: int | None = 128        # token inputs are cut to this many positions
-    seed: int = 0                       # which calibration samples
+    ``samples`` examples are drawn (seeded by ``seed``, without replacement) from the training set and
+    collated into batches of ``batch_size``; token inputs are cut to ``max_length`` positions (null: as
+    tokenized, i.e. ``data.max_length``).  The batch size changes memory and speed only: the statistics are
+    sums over all calibration rows."""
+
+    samples: int = 128
+    batch_size: int = 8
+    max_length: int | None = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        for k in ("samples", "batch_size"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RecipeError(f"calibration.{k} must be a positive integer, got {v!r}")
+        if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
+                                            or self.max_length < 1):
+            raise RecipeError(f"calibration.max_length must be a positive integer or null, got {self.max_length!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise RecipeError(f"calibration.seed must be a non-negative integer, got {self.seed!r}")
+
+
+# keys that used to live in ``algorithm.params`` (now the ``calibration`` section)
+MOVED_TO_CALIBRATION = {"calibration_samples": "samples", "calibration_batch_size": "batch_size",
+                        "max_length": "max_length", "seed": "seed"}
+
+
+@dataclass
+class PostTrainingParams:
+    """Shared parameters of the post-training algorithms (``algorithm.params`` in a recipe).  The calibration
+    data is not here: it is the recipe's ``calibration`` section (:class:`CalibrationConfig`)."""
+
     allocation: str = "uniform"         # uniform | owl (layer-wise sparsity, Yin et al. 2023)
     owl_m: float = 5.0
     owl_lambda: float = 0.08
 
     def __post_init__(self):
-        for k in ("calibration_samples", "calibration_batch_size"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise RecipeError(f"algorithm.params.{k} must be a positive integer, got {v!r}")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
-            raise RecipeError(f"algorithm.params.max_length must be a positive integer or null, got {self.max_length!r}")
         if self.allocation not in ("uniform", "owl"):
             raise RecipeError(f"algorithm.params.allocation must be 'uniform' or 'owl', got {self.allocation!r}")
         if not self.owl_m > 0:
@@ -348,21 +371,22 @@ def owl_plan(model: nn.Module, targets: dict[str, nn.Module], plan: dict[str, tu
 
 class PostTraining(Algorithm):
     """Base of one-shot post-training pruning from calibration data.  No search phase; ``final_masks``
-    draws the calibration batches from ``calibration_loader`` (set by :func:`prunekit.pipelines.runner.run_pipeline`
-    to the workload's train loader), runs :func:`run_blockwise` and calls :meth:`prune_matrix` on every
-    target's ``(out, in')`` matrix view.  Weights are changed in place; the masks match the zeros."""
+    draws the calibration batches from ``calibration_loader`` as ``calibration`` says (both set by
+    :func:`prunekit.pipelines.runner.run_pipeline`: the workload's train loader and the recipe's ``calibration``
+    section; Python users set them on the instance), runs :func:`run_blockwise` and calls :meth:`prune_matrix`
+    on every target's ``(out, in')`` matrix view.  Weights are changed in place; the masks match the zeros."""
 
     has_search = False
     hessian = True
     calibration_loader: Any = None
+    calibration: CalibrationConfig = CalibrationConfig()
 
     def calibration_batches(self) -> list[Any]:
         if self.calibration_loader is None:
             raise RecipeError(f"algorithm {self.name!r} needs calibration data: set .calibration_loader "
                              "(run_pipeline sets it to the workload's train loader)")
-        p = self.params
-        return collect_batches(self.calibration_loader, p.calibration_samples, p.calibration_batch_size,
-                               p.max_length, p.seed)
+        c = self.calibration
+        return collect_batches(self.calibration_loader, c.samples, c.batch_size, c.max_length, c.seed)
 
     def layer_plan(self, model: nn.Module, batches: list[Any]) -> dict[str, tuple[Any, float]]:
         """``{param: (structure, sparsity)}``: the spec's plan, re-allocated by OWL if asked."""

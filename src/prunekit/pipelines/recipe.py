@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from prunekit.algorithms import get_algorithm_class
+from prunekit.algorithms.calibration import MOVED_TO_CALIBRATION, CalibrationConfig
 from prunekit.core.errors import RecipeError, UnknownNameError
 from prunekit.core.plan import validate_overrides
 from prunekit.core.structures import parse_structure
@@ -29,7 +30,7 @@ from prunekit.models.user import is_import_path
 from prunekit.training.config import TrainConfig, _choice, _range
 
 __all__ = ["RecipeError", "Recipe", "TrainConfig", "ModelConfig", "DataConfig", "PruneConfig", "TargetsConfig",
-           "AlgorithmConfig", "LogConfig", "load_recipe", "parse_recipe", "apply_overrides", "from_dict", "to_dict"]
+           "AlgorithmConfig", "CalibrationConfig", "LogConfig", "load_recipe", "parse_recipe", "apply_overrides", "from_dict", "to_dict"]
 
 
 @dataclass
@@ -154,6 +155,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)   # post-training algorithms' data
     train: TrainConfig = field(default_factory=TrainConfig)
     dense: dict = field(default_factory=dict)     # TrainConfig keys overriding `train` for dense training
     search: dict = field(default_factory=dict)    # ... for the algorithm's own phase (ADMM, SLR, gradual, ...)
@@ -308,6 +310,10 @@ def parse_recipe(raw: dict, overrides: list[str] | None = None) -> Recipe:
         cls = get_algorithm_class(recipe.algorithm.name)
     except UnknownNameError as e:
         raise RecipeError(f"algorithm.name: {e}") from None
+    moved = sorted(set(recipe.algorithm.params) & set(MOVED_TO_CALIBRATION) - {f.name for f in fields(cls.Params)})
+    if moved:
+        raise RecipeError(f"algorithm.params.{moved[0]} moved to the top-level calibration section: "
+                          f"calibration.{MOVED_TO_CALIBRATION[moved[0]]}")
     from_dict(cls.Params, recipe.algorithm.params, "algorithm.params")
     if is_user_data(recipe.data):
         validate_user_data(recipe.data, recipe.model.name)

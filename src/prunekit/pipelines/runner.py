@@ -378,6 +378,7 @@ def open_run(recipe: Recipe, out_dir, *, resolved: dict | None = None, resume: b
         if row["status"] != "pruned":
             log(f"group {row['name']} ({row['count']} {row['kind']}) left dense: {row['reason']}")
     algo.calibration_loader = wl.train_loader   # post-training algorithms (wanda, sparsegpt, ...) sample it
+    algo.calibration = recipe.calibration       # ... as the recipe's calibration section says
     wl.model.to(device)                         # the teacher, masks and algorithm state follow it
     D.barrier()
     if is_main:                                 # validated: only now does the output folder appear

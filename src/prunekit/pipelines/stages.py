@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from prunekit.algorithms.calibration import PostTraining
 from prunekit.algorithms.distill import make_distiller
 from prunekit.algorithms.sensitivity import allocate_budget, layer_sensitivity, overrides_yaml
 from prunekit.algorithms.shared_levels import FreezeShared, JointLevels, LevelView
@@ -229,13 +230,15 @@ class SharedLevel(Stage):
 
 
 class JointBase(Stage):
-    """Joint shared run: the algorithm's masks (its search ran on the dense model) become the sparsest level's
-    base; the model gets the dense weights back."""
+    """Joint shared run: the algorithm's masks (its search ran on the dense model; a post-training algorithm
+    prunes the dense model from calibration data) become the sparsest level's base; the model gets the dense
+    weights back."""
 
     name = "joint_base"
 
     def run(self, ctx) -> dict:
-        ctx.masks = ctx.algo.final_masks(ctx.model) if ctx.algo.has_search else None
+        chooses = ctx.algo.has_search or isinstance(ctx.algo, PostTraining)
+        ctx.masks = ctx.algo.final_masks(ctx.model) if chooses else None
         ctx.model.load_state_dict(ctx.dense)
         return {}
 

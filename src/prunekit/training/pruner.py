@@ -16,6 +16,10 @@ hand-written loop reproduces it (same masks, same weights for the same seed and 
     ... retrain with the same loop (pruner.loss / pruner.step keep pruned weights at exactly 0) ...
     pruner.detach()
 
+Post-training algorithms (``sparsegpt``, ``wanda``, ``obs_structured``) have no search phase:
+``Pruner(model, spec, algorithm="sparsegpt", calibration_data=train_loader, calibration={"samples": 128})``
+then ``finalize()`` prunes (and updates) the weights from those calibration batches.
+
 Distillation: pass ``teacher=`` (a model; a frozen copy is kept) and optionally ``distill={alpha, temperature,
 stages}``; its term is added by :meth:`loss` in the stages it is configured for.
 """
@@ -27,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.algorithms import get_algorithm_class
+from prunekit.algorithms.calibration import CalibrationConfig, PostTraining
 from prunekit.algorithms.distill import DistillConfig, Distiller
 from prunekit.algorithms.hooks import Hook, TrainContext
 from prunekit.core.masks import HardPrune, MaskSet
@@ -61,12 +66,19 @@ class Pruner:
     def __init__(self, model: nn.Module, spec: PruneSpec | dict, optimizer: torch.optim.Optimizer | None = None, *,
                  algorithm: str = "oneshot", params: Any = None, teacher: nn.Module | None = None,
                  distill: dict | DistillConfig | None = None, task: Any = None, total_steps: int = 0,
-                 steps_per_epoch: int = 0):
+                 steps_per_epoch: int = 0, calibration_data: Any = None,
+                 calibration: CalibrationConfig | dict | None = None):
         self.model, self.spec = model, as_prune_spec(spec)
         cls = get_algorithm_class(algorithm)
         if params is None or isinstance(params, dict):
             params = cls.Params(**(params or {}))
         self.algorithm = cls(params, self.spec)
+        if isinstance(self.algorithm, PostTraining):   # sparsegpt, wanda, obs_structured; ignored by the others
+            if calibration_data is not None:
+                self.algorithm.calibration_loader = calibration_data
+            if calibration is not None:
+                self.algorithm.calibration = (calibration if isinstance(calibration, CalibrationConfig)
+                                              else CalibrationConfig(**calibration))
         self.distiller = Distiller(teacher, task, distill) if teacher is not None else None
         if self.distiller is not None:
             self.distiller.teacher.to(device_of(model))
