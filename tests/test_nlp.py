@@ -15,6 +15,7 @@ from prunekit.algorithms.distill import DistillConfig, Distiller, ProgressiveDis
 from prunekit.core.errors import RecipeError  # noqa: E402
 from prunekit.core.plan import PruneSpec, compute_masks  # noqa: E402
 from prunekit.core.targets import TargetSpec, find_targets  # noqa: E402
+from prunekit.graph import coupled_groups as graph_groups  # noqa: E402
 from prunekit.graph.families import coupled_groups, default_targets, encoder_family, head_neuron_masks  # noqa: E402
 from prunekit.pipelines.recipe import parse_recipe  # noqa: E402
 from prunekit.training.config import TrainConfig  # noqa: E402
@@ -83,11 +84,19 @@ def _hand_set(model):
 def test_coupled_groups_members():
     model = tiny()
     gs = coupled_groups(model)
-    assert [(g.kind, g.layer, g.count, g.size) for g in gs] == [
-        ("heads", 0, 2, 4), ("neurons", 0, 4, 1), ("heads", 1, 2, 4), ("neurons", 1, 4, 1)]
-    assert gs[0].members[3] == ("bert.encoder.layer.0.attention.output.dense.weight", 1)
-    assert gs[1].members == (("bert.encoder.layer.0.intermediate.dense.weight", 0),
-                             ("bert.encoder.layer.0.output.dense.weight", 1))
+    assert [(g.kind, g.name, g.count, g.slices[-1].width) for g in gs] == [
+        ("heads", "heads:bert.encoder.layer.0.attention.self", 2, 4),
+        ("neurons", "neurons:bert.encoder.layer.0.intermediate.dense", 4, 1),
+        ("heads", "heads:bert.encoder.layer.1.attention.self", 2, 4),
+        ("neurons", "neurons:bert.encoder.layer.1.intermediate.dense", 4, 1)]
+    assert (gs[0].slices[3].tensor, gs[0].slices[3].dim) == ("bert.encoder.layer.0.attention.output.dense.weight", 1)
+    assert [(s.tensor, s.dim) for s in gs[1].slices] == [("bert.encoder.layer.0.intermediate.dense.weight", 0),
+                                                         ("bert.encoder.layer.0.output.dense.weight", 1)]
+    # the hand-written fallback finds the same groups as the traced graph (one coupled-group object)
+    traced = {g.name: g for g in graph_groups(model, {"input_ids": torch.ones(1, 4, dtype=torch.long)})}
+    for g in gs:
+        t = next(x for x in traced.values() if x.kind == g.kind and set(g.tensors) <= set(x.tensors))
+        assert t.count == g.count
 
 
 def test_head_neuron_masks_exact():

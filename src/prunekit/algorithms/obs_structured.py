@@ -189,7 +189,7 @@ class OBSStructured(PostTraining):
         modules = dict(model.named_modules())
         consumers = {}
         for g in groups:
-            name = next(n for n, d in g.members if d == 1)
+            name = next(s.tensor for s in g.slices if s.dim == 1)
             consumers.setdefault(name, []).append(g)
         targets = {n: modules[n.removesuffix(".weight")] for n in consumers}
 
@@ -206,9 +206,9 @@ class OBSStructured(PostTraining):
             raise RecipeError("obs_structured heads/neurons support encoder Linear layers only")
         W = weight_matrix(mod)
         n_prune = int(round(self._sparsity(g.kind) * g.count))
-        W_new, keep = obs_group_prune(W, stats.H, g.count, g.size, n_prune, self.params.percdamp,
+        W_new, keep = obs_group_prune(W, stats.H, g.count, next(s.width for s in g.slices if s.dim == 1), n_prune, self.params.percdamp,
                                       self.params.rounds)
         set_weight_matrix(mod, W_new)
-        for pname, m in g.element_masks(keep, params).items():
+        for pname, m in g.element_masks(keep, {n: params[n].shape for n in g.tensors}).items():
             params[pname].mul_(m.to(params[pname].dtype))
             masks.set(pname, m, g.kind)

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 
 from prunekit.core.errors import ModelError
+from prunekit.core.groups import CoupledGroup, Slice
 from prunekit.core.masks import MaskSet
 from prunekit.core.scoring import resolve_score, select_keep
 from prunekit.core.targets import TargetSpec, hf_conv1d, linear_types
@@ -66,36 +65,6 @@ def default_targets(model: nn.Module) -> TargetSpec:
 
 
 # --------------------------------------------------------------------------------------------- heads / neurons
-@dataclass(frozen=True)
-class CoupledGroup:
-    """``count`` groups cut across several weights: ``members`` = ``(param_name, dim)`` with dim 0 =
-    rows, 1 = columns; group ``g`` is the slice ``g*size:(g+1)*size`` of every member along its dim."""
-
-    kind: str                       # "heads" | "neurons"
-    layer: int
-    count: int
-    size: int
-    members: tuple[tuple[str, int], ...]
-
-    def partition(self, params: Mapping[str, Tensor]) -> Tensor:
-        """``(count, S)``: every group's weights from all members, concatenated."""
-        parts = []
-        for name, dim in self.members:
-            w = params[name].detach()
-            w = w if dim == 0 else w.t()
-            parts.append(w.reshape(self.count, -1))
-        return torch.cat(parts, 1)
-
-    def element_masks(self, keep: Tensor, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Group keep-decision ``(count,)`` → element masks of every member."""
-        per_unit = keep.bool().repeat_interleave(self.size)
-        out = {}
-        for name, dim in self.members:
-            shape = params[name].shape
-            out[name] = (per_unit[:, None] if dim == 0 else per_unit[None, :]).expand(shape).clone()
-        return out
-
-
 def _num_heads(model: nn.Module) -> int:
     cfg = getattr(model, "config", None)
     for k in ("num_attention_heads", "n_heads"):
@@ -105,27 +74,31 @@ def _num_heads(model: nn.Module) -> int:
 
 
 def coupled_groups(model: nn.Module, kinds: tuple[str, ...] = ("heads", "neurons")) -> list[CoupledGroup]:
-    """Heads and FFN neurons of every encoder layer, as :class:`CoupledGroup` (layer order)."""
+    """Heads and FFN neurons of every encoder layer, as :class:`~prunekit.core.groups.CoupledGroup` (layer
+    order; the hand-written fallback for BERT-family encoders — :func:`prunekit.graph.coupled_groups` finds the
+    same groups, and those of any traceable model, from the model's own graph)."""
     fam = encoder_family(model)
     prefix, q, k, v, o, f1, f2 = _FAMILIES[fam]
     params = dict(model.named_parameters())
     rx = re.compile(rf"^(.*?{prefix}){re.escape(q)}\.weight$")
-    layers = [(m.group(1), int(m.group(2))) for n in params if (m := rx.match(n))]
+    layers = [m.group(1) for n in params if (m := rx.match(n))]
     if not layers:
         raise ModelError("no encoder layers found")
     heads = _num_heads(model)
     out = []
-    for base, idx in layers:
+    for base in layers:
         if "heads" in kinds:
             rows = params[base + q + ".weight"].shape[0]
             if rows % heads:
                 raise ModelError(f"{base}{q}: {rows} rows do not split into {heads} heads")
-            members = ((base + q + ".weight", 0), (base + k + ".weight", 0), (base + v + ".weight", 0),
-                       (base + o + ".weight", 1))
-            out.append(CoupledGroup("heads", idx, heads, rows // heads, members))
+            d = rows // heads
+            slices = (Slice(base + q + ".weight", 0, d), Slice(base + k + ".weight", 0, d),
+                      Slice(base + v + ".weight", 0, d), Slice(base + o + ".weight", 1, d))
+            out.append(CoupledGroup(f"heads:{base}{q.rsplit('.', 1)[0]}", "heads", heads, slices, head_dim=d))
         if "neurons" in kinds:
             n = params[base + f1 + ".weight"].shape[0]
-            out.append(CoupledGroup("neurons", idx, n, 1, ((base + f1 + ".weight", 0), (base + f2 + ".weight", 1))))
+            slices = (Slice(base + f1 + ".weight", 0, 1), Slice(base + f2 + ".weight", 1, 1))
+            out.append(CoupledGroup(f"neurons:{base}{f1}", "neurons", n, slices))
     return out
 
 
@@ -146,6 +119,6 @@ def head_neuron_masks(model: nn.Module, head_sparsity: float = 0.0, neuron_spars
         sp = head_sparsity if g.kind == "heads" else neuron_sparsity
         scores = fn(g.partition(params).float())
         keep = select_keep(scores, float(sp))
-        for name, m in g.element_masks(keep, params).items():
+        for name, m in g.element_masks(keep, {n: params[n].shape for n in g.tensors}).items():
             masks.set(name, m, g.kind)
     return masks
