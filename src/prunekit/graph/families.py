@@ -92,7 +92,7 @@ def coupled_groups(model: nn.Module, kinds: tuple[str, ...] = ("heads", "neurons
             if rows % heads:
                 raise ModelError(f"{base}{q}: {rows} rows do not split into {heads} heads")
             d = rows // heads
-            slices = (Slice(base + q + ".weight", 0, d), Slice(base + k + ".weight", 0, d),
+            slices: tuple[Slice, ...] = (Slice(base + q + ".weight", 0, d), Slice(base + k + ".weight", 0, d),
                       Slice(base + v + ".weight", 0, d), Slice(base + o + ".weight", 1, d))
             out.append(CoupledGroup(f"heads:{base}{q.rsplit('.', 1)[0]}", "heads", heads, slices, head_dim=d))
         if "neurons" in kinds:
