@@ -252,16 +252,9 @@ def test_obs_structured_heads_neurons_on_bert():
 
 # --------------------------------------------------------------------------------------------- pipeline
 def test_posttraining_recipe_through_run_pipeline(tmp_path):
-    from prunekit.data.paths import resolve_data_root
     from prunekit.pipelines.recipe import parse_recipe
     from prunekit.pipelines.runner import run_pipeline
-    try:
-        ok = (Path(resolve_data_root(None)) / "mnist" / "train-images-idx3-ubyte.gz").exists()
-    except Exception:  # noqa: BLE001
-        ok = False
-    if not ok:
-        pytest.skip("MNIST not in the data folder")
-    os.environ["PRUNEKIT_NO_PROGRESS"] = "1"
+    _mnist_or_skip()
     r = {"name": "ptq", "seed": 0, "model": {"name": "lenet5"},
          "data": {"name": "mnist", "limit": 256, "eval_limit": 128, "batch_size": 64, "eval_batch_size": 128},
          "prune": {"structure": "unstructured", "sparsity": 0.6},
