@@ -19,15 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from prunekit.algorithms.base import Algorithm
 from prunekit.algorithms.owl import owl_allocation
 from prunekit.core.errors import RecipeError
 from prunekit.core.masks import MaskSet
+from prunekit.core.structures import Structure
 from prunekit.core.targets import find_targets
 
 __all__ = [
@@ -111,7 +113,7 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 def weight_matrix(module: nn.Module) -> Tensor:
     """The ``(out, in')`` float32 matrix view of a target's weight (a copy): Linear as is, Conv2d im2col,
     HF Conv1D transposed."""
-    w = module.weight.detach()
+    w = cast(Tensor, module.weight).detach()
     if is_hf_conv1d(module):
         return w.t().float().clone()
     return w.reshape(w.shape[0], -1).float().clone()
@@ -120,13 +122,13 @@ def weight_matrix(module: nn.Module) -> Tensor:
 @torch.no_grad()
 def set_weight_matrix(module: nn.Module, m: Tensor) -> None:
     """Write an ``(out, in')`` matrix back into the module's weight (inverse of :func:`weight_matrix`)."""
-    w = module.weight
+    w = cast(Tensor, module.weight)
     w.copy_((m.t() if is_hf_conv1d(module) else m.reshape(w.shape)).to(w.dtype))
 
 
 def matrix_to_param(module: nn.Module, m: Tensor) -> Tensor:
     """A matrix-view tensor (e.g. a mask) in the parameter's own shape."""
-    return m.t().contiguous() if is_hf_conv1d(module) else m.reshape(module.weight.shape)
+    return m.t().contiguous() if is_hf_conv1d(module) else m.reshape(cast(Tensor, module.weight).shape)
 
 
 def _layer_rows(module: nn.Module, x: Tensor) -> Tensor:
@@ -152,7 +154,7 @@ class LayerStats:
     sq: Tensor = field(init=False)
     xtx: Tensor | None = field(init=False, default=None)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.sq = torch.zeros(self.size, dtype=torch.float64)
         if self.hessian:
             self.xtx = torch.zeros(self.size, self.size, dtype=torch.float64)
@@ -177,13 +179,14 @@ class LayerStats:
         return self.sq.sqrt().float()
 
 
-def _hook_layers(modules: dict[str, nn.Module], hessian: bool) -> tuple[dict[str, LayerStats], list]:
-    stats, handles = {}, []
+def _hook_layers(modules: dict[str, nn.Module], hessian: bool) -> tuple[dict[str, LayerStats], list[RemovableHandle]]:
+    stats: dict[str, LayerStats] = {}
+    handles: list[RemovableHandle] = []
     for name, mod in modules.items():
         st = LayerStats(weight_matrix(mod).shape[1], hessian)
         stats[name] = st
 
-        def hook(m, args, _out, st=st):
+        def hook(m: nn.Module, args: tuple[Any, ...], _out: Any, st: LayerStats = st) -> None:
             st.add(_layer_rows(m, args[0]))
         handles.append(mod.register_forward_hook(hook))
     return stats, handles
@@ -216,16 +219,19 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return (best[1], best[2]) if best else None
 
 
+BlockCall = tuple[tuple[Any, ...], dict[str, Any]]   # ``(args, kwargs)`` of one call of a block
+
+
 class _Caught(Exception):
     """Raised by the pre-hook on the first block once its inputs are recorded."""
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[Any]) -> list[tuple[tuple, dict]]:
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[Any]) -> list[BlockCall]:
     """``(args, kwargs)`` of ``block``'s call for each batch (the forward stops at the block)."""
-    seen: list[tuple[tuple, dict]] = []
+    seen: list[BlockCall] = []
 
-    def pre(_m, args, kwargs):
+    def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         seen.append((tuple(args), dict(kwargs)))
         raise _Caught
 
@@ -242,10 +248,11 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[A
 
 
 def _first(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+    first: Tensor = out[0] if isinstance(out, (tuple, list)) else out   # a block's output: HF tuple or tensor
+    return first
 
 
-def _next_inputs(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+def _next_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: Tensor) -> BlockCall:
     """The next block's call: the hidden states replaced (first positional argument, else ``hidden_states``)."""
     if args:
         return (hidden, *args[1:]), kwargs
@@ -266,7 +273,7 @@ def run_blockwise(model: nn.Module, batches: list[Any], targets: dict[str, nn.Mo
     classifier head) are handled as one last block, from the full forward of the pruned model."""
     was_training = model.training
     model.eval()
-    cfg = getattr(model, "config", None)
+    cfg: Any = getattr(model, "config", None)   # an HF config, or None
     use_cache = getattr(cfg, "use_cache", None)
     if use_cache:
         cfg.use_cache = False
@@ -278,7 +285,8 @@ def run_blockwise(model: nn.Module, batches: list[Any], targets: dict[str, nn.Mo
         model.train(was_training)
 
 
-def _run_blocks(model, batches, targets, prune_block, hessian) -> None:
+def _run_blocks(model: nn.Module, batches: list[Any], targets: dict[str, nn.Module], prune_block: PruneBlock,
+                hessian: bool) -> None:
     found = find_blocks(model)
     done: set[str] = set()
     if found is not None:
@@ -318,7 +326,7 @@ class CalibrationConfig:
     max_length: int | None = 128
     seed: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for k in ("samples", "batch_size"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -344,7 +352,7 @@ class PostTrainingParams:
     owl_m: float = 5.0
     owl_lambda: float = 0.08
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.allocation not in ("uniform", "owl"):
             raise RecipeError(f"algorithm.params.allocation must be 'uniform' or 'owl', got {self.allocation!r}")
         if not self.owl_m > 0:
@@ -353,14 +361,14 @@ class PostTrainingParams:
             raise RecipeError(f"algorithm.params.owl_lambda must be in [0, 1), got {self.owl_lambda}")
 
 
-def owl_plan(model: nn.Module, targets: dict[str, nn.Module], plan: dict[str, tuple[Any, float]],
-             batches: list[Any], m: float, lam: float) -> dict[str, tuple[Any, float]]:
+def owl_plan(model: nn.Module, targets: dict[str, nn.Module], plan: dict[str, tuple[Structure, float]],
+             batches: list[Any], m: float, lam: float) -> dict[str, tuple[Structure, float]]:
     """The layer plan with OWL sparsities (Wanda scores from one dense forward pass over ``batches``)."""
     sps = {sp for _, sp in plan.values()}
     if len(sps) != 1:
         raise RecipeError("allocation 'owl' re-allocates one uniform sparsity; remove the per-layer overrides")
     for n, (st, _) in plan.items():
-        if st.fixed_sparsity(targets[n].weight.shape) is not None:
+        if st.fixed_sparsity(cast(Tensor, targets[n].weight).shape) is not None:
             raise RecipeError(f"allocation 'owl' needs a structure with a free sparsity; {n} uses {st}")
     mods = {n: targets[n] for n in plan}
     stats = collect_stats(model, batches, mods, hessian=False)
@@ -369,7 +377,10 @@ def owl_plan(model: nn.Module, targets: dict[str, nn.Module], plan: dict[str, tu
     return {n: (st, alloc[n]) for n, (st, _) in plan.items()}
 
 
-class PostTraining(Algorithm):
+PT = TypeVar("PT", bound=PostTrainingParams)
+
+
+class PostTraining(Algorithm[PT]):
     """Base of one-shot post-training pruning from calibration data.  No search phase; ``final_masks``
     draws the calibration batches from ``calibration_loader`` as ``calibration`` says (both set by
     :func:`prunekit.pipelines.runner.run_pipeline`: the workload's train loader and the recipe's ``calibration``
@@ -388,7 +399,7 @@ class PostTraining(Algorithm):
         c = self.calibration
         return collect_batches(self.calibration_loader, c.samples, c.batch_size, c.max_length, c.seed)
 
-    def layer_plan(self, model: nn.Module, batches: list[Any]) -> dict[str, tuple[Any, float]]:
+    def layer_plan(self, model: nn.Module, batches: list[Any]) -> dict[str, tuple[Structure, float]]:
         """``{param: (structure, sparsity)}``: the spec's plan, re-allocated by OWL if asked."""
         if self.spec.scope != "layer":
             raise RecipeError(f"algorithm {self.name!r} prunes layer by layer; prune.scope must be 'layer', "
@@ -409,7 +420,7 @@ class PostTraining(Algorithm):
             for name, mod in mods.items():
                 st, sp = plan[name]
                 W = weight_matrix(mod)
-                shape = tuple(mod.weight.shape) if not is_hf_conv1d(mod) else tuple(W.shape)
+                shape = tuple(cast(Tensor, mod.weight).shape) if not is_hf_conv1d(mod) else tuple(W.shape)
                 W_new, keep = self.prune_matrix(W, stats[name], st, sp, shape)
                 W_new = W_new * keep
                 set_weight_matrix(mod, W_new)
@@ -418,7 +429,7 @@ class PostTraining(Algorithm):
         run_blockwise(model, batches, targets, prune_block, hessian=self.hessian)
         return masks
 
-    def prune_matrix(self, W: Tensor, stats: LayerStats, structure: Any, sparsity: float,
-                     shape: tuple) -> tuple[Tensor, Tensor]:
+    def prune_matrix(self, W: Tensor, stats: LayerStats, structure: Structure, sparsity: float,
+                     shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """``(W_new, keep)`` for one ``(out, in')`` matrix; ``shape`` = what the structure sees."""
         raise NotImplementedError

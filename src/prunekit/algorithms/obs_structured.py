@@ -20,6 +20,7 @@ no signal.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,7 @@ from prunekit.algorithms.calibration import (
     weight_matrix,
 )
 from prunekit.core.errors import RecipeError
+from prunekit.core.groups import CoupledGroup
 from prunekit.core.masks import MaskSet
 from prunekit.core.targets import find_targets
 from prunekit.graph.families import coupled_groups
@@ -59,7 +61,7 @@ def _group_saliency(W: Tensor, Hinv: Tensor, idx: Tensor) -> Tensor:
     B = Hinv[idx[:, :, None], idx[:, None, :]]                                # (m, size, size)
     if size == 1:
         return Wg.pow(2).sum((1, 2)) / B.reshape(m)
-    X = torch.linalg.solve(B, Wg.transpose(1, 2))                             # (m, size, rows)
+    X: Tensor = torch.linalg.solve(B, Wg.transpose(1, 2))                     # (m, size, rows)
     return (Wg * X.transpose(1, 2)).sum((1, 2))
 
 
@@ -120,7 +122,7 @@ def obs_group_prune(W: Tensor, H: Tensor, count: int, size: int, n_prune: int, p
 
 
 @register
-class OBSStructured(PostTraining):
+class OBSStructured(PostTraining["OBSStructured.Params"]):
     """``obs_structured``: heads / FFN neurons of HF encoders (``kinds: heads+neurons``) or the input
     columns (conv: input channels) of every target (``kinds: columns``), removed by OBS saliency with
     least-squares reconstruction of the consuming layer.  ``head_sparsity`` / ``neuron_sparsity`` default
@@ -137,7 +139,7 @@ class OBSStructured(PostTraining):
         percdamp: float = 0.01
         rounds: int = 8                   # selection rounds per layer (1: single-shot; >= groups: greedy)
 
-        def __post_init__(self):
+        def __post_init__(self) -> None:
             super().__post_init__()
             if self.kinds not in KINDS:
                 raise RecipeError(f"algorithm.params.kinds must be one of {list(KINDS)}, got {self.kinds!r}")
@@ -165,7 +167,7 @@ class OBSStructured(PostTraining):
             self._coupled(model, batches, masks)
         return masks
 
-    def _columns(self, model, batches, masks: MaskSet) -> None:
+    def _columns(self, model: nn.Module, batches: list[Any], masks: MaskSet) -> None:
         targets = find_targets(model, self.spec.targets)
         sp = float(self.spec.sparsity)
 
@@ -182,12 +184,12 @@ class OBSStructured(PostTraining):
 
         run_blockwise(model, batches, targets, prune_block)
 
-    def _coupled(self, model, batches, masks: MaskSet) -> None:
+    def _coupled(self, model: nn.Module, batches: list[Any], masks: MaskSet) -> None:
         kinds = tuple(k for k in ("heads", "neurons") if k in self.params.kinds)
         groups = [g for g in coupled_groups(model, kinds) if self._sparsity(g.kind) > 0]
         params = dict(model.named_parameters())
         modules = dict(model.named_modules())
-        consumers = {}
+        consumers: dict[str, list[CoupledGroup]] = {}
         for g in groups:
             name = next(s.tensor for s in g.slices if s.dim == 1)
             consumers.setdefault(name, []).append(g)
@@ -201,7 +203,8 @@ class OBSStructured(PostTraining):
         run_blockwise(model, batches, targets, prune_block)
 
     @torch.no_grad()
-    def _prune_group(self, g, mod: nn.Module, stats: LayerStats, params: dict, masks: MaskSet) -> None:
+    def _prune_group(self, g: CoupledGroup, mod: nn.Module, stats: LayerStats, params: dict[str, nn.Parameter],
+                     masks: MaskSet) -> None:
         if is_hf_conv1d(mod):
             raise RecipeError("obs_structured heads/neurons support encoder Linear layers only")
         W = weight_matrix(mod)

@@ -26,13 +26,14 @@ a zero weight column.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from prunekit.algorithms.base import register
-from prunekit.algorithms.calibration import PostTraining, PostTrainingParams
+from prunekit.algorithms.calibration import LayerStats, PostTraining, PostTrainingParams
 from prunekit.core.errors import RecipeError
 from prunekit.core.structures import NM, Structure, Unstructured, parse_structure
 
@@ -50,6 +51,7 @@ def inverse_cholesky(H: Tensor, percdamp: float) -> Tensor:
         L, info = torch.linalg.cholesky_ex(H + damp * eye)
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            U: Tensor
             U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info2) == 0:
                 return U.float()
@@ -57,7 +59,7 @@ def inverse_cholesky(H: Tensor, percdamp: float) -> Tensor:
     raise RecipeError("the calibration Hessian is not positive definite even after dampening; raise percdamp")
 
 
-def _structure_keep(W: Tensor, U: Tensor, structure: Structure, sparsity: float, shape) -> Tensor:
+def _structure_keep(W: Tensor, U: Tensor, structure: Structure, sparsity: float, shape: Sequence[int]) -> Tensor:
     score = W.abs() / U.diagonal()[None, :]
     w = W.reshape(shape)
     return structure.mask(w, sparsity, score=score.reshape(shape)).reshape(W.shape)
@@ -90,7 +92,7 @@ def _lowest_per_row(sal: Tensor, k: int) -> Tensor:
 
 @torch.no_grad()
 def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstructured", sparsity: float = 0.5,
-                    percdamp: float = 0.01, blocksize: int = 128, shape=None) -> tuple[Tensor, Tensor]:
+                    percdamp: float = 0.01, blocksize: int = 128, shape: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Prune the ``(rows, cols)`` matrix ``W`` with input Hessian ``H`` (``cols × cols``); returns
     ``(W_new, keep)`` — the compensated weights (zero where pruned) and the keep-mask.  ``shape`` is the
     weight's own shape (e.g. a conv's 4-D shape) that the structure sees; default ``W.shape``."""
@@ -149,7 +151,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstruct
 
 
 @register
-class SparseGPT(PostTraining):
+class SparseGPT(PostTraining["SparseGPT.Params"]):
     """SparseGPT post-training pruning (no search phase): ``final_masks`` runs the block-sequential
     calibration driver and prunes + compensates every target in place."""
 
@@ -161,12 +163,13 @@ class SparseGPT(PostTraining):
         percdamp: float = 0.01
         blocksize: int = 128
 
-        def __post_init__(self):
+        def __post_init__(self) -> None:
             super().__post_init__()
             if not (0.0 <= self.percdamp < 1.0):
                 raise RecipeError(f"algorithm.params.percdamp must be in [0, 1), got {self.percdamp}")
             if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
                 raise RecipeError(f"algorithm.params.blocksize must be a positive integer, got {self.blocksize!r}")
 
-    def prune_matrix(self, W, stats, structure, sparsity, shape):
+    def prune_matrix(self, W: Tensor, stats: LayerStats, structure: Structure, sparsity: float,
+                     shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         return sparsegpt_prune(W, stats.H, structure, sparsity, self.params.percdamp, self.params.blocksize, shape)

@@ -10,13 +10,14 @@ calibration tokens), with no weight update.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from prunekit.algorithms.base import register
-from prunekit.algorithms.calibration import PostTraining, PostTrainingParams
+from prunekit.algorithms.calibration import LayerStats, PostTraining, PostTrainingParams
 from prunekit.core.errors import RecipeError
 from prunekit.core.structures import Structure, Unstructured, parse_structure
 
@@ -31,7 +32,7 @@ def wanda_scores(W: Tensor, col_norms: Tensor) -> Tensor:
 
 
 def wanda_mask(W: Tensor, col_norms: Tensor, structure: str | Structure = "unstructured",
-               sparsity: float = 0.5, shape=None) -> Tensor:
+               sparsity: float = 0.5, shape: Sequence[int] | None = None) -> Tensor:
     """Keep-mask of the ``(out, in)`` matrix ``W`` (``shape``: the weight's own shape for the structure)."""
     st = parse_structure(structure)
     shape = tuple(shape or W.shape)
@@ -49,7 +50,7 @@ def wanda_mask(W: Tensor, col_norms: Tensor, structure: str | Structure = "unstr
 
 
 @register
-class Wanda(PostTraining):
+class Wanda(PostTraining["Wanda.Params"]):
     """Wanda post-training pruning (no search phase, no weight update)."""
 
     name = "wanda"
@@ -59,6 +60,7 @@ class Wanda(PostTraining):
     class Params(PostTrainingParams):
         pass
 
-    def prune_matrix(self, W, stats, structure, sparsity, shape):
+    def prune_matrix(self, W: Tensor, stats: LayerStats, structure: Structure, sparsity: float,
+                     shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         keep = wanda_mask(W, stats.col_norms, structure, sparsity, shape)
         return W * keep, keep
