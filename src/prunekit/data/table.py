@@ -29,7 +29,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from prunekit.core.errors import DataError
 from prunekit.data.glue import GlueExample
@@ -228,8 +228,16 @@ def load_table_splits(train: str | os.PathLike, eval: str | os.PathLike, text_co
     return tr, ev
 
 
-def subsample(data: TableData, limit: int | None, seed: int) -> TableData:
-    """A seeded random subset of ``limit`` examples (order kept); the class list is unchanged."""
+class _HasExamples(Protocol):
+    examples: list[Any]
+
+
+_D = TypeVar("_D", bound=_HasExamples)
+
+
+def subsample(data: _D, limit: int | None, seed: int) -> _D:
+    """A seeded random subset of ``limit`` examples (order kept); the class list is unchanged.  Works on any
+    data object holding an ``examples`` list (GLUE data too)."""
     if limit is None or limit >= len(data.examples):
         return data
     idx = sorted(random.Random(seed).sample(range(len(data.examples)), limit))

@@ -90,6 +90,11 @@ class TargetsConfig:
     exclude: list[str] = field(default_factory=list)
     types: list[str] = field(default_factory=lambda: ["Linear", "Conv2d", "HFConv1D"])
 
+    @property
+    def is_default(self) -> bool:
+        """Nothing chosen (``include: ["*"]``, no excludes): HF workloads use the family's default targets."""
+        return list(self.include) == ["*"] and not self.exclude
+
 
 @dataclass
 class PruneConfig:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from prunekit.adapters.hf import load_model, load_tokenizer
+from prunekit.adapters.hf import load_model, load_tokenizer, uses_token_types
 from prunekit.core.errors import DataError, RecipeError
 from prunekit.data.factory import load_factory
 from prunekit.data.glue import encode_examples, make_loader
@@ -186,16 +186,6 @@ def _text_splits(recipe: Recipe):
     return train, ev
 
 
-def _uses_token_types(model: nn.Module) -> bool:   # as pipelines.workloads (DistilBERT/RoBERTa: none)
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "model_type", "") != "distilbert" and getattr(cfg, "type_vocab_size", 2) >= 2
-
-
-def _is_default_targets(recipe: Recipe) -> bool:
-    t = recipe.prune.targets
-    return list(t.include) == ["*"] and not t.exclude
-
-
 def _text_workload(recipe: Recipe) -> UserWorkload:
     d = recipe.data
     train, ev = _text_splits(recipe)
@@ -209,10 +199,10 @@ def _text_workload(recipe: Recipe) -> UserWorkload:
     tok = load_tokenizer(recipe.model.name, trust_remote_code=trust)
     enc_train = encode_examples(train.examples, tok, d.max_length, is_regression=train.is_regression)
     enc_eval = encode_examples(ev.examples, tok, d.max_length, is_regression=train.is_regression)
-    if not _uses_token_types(model):
+    if not uses_token_types(model):
         for f in enc_train.features + enc_eval.features:
             f.pop("token_type_ids", None)
-    if _is_default_targets(recipe):
+    if recipe.prune.targets.is_default:
         ts = default_targets(model)
         recipe.prune.targets.include, recipe.prune.targets.types = list(ts.include), list(ts.types)
     example = next(iter(make_loader(enc_eval, 1)))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,11 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.adapters.hf import GlueTaskAdapter, load_model, load_tokenizer
+from prunekit.adapters.hf import GlueTaskAdapter, load_model, load_tokenizer, uses_token_types
 from prunekit.core.errors import RecipeError
 from prunekit.core.registry import Registry
 from prunekit.data.glue import encode_examples, get_task, load_glue, make_loader
 from prunekit.data.registry import get_dataset
+from prunekit.data.table import subsample
 from prunekit.data.user import is_user_data
 from prunekit.graph.families import default_targets
 from prunekit.models.user import build_model
@@ -37,7 +37,7 @@ def build_glue_workload(recipe: Recipe):
         spec = get_task(d.name)
     except (KeyError, ValueError) as e:
         raise RecipeError(f"data.name: {e.args[0]}") from None
-    train = _subsample(load_glue(spec, d.root, "train"), d.limit, recipe.seed)
+    train = subsample(load_glue(spec, d.root, "train"), d.limit, recipe.seed)
     dev = load_glue(spec, d.root, "dev", limit=d.eval_limit or d.limit)
     args = dict(recipe.model.args)
     num_labels = int(args.pop("num_labels", spec.num_labels))
@@ -48,12 +48,12 @@ def build_glue_workload(recipe: Recipe):
     tok = load_tokenizer(recipe.model.name, trust_remote_code=trust)
     enc_train = encode_examples(train, tok, d.max_length)
     enc_dev = encode_examples(dev, tok, d.max_length)
-    if not _uses_token_types(model):  # DistilBERT takes none; RoBERTa has a single token type
+    if not uses_token_types(model):  # DistilBERT takes none; RoBERTa has a single token type
         for f in enc_train.features + enc_dev.features:
             f.pop("token_type_ids", None)
     train_loader = make_loader(enc_train, d.batch_size, shuffle=True, seed=recipe.seed)
     eval_loader = make_loader(enc_dev, d.eval_batch_size)
-    if _is_default_targets(recipe):
+    if recipe.prune.targets.is_default:
         ts = default_targets(model)
         recipe.prune.targets.include = list(ts.include)
         recipe.prune.targets.types = list(ts.types)
@@ -66,22 +66,6 @@ def build_glue_workload(recipe: Recipe):
 
 
 # --------------------------------------------------------------------------------------------- workload
-def _subsample(data, limit: int | None, seed: int):
-    if limit is None or limit >= len(data.examples):
-        return data
-    idx = sorted(random.Random(seed).sample(range(len(data.examples)), limit))
-    data.examples = [data.examples[i] for i in idx]
-    return data
-
-
-def _uses_token_types(model: nn.Module) -> bool:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "model_type", "") != "distilbert" and getattr(cfg, "type_vocab_size", 2) >= 2
-
-
-def _is_default_targets(recipe: Recipe) -> bool:
-    t = recipe.prune.targets
-    return list(t.include) == ["*"] and not t.exclude
 
 
 @dataclass
