@@ -15,6 +15,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from prunekit.core.inputs import call_model
 from prunekit.core.masks import MaskSet
 from prunekit.core.targets import linear_types
 
@@ -67,12 +68,7 @@ def count_flops(model: nn.Module, example_input: Any) -> dict[str, int]:
     was = model.training
     model.eval()
     try:
-        if isinstance(example_input, dict):
-            model(**example_input)
-        elif isinstance(example_input, (tuple, list)):
-            model(*example_input)
-        else:
-            model(example_input)
+        call_model(model, example_input)
     finally:
         model.train(was)
         for h in hs:

@@ -11,16 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.core.inputs import call_model
+
 __all__ = ["interleaved_ms", "call_model", "repeat_batch", "forward_latency_ms"]
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple/list, else ``model(inputs)``."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def repeat_batch(x: Any, n: int) -> Any:

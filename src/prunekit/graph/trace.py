@@ -16,6 +16,7 @@ from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from prunekit.core.errors import ModelError
+from prunekit.core.inputs import split_inputs
 
 __all__ = ["TraceError", "Traced", "trace", "call_model", "normalize_inputs"]
 
@@ -58,14 +59,7 @@ def normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict
 
     Hugging Face models with ``config.use_cache`` get ``use_cache=False`` (a cache object is not a
     traceable output and is irrelevant to pruning)."""
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    if isinstance(example_inputs, dict):
-        args, kwargs = (), dict(example_inputs)
-    elif isinstance(example_inputs, (tuple, list)):
-        args, kwargs = tuple(example_inputs), {}
-    else:
-        args, kwargs = (example_inputs,), {}
+    args, kwargs = split_inputs(example_inputs)
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "use_cache", False) and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
