@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from prunekit.pipelines.runner import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "gpu.json"
@@ -117,7 +118,7 @@ def main() -> int:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     doc = {"command": "PYTHONPATH=src python benchmarks/gpu_check.py",
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
+           "machine": machine_info(torch.device("cuda") if torch.cuda.is_available() else None),
            "cuda_available": torch.cuda.is_available()}
     if not torch.cuda.is_available():
         doc["skipped"] = "CUDA is not available on this machine: nothing was measured"

@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,7 +33,10 @@ import torch  # noqa: E402
 
 from prunekit.core.plan import compute_masks  # noqa: E402
 from prunekit.pipelines.recipe import parse_recipe  # noqa: E402
-from prunekit.pipelines.runner import prune_spec_from  # noqa: E402
+from prunekit.pipelines.runner import (
+    machine_info,
+    prune_spec_from,  # noqa: E402
+)
 from prunekit.pipelines.workloads import build_workload  # noqa: E402
 from prunekit.training.config import TrainConfig  # noqa: E402
 from prunekit.training.loop import fit, make_optimizer  # noqa: E402
@@ -140,9 +142,7 @@ def main(argv=None) -> int:
         measure(key, args.repeats, rows)
     doc = {"command": "PYTHONPATH=src python benchmarks/loop_overhead.py " + " ".join(argv or sys.argv[1:]),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                       "python": platform.python_version(), "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+           "machine": machine_info(),
            "repeats": args.repeats, "unit": "training examples per second (median over repeats)",
            "ratio": "prunekit / plain (ratio_paired_median: median of the per-repeat ratios, same time window)",
            "results": summarise(rows)}

@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
 import shlex
 import sys
@@ -40,16 +39,11 @@ from prunekit.core.targets import TargetSpec
 from prunekit.graph.families import head_neuron_masks
 from prunekit.io.checkpoint import atomic_write_json, load_checkpoint
 from prunekit.pipelines.recipe import from_dict, load_recipe, parse_recipe
-from prunekit.pipelines.runner import build_workload, run_pipeline
+from prunekit.pipelines.runner import build_workload, machine_info, run_pipeline
 from prunekit.training.loop import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "posttraining.json"
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "cpus_visible": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def peak_mb() -> float:
@@ -296,7 +290,7 @@ def main(argv=None) -> int:
     METHODS[:] = a.methods
     torch.set_num_threads(1)
     os.environ.setdefault("PRUNEKIT_NO_PROGRESS", "1")
-    meta = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]), "machine": machine(),
+    meta = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]), "machine": machine_info(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "notes": "score: accuracy/F1/... in points (percent) for LeNet, ResNet and GLUE, perplexity for the decoder; "
                      "seconds = pruning incl. calibration forwards at 1 thread (retraining: retrain_seconds); "

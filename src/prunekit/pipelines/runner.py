@@ -83,8 +83,10 @@ def prune_spec_from(recipe: Recipe) -> PruneSpec:
 
 
 def machine_info(device: torch.device | None = None) -> dict:
+    """What a result was measured on (``results.json`` and the benchmarks' JSON)."""
     out = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-           "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+           "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "cpus": os.cpu_count()}
     if device is not None:
         out["device"] = str(device)
         if device.type == "cuda":
