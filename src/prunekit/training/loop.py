@@ -150,6 +150,8 @@ class _Loop:
     opt: torch.optim.Optimizer
     sched: Any
     total: int
+    device: torch.device                                  # the model's: batches and hook states go there
+    amp: Amp                                              # autocast (+ GradScaler for fp16 on CUDA)
     history: list = field(default_factory=list)
     best: dict | None = None
     best_state: dict | None = None
@@ -159,8 +161,6 @@ class _Loop:
     skip: int = 0
     batch_i: int = 0
     epoch_start_rng: dict | None = None
-    device: torch.device | None = None                    # the model's: batches and hook states go there
-    amp: Amp | None = None                                # autocast (+ GradScaler for fp16 on CUDA)
 
     def snapshot(self) -> dict:
         ctx = self.ctx
@@ -172,7 +172,7 @@ class _Loop:
                 "position": {"step": ctx.step, "epoch": ctx.epoch, "batch": self.batch_i},
                 "history": self.history, "best": self.best, "bad_evals": self.bad_evals,
                 "best_state": self.best_state, "stopped": self.stopped, "phase": self.desc,
-                "amp": self.amp.state_dict() if self.amp is not None else None}
+                "amp": self.amp.state_dict()}
 
     def restore(self, resume: dict) -> None:
         """The one restore of a snapshot — after the hooks' ``begin`` (which built their structures)."""
@@ -184,8 +184,7 @@ class _Loop:
             self.ctx.hard_prune.refresh()
         self.opt.load_state_dict(resume["optimizer"])
         self.sched.load_state_dict(resume["scheduler"])
-        if self.amp is not None:
-            self.amp.load_state_dict(resume.get("amp"))
+        self.amp.load_state_dict(resume.get("amp"))
         pos = resume["position"]
         self.ctx.step, self.ctx.epoch = int(pos["step"]), int(pos["epoch"])
         self.start_epoch, self.skip = int(pos["epoch"]), int(pos["batch"])
@@ -207,7 +206,7 @@ def _start(model, task, train_loader, eval_loader, cfg, hooks, masks, desc, rest
         h.begin(ctx)
     dev = device_of(model)
     lp = _Loop(model, task, train_loader, eval_loader, cfg, list(hooks), masks, desc, restore_best, ctx, opt, sched,
-               total, device=dev, amp=Amp((runtime or Runtime()).precision, dev))
+               total, dev, Amp((runtime or Runtime()).precision, dev))
     if resume is not None:
         lp.restore(resume)
     elif baseline is not None and task.metric in baseline:
@@ -243,8 +242,7 @@ def _epoch_iter(lp: _Loop, epoch: int, resume: dict | None):
 def _train_step(lp: _Loop, batch, epoch: int, distributed: bool) -> torch.Tensor:
     """Forward (task loss + hooks' extra losses), backward, gradient averaging, clip, optimizer step."""
     ctx, desc = lp.ctx, lp.desc
-    assert lp.device is not None, "_start sets the loop's device"
-    amp = lp.amp or Amp("fp32", lp.device)
+    amp = lp.amp
     batch = to_device(batch, lp.device)
     with amp.autocast():
         loss, outputs = lp.task.step(lp.model, batch)
