@@ -128,3 +128,30 @@ def test_output_mismatch_checks_every_output_on_its_own_scale():
     assert output_mismatch((big, small), (big, small)) == ""
     assert "output 1 differs" in output_mismatch((big, small), (big, small * 1.3))   # small output, big change
     assert "shape" in output_mismatch((big,), (big[:2],)) and "2 output tensors" in output_mismatch((big,), (big, big))
+
+
+@pytest.mark.parametrize("family,structure,written", [("llama", "kv_groups+neurons", True), ("bert", "heads+neurons", False)])
+def test_prunekit_compact_announces_only_a_reloaded_hf_folder(tmp_path, monkeypatch, capsys, family, structure, written):
+    """`prunekit compact RUN`: the HF folder is announced only when written (after the reload check);
+    otherwise the printed notes say why and how to deploy instead."""
+    import argparse
+    import types
+
+    from prunekit.cli import compact as cli_compact
+    from prunekit.io.checkpoint import MODEL_FILE
+    model, x = tiny(family), example(family)
+    masks = prunekit.prune(model, structure, 0.5, example_inputs=x, targets=default_targets(model))
+    recipe = types.SimpleNamespace(model=types.SimpleNamespace(name=f"tiny-{family}"))
+    monkeypatch.setattr(cli_compact, "load_run", lambda run_dir: (model, masks, recipe, x))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / MODEL_FILE).write_bytes(b"0" * 1000)     # only its size is read (the size table)
+    rc = cli_compact.run(argparse.Namespace(run_dir=str(tmp_path / "run"), out=str(tmp_path / "out")))
+    printed = capsys.readouterr().out
+    assert rc == 0 and (tmp_path / "out" / "hf").exists() == written
+    assert ("Hugging Face model (from_pretrained)" in printed) == written
+    if written:
+        _reload_equal(model, tmp_path / "out" / "hf", x)
+    else:
+        assert "note: BertConfig cannot express the removed heads" in printed
+        assert "note: no from_pretrained folder: BertConfig cannot express the compacted sizes" in printed
+        assert printed.count(DEPLOY_INSTEAD) == 1
