@@ -8,8 +8,9 @@ widths differ across layers, or for head-pruned BERT-family encoders (and GPT-2)
 head size from ``hidden_size / num_attention_heads`` and transformers 5 removed ``prune_heads`` /
 ``pruned_heads``.
 
-* :func:`config_mismatches` — which tensors a fresh model built from a config (on the ``meta`` device, no
-  memory) would shape differently from the compacted model: the check that needs no files;
+* :func:`config_mismatches` (defined in :mod:`prunekit.deploy.surgery`, which sets the config) — which
+  tensors a fresh model built from a config (on the ``meta`` device, no memory) would shape differently
+  from the compacted model: the check that needs no files;
 * :func:`save_hf_folder` — write ``save_pretrained`` into a temporary folder, reload it with
   ``from_pretrained``, compare **every** output with the compacted model's (each on its own scale), and
   only then move it into place.  Otherwise nothing is written and the returned note says why and how to
@@ -17,47 +18,18 @@ head size from ``hidden_size / num_attention_heads`` and transformers 5 removed 
 """
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..graph import call_model
+from .surgery import DEPLOY_INSTEAD, config_mismatches, is_hf_model
 
 __all__ = ["config_mismatches", "save_hf_folder", "output_mismatch", "DEPLOY_INSTEAD", "is_hf_model"]
-
-DEPLOY_INSTEAD = ("deploy it with prunekit's own format instead (model.safetensors + compact.json: "
-                  "prunekit.deploy.compact.save_compacted / load_compacted(DIR, factory), written by `prunekit "
-                  "compact`) or as ONNX (prunekit.deploy.export.export_onnx)")
-
-
-def is_hf_model(model: nn.Module) -> bool:
-    """A transformers ``PreTrainedModel`` (has a config and ``save_pretrained`` / ``from_pretrained``)."""
-    return getattr(model, "config", None) is not None and hasattr(model, "save_pretrained") \
-        and hasattr(type(model), "from_pretrained")
-
-
-def config_mismatches(model: nn.Module, updates: Mapping[str, Any] | None = None) -> list[str]:
-    """``"name: config gives (a, b), compacted (c, d)"`` for every tensor of ``model`` that a fresh
-    ``type(model)(config)`` (``config`` + ``updates``, built on the meta device) shapes differently; a
-    one-item list naming the error when the model cannot be built from its config."""
-    cfg = copy.deepcopy(model.config)
-    for k, v in (updates or {}).items():
-        setattr(cfg, k, v)
-    try:
-        with torch.device("meta"):
-            fresh = type(model)(cfg)
-    except Exception as e:  # noqa: BLE001 - any failure to build means the config does not express the model
-        return [f"{type(model).__name__}(config) fails: {type(e).__name__}: {str(e).splitlines()[0][:200]}"]
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    return [f"{k}: config gives {tuple(v.shape)}, compacted {want[k]}"
-            for k, v in fresh.state_dict().items() if k in want and tuple(v.shape) != want[k]]
-
 
 def _tensors(out: Any) -> list[Tensor]:
     if hasattr(out, "to_tuple"):

@@ -38,7 +38,6 @@ from prunekit.core.errors import ModelError
 from ..core.groups import CoupledGroup
 from ..graph import analyze_model, build_groups, call_model, macs_of
 from ..graph import macs as graph_macs
-from .hf_folder import DEPLOY_INSTEAD, config_mismatches, is_hf_model
 
 __all__ = ["compact", "CompactResult", "GroupReport", "CompactionError", "macs", "apply_keeps"]
 
@@ -307,6 +306,34 @@ _FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim", "d_ff")
 def _uniform(values: Iterable[int]) -> int | None:
     vals = set(values)
     return vals.pop() if len(vals) == 1 else None
+
+
+DEPLOY_INSTEAD = ("deploy it with prunekit's own format instead (model.safetensors + compact.json: "
+                  "prunekit.deploy.compact.save_compacted / load_compacted(DIR, factory), written by `prunekit "
+                  "compact`) or as ONNX (prunekit.deploy.export.export_onnx)")
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (has a config and ``save_pretrained`` / ``from_pretrained``)."""
+    return getattr(model, "config", None) is not None and hasattr(model, "save_pretrained") \
+        and hasattr(type(model), "from_pretrained")
+
+
+def config_mismatches(model: nn.Module, updates: Mapping[str, Any] | None = None) -> list[str]:
+    """``"name: config gives (a, b), compacted (c, d)"`` for every tensor of ``model`` that a fresh
+    ``type(model)(config)`` (``config`` + ``updates``, built on the meta device) shapes differently; a
+    one-item list naming the error when the model cannot be built from its config."""
+    cfg = copy.deepcopy(model.config)
+    for k, v in (updates or {}).items():
+        setattr(cfg, k, v)
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(cfg)
+    except Exception as e:  # noqa: BLE001 - any failure to build means the config does not express the model
+        return [f"{type(model).__name__}(config) fails: {type(e).__name__}: {str(e).splitlines()[0][:200]}"]
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return [f"{k}: config gives {tuple(v.shape)}, compacted {want[k]}"
+            for k, v in fresh.state_dict().items() if k in want and tuple(v.shape) != want[k]]
 
 
 def _update_config(model: nn.Module, groups: Sequence[CoupledGroup], plan) -> tuple[dict, list[str]]:
