@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import prunekit
-from hf_tiny import tiny
+from hf_tiny import COMMON, tiny
 from prunekit.algorithms.base import get_algorithm_class
 from prunekit.algorithms.calibration import (
     CalibrationConfig,
@@ -75,15 +75,19 @@ def _loader(items, batch_size):
     return torch.utils.data.DataLoader(items, batch_size=batch_size, collate_fn=_pad)
 
 
-@pytest.mark.parametrize("algorithm", ["sparsegpt", "wanda"])
+@pytest.mark.parametrize("algorithm", ["sparsegpt", "wanda", "wanda+owl"])
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_masks_identical_padded_and_unpadded(algorithm, family):
+    """Same masks (and weights) from padded batches as from the unpadded sentences; with OWL the layer
+    sparsities (from outlier counts) are the same too."""
     items = _sentences(1) + _sentences(2)
     res = []
     for bs in (4, 1):                      # two padded batches of 4 vs 8 unpadded single sentences
         model = tiny(family)
-        cls = get_algorithm_class(algorithm)
-        algo = cls(cls.Params(), PruneSpec("unstructured", 0.5))
+        name, _, owl = algorithm.partition("+")
+        cls = get_algorithm_class(name)
+        params = cls.Params(allocation="owl", owl_lambda=0.2, owl_m=2.0) if owl else cls.Params()
+        algo = cls(params, PruneSpec("unstructured", 0.5))
         algo.calibration_loader, algo.calibration = _loader(items, bs), CalibrationConfig(8, bs, None, 0)
         res.append((algo.final_masks(model), dict(model.named_parameters())))
     (m4, p4), (m1, p1) = res
@@ -91,6 +95,8 @@ def test_masks_identical_padded_and_unpadded(algorithm, family):
     for n in m4.names():
         assert torch.equal(m4[n], m1[n]), n
         assert _close(p4[n].detach(), p1[n].detach(), 1e-4), n
+    spread = {round(float(m.float().mean()), 3) for _, m in m4.items()}
+    assert (len(spread) > 1) == bool(owl)   # OWL: layer sparsities differ from 50 % (and match across batchings)
 
 
 def test_mask_of_another_length_is_refused_not_guessed():
@@ -152,6 +158,24 @@ def test_each_block_gets_its_own_arguments():
         assert seen[n].n == whole[n].n == 30
         assert _close(seen[n].H, whole[n].H), n     # block 1's fc1 sees half its inputs zeroed by its own mask
     assert float(whole["blocks.1.fc1.weight"].H[4:, 4:].abs().max()) == 0.0
+
+
+def test_hf_sliding_window_layers_get_their_own_masks():
+    """A Qwen2 whose layers alternate sliding-window (3 tokens) and full attention: block by block, every layer's
+    statistics equal those of whole-model hooks (block 0's sliding mask reused for every block changed them)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen2Config(**{**COMMON, "num_key_value_heads": 2, "head_dim": 8, "num_hidden_layers": 4,
+                                      "use_sliding_window": True, "sliding_window": 3, "max_window_layers": 0,
+                                      "layer_types": ["sliding_attention", "full_attention"] * 2})
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    targets = find_targets(model, TargetSpec(include=["model.layers.*"], types=["Linear"]))
+    batch = _pad(_sentences(5))
+    whole = collect_stats(model, [batch], targets)
+    seen = _stats(model, [batch], targets, blockwise=True)
+    assert len(targets) == 28
+    for n in targets:
+        assert seen[n].n == whole[n].n == sum(LENGTHS) and _close(seen[n].H, whole[n].H), n
 
 
 def test_transform_between_blocks_is_refused_naming_model_and_block():
