@@ -493,7 +493,8 @@ def _run_blocks(model: nn.Module, batches: list[Any], targets: dict[str, nn.Modu
         name, blocks = found
         per_block = [{n: m for n, m in targets.items() if id(m) in {id(x) for x in b.modules()}} for b in blocks]
         last = max((i for i, mods in enumerate(per_block) if mods), default=-1)
-        recorded = record_block_calls(model, blocks, batches, name) if last >= 0 else []
+        upto = cast(Blocks, blocks[:last + 1])          # record up to the last block holding targets
+        recorded = record_block_calls(model, upto, batches, name) if last >= 0 else []
         hidden = [r.hidden for r in recorded]
         for i, block in enumerate(blocks):
             if i > last:
