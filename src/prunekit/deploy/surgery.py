@@ -102,8 +102,8 @@ def _state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _mask_dict(model: nn.Module, masks: Any) -> dict[str, Tensor]:
-    if masks is None:
-        return {n: p.detach() != 0 for n, p in model.named_parameters()}
+    if masks is None:   # the weights' own zero pattern; biases and norm parameters ride along (see unit_status)
+        return {n: p.detach() != 0 for n, p in model.named_parameters() if p.dim() >= 2}
     items = masks.items() if hasattr(masks, "items") else masks
     return {k: torch.as_tensor(v).bool() for k, v in items}
 
@@ -128,7 +128,12 @@ class UnitStatus:
     dead: Tensor            # provably zero: zero sources and zero 1-D parameters
     zero_sources: Tensor    # the rows that write the unit are zero
     some_zero: Tensor       # zero in at least one weight slice
-    kept_in: list[str]      # weights where some unit is nonzero
+    alive_in: dict[str, Tensor]   # weight → its units that are nonzero there
+    sources: set[str]       # the weights that write the units
+
+    def kept_in(self, units: Tensor, readers_only: bool = False) -> list[str]:
+        """The weights where some of ``units`` are nonzero (only the reading ones: not sources)."""
+        return [t for t, a in self.alive_in.items() if (a & units).any() and not (readers_only and t in self.sources)]
 
     def removable(self, readers: Sequence[str], use_dead: bool = True) -> Tensor:
         """Dead units (unless ``use_dead`` is False), and pruned ones when nothing reads the units
@@ -148,7 +153,7 @@ def unit_status(g: CoupledGroup, masks: Mapping[str, Tensor], state: Mapping[str
     n = g.count
     pruned, some = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
     dead, zero_src = torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
-    kept_in: list[str] = []
+    alive_in: dict[str, Tensor] = {}
     sources = {(x.tensor, x.dim) for x in g.sources}
     affine = {x.tensor.rsplit(".", 1)[0] for x in g.slices if x.tensor.endswith(".weight")}
     for s in g.slices:
@@ -167,12 +172,11 @@ def unit_status(g: CoupledGroup, masks: Mapping[str, Tensor], state: Mapping[str
         alive = s.unit_view(m.bool(), n).any(1) if m is not None else nonzero
         if is_weight:
             some |= ~alive
-            if alive.any():
-                kept_in.append(s.tensor)
+            alive_in[s.tensor] = alive_in.get(s.tensor, torch.zeros(n, dtype=torch.bool)) | alive
         pruned &= ~alive
     if not g.sources:
         dead = torch.zeros(n, dtype=torch.bool)
-    return UnitStatus(pruned, dead, zero_src & bool(g.sources), some, list(dict.fromkeys(kept_in)))
+    return UnitStatus(pruned, dead, zero_src & bool(g.sources), some, alive_in, {x.tensor for x in g.sources})
 
 
 def _which(names: Sequence[str], k: int = 4) -> str:
@@ -190,12 +194,12 @@ def _stay_note(g: CoupledGroup, st: UnitStatus) -> str:
     const = stay & ~st.pruned & st.zero_sources
     if const.any():
         notes.append(f"{int(const.sum())} units have zero source rows but a nonzero bias or norm affine, read by "
-                     f"{_which(st.kept_in)}: they carry a constant and stay (zero the bias and the BatchNorm "
+                     f"{_which(st.kept_in(const, readers_only=True))}: they carry a constant and stay (zero the bias and the BatchNorm "
                      "weight and bias too to remove them)")
     partner = stay & ~st.pruned & ~st.zero_sources & st.some_zero
     if partner.any():
         notes.append(f"{int(partner.sum())} units are zero in some weights but kept in coupled tensors "
-                     f"({_which(st.kept_in)}), e.g. a residual partner: they stay")
+                     f"({_which(st.kept_in(partner))}), e.g. a residual partner: they stay")
     return "; ".join(notes)
 
 
