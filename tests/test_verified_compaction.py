@@ -283,4 +283,8 @@ def test_trust_code_flag_allows_it(user_code_run, tmp_path):
     assert marker.read_text() == "imported" and "graph-driven, verified" in out
     man = json.loads((tmp_path / "c" / "compact.json").read_text())
     assert man["format"] == "prunekit-compact/2" and man["params_after"] < man["params_before"]
+    # bench times the same verified compaction on the user's own model (old: "no built-in chains")
+    r = bench_run(run, repeats=1, batches=(1,), threads=(1,), trust_code=True)
+    assert r["params"] == {"before": man["params_before"], "after": man["params_after"]}
+    assert r["latency"][0]["compacted_ms"] > 0
     sys.modules.pop(name, None)

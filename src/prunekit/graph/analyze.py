@@ -45,6 +45,7 @@ class Analysis:
     dims: dict[str, Any] = field(default_factory=dict)
     tensor_dims: dict[str, Dims] = field(default_factory=dict)
     producers: dict[tuple[str, int], str] = field(default_factory=dict)   # (tensor, dim) -> op kind
+    addends: set[str] = field(default_factory=set)   # parameters/buffers added to activations (write the units too)
     attention: dict[int, tuple[str, int]] = field(default_factory=dict)   # heads space -> (module, head_dim)
     kv_heads: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # kv space -> (module, head_dim, n_rep)
 

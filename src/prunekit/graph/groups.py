@@ -79,7 +79,8 @@ def _one_group(a: Analysis, leaf: int, items: list[tuple[Slice, bool]], flags: l
                      attention=head[1] if head else "", head_dim=head[2] if head else 0,
                      heads_per_unit=head[3] if head else 0, kv_per_unit=1 if head else 0,
                      producers=tuple(dict.fromkeys(_module(s.tensor) for s in producers)),
-                     sources=tuple(dict.fromkeys(producers)), readers=tuple(dict.fromkeys(reads)))
+                     sources=tuple(dict.fromkeys(producers + [s for s in slices if s.tensor in a.addends])),
+                     readers=tuple(dict.fromkeys(reads)))
     return g
 
 

@@ -68,6 +68,8 @@ def _unary(a: Analysis, node: fx.Node) -> Any:
 @rule(*_BINARY)
 def _binary(a: Analysis, node: fx.Node) -> Any:
     out = a.fresh(node)
+    if op_is(node, "add", "sub", "rsub", "where", "masked_fill", "addcmul", "lerp", "maximum", "minimum"):
+        a.addends.update(t for t in (a.tensor_of(v) for v in node.args) if t is not None)
     if isinstance(out, list) and (not out or isinstance(out[0], int)):
         broadcast(a, out, [a.d(v) for v in list(node.args) + list(node.kwargs.values())])
     return out
