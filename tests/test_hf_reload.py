@@ -9,7 +9,8 @@ import torch
 
 import prunekit
 from hf_tiny import example, tiny
-from prunekit.deploy.hf_folder import DEPLOY_INSTEAD, config_mismatches, output_mismatch, save_hf_folder
+from prunekit.deploy.hf_folder import DEPLOY_INSTEAD, config_mismatches, save_hf_folder
+from prunekit.deploy.surgery import check_outputs, reference_outputs
 from prunekit.graph import coupled_groups
 from prunekit.graph.families import default_targets
 
@@ -25,9 +26,9 @@ def _outputs(model, x):
 def _compact(model, x, structure, sparsity=0.5, **kw):
     groups = coupled_groups(model, x)                            # one trace for pruning and compaction
     masks = prunekit.prune(model, structure, sparsity, groups=groups, targets=default_targets(model), **kw)
-    masked = _outputs(model, x)
+    refs = reference_outputs(model, x)                           # the masked model on two inputs
     res = prunekit.compact(model, masks, x, groups=groups, count_macs=False)
-    assert output_mismatch(masked, _outputs(model, x)) == ""      # compaction itself verified
+    assert all(c.ok for c in check_outputs(refs, model, 1e-4, 1e-5))   # compaction itself verified
     return res
 
 
@@ -123,13 +124,6 @@ def test_a_folder_that_reloads_differently_is_not_written(tmp_path, monkeypatch)
     assert path is None and not (tmp_path / "hf").exists() and "reloaded model is not the compacted one" in why
 
 
-def test_output_mismatch_checks_every_output_on_its_own_scale():
-    big, small = torch.full((4,), 1000.0), torch.full((3,), 1e-3)
-    assert output_mismatch((big, small), (big, small)) == ""
-    assert "output 1 differs" in output_mismatch((big, small), (big, small * 1.3))   # small output, big change
-    assert "shape" in output_mismatch((big,), (big[:2],)) and "2 output tensors" in output_mismatch((big,), (big, big))
-
-
 @pytest.mark.parametrize("family,structure,written", [("llama", "kv_groups+neurons", True), ("bert", "heads+neurons", False)])
 def test_prunekit_compact_announces_only_a_reloaded_hf_folder(tmp_path, monkeypatch, capsys, family, structure, written):
     """`prunekit compact RUN`: the HF folder is announced only when written (after the reload check);
@@ -142,10 +136,10 @@ def test_prunekit_compact_announces_only_a_reloaded_hf_folder(tmp_path, monkeypa
     model, x = tiny(family), example(family)
     masks = prunekit.prune(model, structure, 0.5, example_inputs=x, targets=default_targets(model))
     recipe = types.SimpleNamespace(model=types.SimpleNamespace(name=f"tiny-{family}"))
-    monkeypatch.setattr(cli_compact, "load_run", lambda run_dir: (model, masks, recipe, x))
+    monkeypatch.setattr(cli_compact, "load_run", lambda run_dir, **kw: (model, masks, recipe, x))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / MODEL_FILE).write_bytes(b"0" * 1000)     # only its size is read (the size table)
-    rc = cli_compact.run(argparse.Namespace(run_dir=str(tmp_path / "run"), out=str(tmp_path / "out")))
+    rc = cli_compact.run(argparse.Namespace(run_dir=str(tmp_path / "run"), out=str(tmp_path / "out"), trust_code=False))
     printed = capsys.readouterr().out
     assert rc == 0 and (tmp_path / "out" / "hf").exists() == written
     assert ("Hugging Face model (from_pretrained)" in printed) == written

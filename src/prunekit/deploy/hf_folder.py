@@ -12,70 +12,41 @@ head size from ``hidden_size / num_attention_heads`` and transformers 5 removed 
   tensors a fresh model built from a config (on the ``meta`` device, no memory) would shape differently
   from the compacted model: the check that needs no files;
 * :func:`save_hf_folder` — write ``save_pretrained`` into a temporary folder, reload it with
-  ``from_pretrained``, compare **every** output with the compacted model's (each on its own scale), and
-  only then move it into place.  Otherwise nothing is written and the returned note says why and how to
+  ``from_pretrained``, compare **every** output with the compacted model's (each on its own scale, on the
+  example input and a second one of another batch size and length: compaction's own check,
+  :func:`prunekit.deploy.surgery.check_outputs`), and only then move it into place.  Otherwise nothing is written and the returned note says why and how to
   deploy instead (:data:`DEPLOY_INSTEAD`).
 """
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from ..graph import call_model
-from .surgery import DEPLOY_INSTEAD, config_mismatches, is_hf_model
+from .surgery import DEPLOY_INSTEAD, check_outputs, config_mismatches, is_hf_model, reference_outputs
 
-__all__ = ["config_mismatches", "save_hf_folder", "output_mismatch", "DEPLOY_INSTEAD", "is_hf_model"]
-
-def _tensors(out: Any) -> list[Tensor]:
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _tensors(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _tensors(v)]
-    return []
+__all__ = ["config_mismatches", "save_hf_folder", "DEPLOY_INSTEAD", "is_hf_model"]
 
 
-def output_mismatch(ref: Any, new: Any, rtol: float = 1e-4, atol: float = 1e-6) -> str:
-    """``""`` when every output tensor of ``new`` equals ``ref``'s within ``atol + rtol * max|ref_i|``
-    (each output on its own scale), else what differs (count, shapes, or the worst output)."""
-    a, b = _tensors(ref), _tensors(new)
-    if len(a) != len(b):
-        return f"{len(b)} output tensors, expected {len(a)}"
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x.shape != y.shape:
-            return f"output {i} has shape {tuple(y.shape)}, expected {tuple(x.shape)}"
-        if not x.numel():
-            continue
-        x, y = x.detach().float(), y.detach().float()
-        diff, scale = float((x - y).abs().max()), float(x.abs().max())
-        if not diff <= atol + rtol * scale:      # also catches NaN
-            return f"output {i} differs by {diff:.3g} (largest value {scale:.3g}, rtol {rtol:g})"
-    return ""
-
-
-def _reload_check(model: nn.Module, folder: Path, example_inputs: Any, rtol: float) -> str:
+def _reload_check(model: nn.Module, folder: Path, example_inputs: Any, rtol: float, atol: float) -> str:
     try:
         back = type(model).from_pretrained(folder).eval()     # type: ignore[attr-defined]
     except Exception as e:  # noqa: BLE001 - a folder that does not load is the failure being checked for
         return f"from_pretrained fails: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     was = model.training
     model.eval()
-    try:
-        return output_mismatch(call_model(model, example_inputs), call_model(back, example_inputs), rtol)
+    try:    # compaction's own check: every output on its own scale, on the example and a second input
+        bad = [c for c in check_outputs(reference_outputs(model, example_inputs), back, rtol, atol) if not c.ok]
     finally:
         model.train(was)
+    return bad[0].describe() if bad else ""
 
 
 def save_hf_folder(model: nn.Module, directory: str | os.PathLike, example_inputs: Any,
-                   rtol: float = 1e-4) -> tuple[Path | None, str]:
+                   rtol: float = 1e-4, atol: float = 1e-5) -> tuple[Path | None, str]:
     """Write ``model`` with ``save_pretrained`` to ``directory`` only if ``from_pretrained`` of the
     written folder gives the same outputs on ``example_inputs`` (module docstring).  Returns
     ``(directory, "")``, or ``(None, note)`` — nothing written — with why and how to deploy instead."""
@@ -90,7 +61,7 @@ def save_hf_folder(model: nn.Module, directory: str | os.PathLike, example_input
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)   # type: ignore[operator]
-        why = _reload_check(model, tmp, example_inputs, rtol)
+        why = _reload_check(model, tmp, example_inputs, rtol, atol)
         if why:
             return None, f"no from_pretrained folder: the reloaded model is not the compacted one ({why}); {DEPLOY_INSTEAD}"
         shutil.rmtree(d, ignore_errors=True)
