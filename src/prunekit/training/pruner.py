@@ -16,6 +16,15 @@ hand-written loop reproduces it (same masks, same weights for the same seed and 
     ... retrain with the same loop (pruner.loss / pruner.step keep pruned weights at exactly 0) ...
     pruner.detach()
 
+Masks are exact in every loop.  Hard-pruning masks the gradients (after every backward, so also every
+micro-batch of gradient accumulation) and re-masks the weights after every step of the optimizer given
+here (or to :meth:`finalize` / :meth:`set_optimizer`) — without one, after every step of *any* torch
+optimizer that updates a masked parameter — and zeroes that optimizer's momentum / Adam moments at the
+pruned positions; the Parameters stay the same objects, so your optimizer stays valid.  Hence the order of
+``pruner.step()`` and ``optimizer.step()`` does not matter for exactness.  Call ``pruner.step()`` once per
+*optimizer* step (not per micro-batch when accumulating gradients): it advances the schedules
+(``total_steps`` / ``steps_per_epoch`` count optimizer steps) and the multipliers.
+
 Post-training algorithms (``sparsegpt``, ``wanda``, ``obs_structured``) have no search phase:
 ``Pruner(model, spec, algorithm="sparsegpt", calibration_data=train_loader, calibration={"samples": 128})``
 then ``finalize()`` prunes (and updates) the weights from those calibration batches.
@@ -109,7 +118,8 @@ class Pruner:
         self.ctx.optimizer, self.ctx.masks, self.ctx.hard_prune = optimizer, masks, self.hard_prune
 
     def set_optimizer(self, optimizer) -> None:
-        """Bind (another) optimizer: hard-prune re-masks after its steps."""
+        """Bind (another) optimizer: hard-prune re-masks after its steps and zeroes its state at the pruned
+        positions (``None``: every optimizer that updates a masked parameter)."""
         self._attach(self.masks, optimizer)
 
     # -- the calls of a training loop ---------------------------------------------------------------
@@ -123,7 +133,8 @@ class Pruner:
         return loss
 
     def step(self) -> None:
-        """After ``optimizer.step()``: re-mask, advance schedules / multipliers."""
+        """Once per optimizer step (before or after ``optimizer.step()``; once per accumulated batch when
+        accumulating gradients): re-mask, advance schedules / multipliers."""
         if self.hard_prune is not None:
             self.hard_prune.reapply()      # idempotent; also covers optimizers whose step hooks do not fire
         self.ctx.step += 1
@@ -145,7 +156,9 @@ class Pruner:
 
     def finalize(self, optimizer: torch.optim.Optimizer | None = None) -> MaskSet:
         """Hard-prune: zero the pruned weights and keep the masks attached (weights, gradients and after
-        every step of ``optimizer`` — default: the current one) for retraining.  Returns the masks."""
+        every step of ``optimizer`` — default: the current one; none: every optimizer that updates a masked
+        parameter) for retraining; the optimizer's state (momentum, Adam moments) is zeroed at the pruned
+        positions.  Returns the masks."""
         if self.finalized:
             if optimizer is not None:
                 self.set_optimizer(optimizer)
