@@ -3,8 +3,9 @@
 ``prunekit.Pruner(model, recipe_or_spec, optimizer, algorithm=..., params=...)``: with a recipe the
 algorithm, its parameters and the prune spec come from it (``algorithm=`` / ``params=`` override);
 with a spec (``PruneSpec`` or a dict like a recipe's ``prune:`` section) ``algorithm`` defaults to
-``oneshot``.  A recipe whose targets are the default ``["*"]`` on a Hugging Face model gets the
-encoder matrices (as ``prunekit run`` does).  See :mod:`prunekit.training.pruner` for the loop calls.
+``oneshot``.  Default targets (``include: ["*"]``) are the matrices inside the repeated blocks of a
+transformer — embeddings and the LM head stay dense — as in every entry point
+(:func:`prunekit.core.targets.resolve_targets`).  See :mod:`prunekit.training.pruner` for the loop calls.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from prunekit.core.plan import prune as _prune
 from prunekit.core.structures import Structure, parse_structure
 from prunekit.deploy.surgery import compact
 from prunekit.graph import coupled_groups
-from prunekit.graph.families import default_targets
 from prunekit.pipelines.recipe import Recipe, load_recipe, parse_recipe
 from prunekit.pipelines.runner import prune_spec_from
 from prunekit.training.pruner import Pruner as _Pruner
@@ -77,10 +77,6 @@ class Pruner(_Pruner):
             spec = recipe_or_spec
             algorithm = algorithm or "oneshot"
         else:
-            t = recipe.prune.targets
-            if hasattr(model, "config") and list(t.include) == ["*"] and not t.exclude:
-                ts = default_targets(model)
-                t.include, t.types = list(ts.include), list(ts.types)
             spec = prune_spec_from(recipe)
             if algorithm is None:
                 algorithm, params = recipe.algorithm.name, recipe.algorithm.params if params is None else params

@@ -382,9 +382,7 @@ def prune(model: nn.Module, structure: str | Structure = "unstructured", sparsit
     Group structures need ``groups`` (``prunekit.prune`` finds them from ``example_inputs``);
     ``group_options``: ``min_keep``, ``multiple_of``, ``uniform``, ``ignore`` (see :class:`PruneSpec`).
     Hard-prune the following training with ``masks.attach(model, optimizer)``."""
-    if isinstance(targets, dict):
-        targets = TargetSpec(**targets)
-    spec = PruneSpec(structure, sparsity, score, scope, targets or TargetSpec(), overrides or {}, groups=groups,
+    spec = PruneSpec(structure, sparsity, score, scope, TargetSpec.of(targets), overrides or {}, groups=groups,
                      **group_options)
     masks = compute_masks(model, spec)
     if apply:

@@ -34,6 +34,7 @@ stages}``; its term is added by :meth:`loss` in the stages it is configured for.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -43,8 +44,9 @@ from prunekit.algorithms import get_algorithm_class
 from prunekit.algorithms.calibration import CalibrationConfig, PostTraining
 from prunekit.algorithms.distill import DistillConfig, Distiller
 from prunekit.algorithms.hooks import Hook, TrainContext
+from prunekit.core.errors import RecipeError
 from prunekit.core.masks import HardPrune, MaskSet
-from prunekit.core.plan import PruneSpec
+from prunekit.core.plan import PruneSpec, target_plan
 from prunekit.core.targets import TargetSpec
 from prunekit.training.device import device_of, to_device
 
@@ -55,9 +57,15 @@ def as_prune_spec(spec: PruneSpec | dict) -> PruneSpec:
     """A :class:`PruneSpec` from itself or a dict like a recipe's ``prune:`` section."""
     if isinstance(spec, PruneSpec):
         return spec
+    if not isinstance(spec, dict):
+        raise RecipeError(f"prune spec: expected a PruneSpec, a recipe or a dict like a recipe's prune: section; "
+                          f"got {type(spec).__name__}")
     d = dict(spec)
-    t = d.pop("targets", None)
-    targets = t if isinstance(t, TargetSpec) else TargetSpec(**t) if t else TargetSpec()
+    valid = {f.name for f in dataclasses.fields(PruneSpec)}
+    bad = sorted(set(map(str, d)) - valid)
+    if bad:
+        raise RecipeError(f"prune spec: unknown keys {bad}; valid: {', '.join(sorted(valid))}")
+    targets = TargetSpec.of(d.pop("targets", None))
     return PruneSpec(d.pop("structure", "unstructured"), float(d.pop("sparsity", 0.5)), d.pop("score", "l2"),
                      d.pop("scope", "layer"), targets, dict(d.pop("overrides", {}) or {}), **d)
 
@@ -78,6 +86,7 @@ class Pruner:
                  steps_per_epoch: int = 0, calibration_data: Any = None,
                  calibration: CalibrationConfig | dict | None = None):
         self.model, self.spec = model, as_prune_spec(spec)
+        target_plan(model, self.spec)        # targets/overrides that match nothing fail here, not at finalize()
         cls = get_algorithm_class(algorithm)
         if params is None or isinstance(params, dict):
             params = cls.Params(**(params or {}))
