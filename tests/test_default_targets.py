@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import prunekit
-from hf_tiny import FAMILIES, tiny
+from hf_tiny import FAMILIES, example, tiny
 from prunekit.core.errors import RecipeError
 from prunekit.core.targets import TargetSpec, find_targets, resolve_targets
 
@@ -70,4 +70,6 @@ def test_targets_matching_nothing_are_a_recipe_error_in_every_entry_point():
         prunekit.prune(model, "unstructured", 0.5, targets={"include": "bert.*"})
     with pytest.raises(RecipeError, match=r"prune spec: unknown keys \['sparsty'\]"):
         prunekit.Pruner(model, {"structure": "unstructured", "sparsty": 0.5})
+    with pytest.raises(RecipeError, match=r"include=\['bert.pooler.\*'\] .* hold no producing layer of any heads group"):
+        prunekit.prune(model, "heads", 0.5, example_inputs=example("bert"), targets={"include": ["bert.pooler.*"]})
     assert torch.count_nonzero(model.bert.encoder.layer[0].intermediate.dense.weight) == 32 * 64   # untouched
