@@ -142,3 +142,13 @@ def test_attach_without_optimizer_binds_an_optimizer_created_later_and_detach_un
         p.grad = torch.zeros_like(p)
     opt.step()                                               # detached: nothing re-masks any more
     assert int((w[~masks["0.weight"]] != 0).sum()) == int((~masks["0.weight"]).sum())
+
+
+def test_pruner_watches_an_optimizer_it_was_not_given():
+    """Given a fresh optimizer, retrained with another one whose dense-phase momentum would revive weights."""
+    model, x, y, dense_opt = _setup("sgd_momentum")
+    pruner = prunekit.Pruner(model, {"structure": "unstructured", "sparsity": 0.5},
+                             torch.optim.SGD(model.parameters(), lr=0.1))
+    masks = pruner.finalize()
+    _train(model, pruner, dense_opt, x, y, order="before", accumulate=1)
+    _assert_exact(model, masks, x)

@@ -17,10 +17,10 @@ hand-written loop reproduces it (same masks, same weights for the same seed and 
     pruner.detach()
 
 Masks are exact in every loop.  Hard-pruning masks the gradients (after every backward, so also every
-micro-batch of gradient accumulation) and re-masks the weights after every step of the optimizer given
-here (or to :meth:`finalize` / :meth:`set_optimizer`) — without one, after every step of *any* torch
-optimizer that updates a masked parameter — and zeroes that optimizer's momentum / Adam moments at the
-pruned positions; the Parameters stay the same objects, so your optimizer stays valid.  Hence the order of
+micro-batch of gradient accumulation) and re-masks the weights after every step of *any* torch optimizer
+that updates a masked parameter (the one given here or to :meth:`finalize` / :meth:`set_optimizer`, or
+one never shown to the Pruner), and zeroes that optimizer's momentum / Adam moments at the pruned
+positions; the Parameters stay the same objects, so your optimizer stays valid.  Hence the order of
 ``pruner.step()`` and ``optimizer.step()`` does not matter for exactness.  Call ``pruner.step()`` once per
 *optimizer* step (not per micro-batch when accumulating gradients): it advances the schedules
 (``total_steps`` / ``steps_per_epoch`` count optimizer steps) and the multipliers.
@@ -122,13 +122,17 @@ class Pruner:
         opt = inner_optimizer(optimizer)
         if masks is not None and len(masks):
             masks.to(device_of(self.model))
-            self.hard_prune = HardPrune(masks, self.model, opt)   # re-masks after every optimizer step
+            # re-masks after every step of any torch optimizer that updates a masked parameter (the given one
+            # or any other: a retraining optimizer made later needs no call), weights and gradients now
+            self.hard_prune = HardPrune(masks, self.model)
+            if opt is not None:
+                self.hard_prune.clear_state(opt)              # its momentum / Adam moments at pruned positions
         self.masks = masks
         self.ctx.optimizer, self.ctx.masks, self.ctx.hard_prune = optimizer, masks, self.hard_prune
 
     def set_optimizer(self, optimizer) -> None:
-        """Bind (another) optimizer: hard-prune re-masks after its steps and zeroes its state at the pruned
-        positions (``None``: every optimizer that updates a masked parameter)."""
+        """Use (another) optimizer: its state is zeroed at the pruned positions now (re-masking follows the
+        steps of every optimizer that updates a masked parameter anyway)."""
         self._attach(self.masks, optimizer)
 
     # -- the calls of a training loop ---------------------------------------------------------------
@@ -164,10 +168,10 @@ class Pruner:
         return self.algorithm.final_masks(self.model)
 
     def finalize(self, optimizer: torch.optim.Optimizer | None = None) -> MaskSet:
-        """Hard-prune: zero the pruned weights and keep the masks attached (weights, gradients and after
-        every step of ``optimizer`` — default: the current one; none: every optimizer that updates a masked
-        parameter) for retraining; the optimizer's state (momentum, Adam moments) is zeroed at the pruned
-        positions.  Returns the masks."""
+        """Hard-prune: zero the pruned weights and keep the masks attached (weights, gradients, and after
+        every step of any optimizer that updates a masked parameter) for retraining; the state (momentum,
+        Adam moments) of ``optimizer`` — default: the current one — is zeroed at the pruned positions now,
+        that of any other optimizer after its first step.  Returns the masks."""
         if self.finalized:
             if optimizer is not None:
                 self.set_optimizer(optimizer)
