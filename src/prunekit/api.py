@@ -67,8 +67,7 @@ def save_compacted(directory: str | os.PathLike, model: nn.Module, result: Compa
         prunekit.save_compacted("small/", model, res)
         small = prunekit.load_compacted("small/", lambda: MyNet())     # a fresh *dense* model
     """
-    manifest = result if isinstance(result, Mapping) else _manifests.graph_manifest(result, model)
-    return _manifests.save_compacted(directory, model, manifest)
+    return _manifests.save_compacted(directory, model, result)
 
 
 def load_compacted(directory: str | os.PathLike, factory: Callable[[], nn.Module]) -> nn.Module:
