@@ -4,9 +4,9 @@ Every example has one text column or a pair (``text_columns: [sentence]`` or ``[
 and a label column.  ``task_type: classification`` maps the distinct labels of the **train** split to
 class ids — sorted numerically when every label is an integer (``"0", "1", "10"``), else as strings —
 so an eval label that train lacks is an error naming the file and the row.  A label written as an
-integral number (``1``, ``"1"``, ``1.0``, ``"1.0"``) is one class however it is spelled.  A train split with
-more classes than half its rows warns ("regression?").  ``task_type: regression`` reads the label as a
-float target.
+integral number (``1``, ``"1"``, ``1.0``, ``"1.0"``) is one class however it is spelled.  A train split
+with more than two classes and more classes than half its rows warns ("regression?").
+``task_type: regression`` reads the label as a float target.
 
 File formats (from the extension, or ``fmt``):
 
@@ -164,7 +164,7 @@ def check_labels(rows: Sequence[Row], path: str, label_column: str) -> None:
 
 
 def _warn_many_classes(n_classes: int, n_rows: int, path: str) -> None:
-    if n_classes > n_rows / 2:
+    if n_classes > max(2, n_rows / 2):        # two values are a binary task, never a regression
         warnings.warn(f"{path}: {n_classes} classes in {n_rows} rows (more classes than half the rows) — "
                       "regression? set data.task_type: regression if the label is a number to predict",
                       UserWarning, stacklevel=2)
