@@ -47,7 +47,6 @@ from prunekit.core.errors import ModelError, RecipeError
 from prunekit.core.masks import MaskSet
 from prunekit.core.structures import Structure, Transposed
 from prunekit.core.targets import find_targets
-from prunekit.graph.families import with_default_targets
 
 __all__ = [
     "CONV_TYPES",
@@ -599,8 +598,8 @@ class PostTraining(Algorithm[PT]):
 
     def targets(self, model: nn.Module) -> dict[str, nn.Module]:
         """``{param: module}`` of the spec's targets; the default ``["*"]`` on an HF-style model is its block
-        matrices (:func:`~prunekit.graph.families.with_default_targets`: LM head and embeddings stay dense)."""
-        return find_targets(model, with_default_targets(model, self.spec).targets)
+        matrices (:func:`~prunekit.core.targets.resolve_targets`: LM head and embeddings stay dense)."""
+        return find_targets(model, self.spec.targets)
 
     def layer_plan(self, model: nn.Module, batches: list[Any]) -> dict[str, tuple[Structure, float]]:
         """``{param: (structure, sparsity)}``: the spec's plan, re-allocated by OWL if asked."""
