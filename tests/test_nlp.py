@@ -325,3 +325,41 @@ def test_glue_workload_pairs_for_distilbert_and_roberta(name, args):
     assert out.logits.shape == (4, 2) and torch.isfinite(loss)
     assert r.prune.targets.include == list(default_targets(wl.model).include)
     assert len(find_targets(wl.model, default_targets(wl.model))) == 6
+
+
+def test_obs_structured_init_then_distilled_retraining_in_one_recipe(tmp_path, monkeypatch):
+    """recipes/glue_*_speed.yaml in small: obs_structured removes one of two heads and half the FFN neurons of
+    every layer from calibration data, then retraining distils from the dense teacher (the teacher keeps the
+    removed units, the student's stay zero)."""
+    import prunekit.pipelines.stages as stages  # noqa: PLC0415
+    from prunekit.io.checkpoint import load_checkpoint  # noqa: PLC0415
+    from prunekit.pipelines.runner import run_pipeline  # noqa: PLC0415
+    seen: list = []
+
+    def spy(cfg, teacher, task):
+        seen.append((dict(cfg), teacher.bert.encoder.layer[0].attention.self.query.weight.detach().clone()))
+        return make_distiller(cfg, teacher, task)
+
+    monkeypatch.setattr(stages, "make_distiller", spy)
+    r = parse_recipe({
+        "name": "tiny-speed", "task": "glue", "seed": 0,
+        "model": {"name": "bert-base-config", "args": {"hidden_size": 16, "num_hidden_layers": 2,
+                                                        "num_attention_heads": 2, "intermediate_size": 32}},
+        "data": {"name": "mrpc", "limit": 16, "eval_limit": 16, "batch_size": 8, "max_length": 32},
+        "prune": {"structure": "heads+neurons", "sparsity": 0.5},
+        "algorithm": {"name": "obs_structured", "params": {"kinds": "heads+neurons", "head_sparsity": 0.5,
+                                                           "neuron_sparsity": 0.5}},
+        "calibration": {"samples": 8, "batch_size": 4, "max_length": 32},
+        "train": {"epochs": 1, "optimizer": "adamw", "lr": 1e-3}, "retrain": {"epochs": 1},
+        "distill": {"alpha": 0.5, "temperature": 2.0, "stages": ["retrain"]}})
+    res = run_pipeline(r, tmp_path, log=lambda *_: None)
+    assert len(seen) == 1 and seen[0][0]["stages"] == ["retrain"] and res["history"]["retrain"]
+    model = load_model("bert-base-config", 2, **r.model.args)
+    load_checkpoint(tmp_path, model)
+    for i in range(2):
+        q = model.bert.encoder.layer[i].attention.self.query.weight.detach()
+        assert sorted(int((q[h * 8:(h + 1) * 8] != 0).any()) for h in range(2)) == [0, 1]   # one head of two
+        w1 = model.bert.encoder.layer[i].intermediate.dense.weight.detach()
+        assert int((w1 != 0).any(1).sum()) == 16                                          # 16 of 32 neurons
+    assert bool((seen[0][1] != 0).all())                         # the teacher holds the dense (unpruned) head
+    assert res["sparsity"] == pytest.approx(0.5, abs=0.02)
