@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         metric = res["metric"]
         info = res["workload"]
         if task not in result["dense"] or "history" in res and "dense" in res["history"]:
-            result["dense"][task] = {"metric": metric, "score": round(100 * res["dense_score"], 2),
+            result["dense"][task] = {"metric": metric, "score": round(res["dense_score"], 2),
                                      "all": res["metrics"]["dense"], "seconds": round(res["seconds"]["dense"], 1),
                                      "checkpoint": str(dense_dir), "epochs": recipe.phase("dense").epochs,
                                      "lr": recipe.phase("dense").lr, "train_examples": info["train_examples"]}
@@ -162,10 +162,10 @@ def main(argv=None) -> int:
                "compression_rate": round(res["targeted_compression_rate"], 3),
                "compression_scope": "targeted encoder matrices (36)",
                "model_compression_rate": round(res["compression_rate"], 3),
-               "metric": metric, "score": round(100 * res["score"], 2),
-               "dense_score": round(100 * res["dense_score"], 2),
-               "delta": round(100 * (res["score"] - res["dense_score"]), 2),
-               "score_after_hard_prune": round(100 * res["score_after_hard_prune"], 2),
+               "metric": metric, "score": round(res["score"], 2),
+               "dense_score": round(res["dense_score"], 2),
+               "delta": round(res["score"] - res["dense_score"], 2),
+               "score_after_hard_prune": round(res["score_after_hard_prune"], 2),
                "retrain_selection": res.get("retrain_selection", "best retraining epoch (dev metric)"),
                "all_metrics": res["metrics"]["final"],
                "seconds": round(res["seconds"].get("search", 0) + res["seconds"]["retrain"], 1),
@@ -199,8 +199,8 @@ def constant_baseline(task: str) -> float:
         return 0.0
     dev = load_glue(task, split="dev")
     y = np.array([e.label for e in dev.examples])
-    return round(100 * max(glue_metrics(task, np.full_like(y, c), y)[spec.primary_metric]
-                           for c in range(len(spec.label_names))), 2)
+    return round(max(glue_metrics(task, np.full_like(y, c), y)[spec.primary_metric]
+                       for c in range(len(spec.label_names))), 2)
 
 
 def table(result: dict) -> str:
