@@ -141,12 +141,13 @@ def is_causal_lm_source(name: str) -> bool:
     return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
-def load_causal_lm(name: str, vocab_size: int, *, trust_remote_code: bool = False, **args) -> nn.Module:
+def load_causal_lm(name: str, vocab_size: int, *, trust_remote_code: bool = False, eos_token_id: int | None = None,
+                   **args) -> nn.Module:
     """A causal LM (``AutoModelForCausalLM``): ``gpt2-config`` / ``llama-config`` = randomly initialised
-    (``args`` = config fields; ``vocab_size`` defaults to the tokenizer's), else a folder or hub name
+    (``args`` = config fields; ``vocab_size`` defaults to the tokenizer's, bos/eos to ``eos_token_id``), else a folder or hub name
     (``args`` may hold ``config``: config overrides)."""
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
     import transformers  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     kind, where = resolve_model_source(name)
     if kind == "random":
@@ -158,7 +159,8 @@ def load_causal_lm(name: str, vocab_size: int, *, trust_remote_code: bool = Fals
         bad = [k for k in args if not hasattr(cls(), k)]
         if bad:
             raise RecipeError(f"model.args: {bad} are not fields of {cls.__name__}")
-        return AutoModelForCausalLM.from_config(cls(**{"vocab_size": vocab_size, **args}))
+        special = {} if eos_token_id is None else {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+        return AutoModelForCausalLM.from_config(cls(**{"vocab_size": vocab_size, **special, **args}))
     extra = dict(args.pop("config", {}) or {})
     if args:
         raise RecipeError(f"model.args: unknown keys {sorted(args)} for a pretrained model; valid: config")

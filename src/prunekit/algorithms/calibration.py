@@ -262,6 +262,7 @@ def _next_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: Tensor) 
 
 
 PruneBlock = Callable[[dict[str, nn.Module], dict[str, LayerStats]], None]
+MakePruneBlock = Callable[[MaskSet], PruneBlock]   # the prune_block of an algorithm, recording into a MaskSet
 
 
 @torch.no_grad()
@@ -412,10 +413,20 @@ class PostTraining(Algorithm[PT]):
 
     def final_masks(self, model: nn.Module) -> MaskSet:
         batches = self.calibration_batches()
+        targets, make_prune_block = self.block_pruner(model, batches)
+        masks = MaskSet()
+        run_blockwise(model, batches, targets, make_prune_block(masks), hessian=self.hessian)
+        return masks
+
+    def block_pruner(self, model: nn.Module, batches: list[Any]) -> tuple[dict[str, nn.Module], MakePruneBlock]:
+        """``(targets, make_prune_block)``: the target modules and a factory of the ``prune_block`` callback of
+        :func:`run_blockwise` that records the masks into the given :class:`MaskSet` (the offloaded driver,
+        :mod:`prunekit.algorithms.offload`, gives each block its own set and writes it to disk)."""
         plan = self.layer_plan(model, batches)
         targets = {n: m for n, m in find_targets(model, self.spec.targets).items() if n in plan}
-        masks = MaskSet()
+        return targets, lambda masks: self._prune_block(plan, masks)
 
+    def _prune_block(self, plan: dict[str, tuple[Structure, float]], masks: MaskSet) -> PruneBlock:
         def prune_block(mods: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:
             for name, mod in mods.items():
                 st, sp = plan[name]
@@ -425,9 +436,7 @@ class PostTraining(Algorithm[PT]):
                 W_new = W_new * keep
                 set_weight_matrix(mod, W_new)
                 masks.set(name, matrix_to_param(mod, keep).bool(), str(st))
-
-        run_blockwise(model, batches, targets, prune_block, hessian=self.hessian)
-        return masks
+        return prune_block
 
     def prune_matrix(self, W: Tensor, stats: LayerStats, structure: Structure, sparsity: float,
                      shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:

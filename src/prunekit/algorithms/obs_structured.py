@@ -28,8 +28,10 @@ from torch import Tensor, nn
 from prunekit.algorithms.base import register
 from prunekit.algorithms.calibration import (
     LayerStats,
+    MakePruneBlock,
     PostTraining,
     PostTrainingParams,
+    PruneBlock,
     is_hf_conv1d,
     matrix_to_param,
     run_blockwise,
@@ -161,14 +163,16 @@ class OBSStructured(PostTraining["OBSStructured.Params"]):
     def final_masks(self, model: nn.Module) -> MaskSet:
         batches = self.calibration_batches()
         masks = MaskSet()
-        if self.params.kinds == "columns":
-            self._columns(model, batches, masks)
-        else:
-            self._coupled(model, batches, masks)
+        targets, make_prune_block = self.block_pruner(model, batches)
+        run_blockwise(model, batches, targets, make_prune_block(masks))
         return masks
 
-    def _columns(self, model: nn.Module, batches: list[Any], masks: MaskSet) -> None:
-        targets = find_targets(model, self.spec.targets)
+    def block_pruner(self, model: nn.Module, batches: list[Any]) -> tuple[dict[str, nn.Module], MakePruneBlock]:
+        if self.params.kinds == "columns":
+            return find_targets(model, self.spec.targets), self._columns
+        return self._coupled(model)
+
+    def _columns(self, masks: MaskSet) -> PruneBlock:
         sp = float(self.spec.sparsity)
 
         def prune_block(mods: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:
@@ -181,13 +185,11 @@ class OBSStructured(PostTraining["OBSStructured.Params"]):
                 cols = keep.repeat_interleave(size)[None, :].expand_as(W)
                 set_weight_matrix(mod, W_new * cols)
                 masks.set(name, matrix_to_param(mod, cols).bool(), "column")
+        return prune_block
 
-        run_blockwise(model, batches, targets, prune_block)
-
-    def _coupled(self, model: nn.Module, batches: list[Any], masks: MaskSet) -> None:
+    def _coupled(self, model: nn.Module) -> tuple[dict[str, nn.Module], MakePruneBlock]:
         kinds = tuple(k for k in ("heads", "neurons") if k in self.params.kinds)
         groups = [g for g in coupled_groups(model, kinds) if self._sparsity(g.kind) > 0]
-        params = dict(model.named_parameters())
         modules = dict(model.named_modules())
         consumers: dict[str, list[CoupledGroup]] = {}
         for g in groups:
@@ -195,12 +197,14 @@ class OBSStructured(PostTraining["OBSStructured.Params"]):
             consumers.setdefault(name, []).append(g)
         targets = {n: modules[n.removesuffix(".weight")] for n in consumers}
 
-        def prune_block(mods: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:
-            for name, mod in mods.items():
-                for g in consumers[name]:
-                    self._prune_group(g, mod, stats[name], params, masks)
-
-        run_blockwise(model, batches, targets, prune_block)
+        def make(masks: MaskSet) -> PruneBlock:
+            def prune_block(mods: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:
+                params = dict(model.named_parameters())     # now: an offloaded block's were loaded just before
+                for name, mod in mods.items():
+                    for g in consumers[name]:
+                        self._prune_group(g, mod, stats[name], params, masks)
+            return prune_block
+        return targets, make
 
     @torch.no_grad()
     def _prune_group(self, g: CoupledGroup, mod: nn.Module, stats: LayerStats, params: dict[str, nn.Parameter],

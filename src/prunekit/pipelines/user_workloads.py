@@ -19,7 +19,7 @@ from prunekit.core.errors import DataError, RecipeError
 from prunekit.data.factory import load_factory
 from prunekit.data.glue import encode_examples, make_loader
 from prunekit.data.imagefolder import load_imagefolder
-from prunekit.data.lm_text import LMWindows, read_hf_disk_texts, read_texts, token_windows
+from prunekit.data.lm_text import LMWindows, read_hf_disk_texts, read_texts, separator_id, token_windows
 from prunekit.data.paths import resolve_data_root
 from prunekit.data.table import load_hf_disk, load_table_splits, subsample
 from prunekit.data.task_metrics import primary_metric, task_metrics
@@ -259,8 +259,9 @@ def _lm_workload(recipe: Recipe) -> UserWorkload:
         g = torch.Generator().manual_seed(recipe.seed)
         train_w = train_w[torch.randperm(len(train_w), generator=g)[:d.limit]]
     eval_w = eval_w[: d.eval_limit or d.limit]
-    model = load_causal_lm(recipe.model.name, len(tok), trust_remote_code=trust, **dict(recipe.model.args))
-    emb = model.get_input_embeddings().weight.shape[0]
+    model = load_causal_lm(recipe.model.name, len(tok), trust_remote_code=trust, eos_token_id=separator_id(tok),
+                           **dict(recipe.model.args))
+    emb = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
     if emb < len(tok):
         raise RecipeError(f"model {recipe.model.name!r} has {emb} token embeddings but its tokenizer {len(tok)} tokens")
     if recipe.prune.targets.is_default:
