@@ -107,3 +107,43 @@ def test_offload_errors(tmp_path):
     from prunekit.core.errors import CheckpointError
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         ShardReader(tmp_path)
+
+
+def test_cli_offloaded_run_matches_in_memory_run(tmp_path):
+    """``calibration.offload: true`` through ``prunekit run``: same pruned perplexity and masks as the
+    in-memory pipeline on the same recipe; exactly 2:4; LM head dense; report reads it."""
+    import yaml
+
+    from prunekit.adapters.hf import load_tokenizer
+    from prunekit.cli.main import main
+    tok = load_tokenizer("minilm-l6")
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    folder = tmp_path / "lm"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder, max_shard_size="1MB")
+    tok.save_pretrained(folder)
+    text = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning light",
+            "the rain falls on the quiet town"] * 6
+    (tmp_path / "train.txt").write_text("\n".join(text))
+    (tmp_path / "eval.txt").write_text("\n".join(text[::-1][:8]))
+    recipe = {"name": "off", "model": {"name": str(folder)},
+              "data": {"name": "text", "train": str(tmp_path / "train.txt"), "eval": str(tmp_path / "eval.txt"),
+                       "max_length": 16, "batch_size": 4, "eval_batch_size": 4},
+              "prune": {"structure": "nm:2:4", "sparsity": 0.5}, "algorithm": {"name": "sparsegpt"},
+              "calibration": {"samples": 6, "batch_size": 3, "max_length": 16}, "train": {"epochs": 0}}
+    runs = {}
+    for mode in ("memory", "offload"):
+        r = dict(recipe, calibration={**recipe["calibration"], "offload": mode == "offload", "max_memory": "3KB"})
+        (tmp_path / f"{mode}.yaml").write_text(yaml.safe_dump(r))
+        assert main(["run", str(tmp_path / f"{mode}.yaml"), "--out", str(tmp_path / mode)]) == 0
+        runs[mode] = json.loads((tmp_path / mode / "results.json").read_text())
+    mem, off = runs["memory"], runs["offload"]
+    assert off["dense_score"] == pytest.approx(mem["dense_score"], rel=1e-5)
+    assert off["score"] == pytest.approx(mem["score"], rel=1e-5)
+    assert off["sparsity"] == pytest.approx(0.5) and off["offload"]["spilled_batches"] > 0
+    assert {r["name"]: r["nonzeros"] for r in off["layers"]} == {r["name"]: r["nonzeros"] for r in mem["layers"]}
+    sd = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "offload" / "model").state_dict()
+    assert bool(((sd["model.layers.0.self_attn.q_proj.weight"].reshape(-1, 4) != 0).sum(1) == 2).all())
+    assert bool((sd["lm_head.weight"] != 0).all())
+    assert main(["report", str(tmp_path / "offload")]) == 0

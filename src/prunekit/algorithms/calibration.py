@@ -326,6 +326,8 @@ class CalibrationConfig:
     batch_size: int = 8
     max_length: int | None = 128
     seed: int = 0
+    offload: bool = False               # prune block by block from the model folder's shards (prunekit.algorithms.offload)
+    max_memory: int | str | None = None   # offload: bytes of calibration activations kept in memory ("1GB"), rest on disk
 
     def __post_init__(self) -> None:
         for k in ("samples", "batch_size"):

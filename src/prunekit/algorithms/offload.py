@@ -60,7 +60,7 @@ from prunekit.core.errors import CheckpointError, RecipeError
 from prunekit.core.masks import MaskSet
 from prunekit.io.sharded import ShardReader, ShardWriter, copy_model_files
 
-__all__ = ["ActivationStore", "OffloadResult", "load_offload_masks", "parse_bytes", "prune_offloaded"]
+__all__ = ["ActivationStore", "OffloadResult", "empty_model", "load_offload_masks", "parse_bytes", "prune_offloaded"]
 
 STATE_DIR = ".offload"
 MASK_DIR = "prune_masks"     # out/prune_masks/block-0000k.safetensors: the keep-masks of block k (bool)
@@ -136,7 +136,7 @@ class OffloadResult:
     seconds: float = 0.0
 
 
-def _empty_model(folder: Path, trust_remote_code: bool) -> nn.Module:
+def empty_model(folder: Path, trust_remote_code: bool) -> nn.Module:
     from accelerate import init_empty_weights  # noqa: PLC0415
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
     cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
@@ -203,7 +203,7 @@ def prune_offloaded(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     src, out = Path(model_dir).expanduser(), Path(out_dir).expanduser()
     budget = parse_bytes(activation_budget)
     reader = ShardReader(src)
-    model = _empty_model(src, trust_remote_code)
+    model = empty_model(src, trust_remote_code)
     found = find_blocks(model)
     if found is None:
         raise RecipeError(f"{src}: no list of repeated blocks found; offloaded pruning works block by block")

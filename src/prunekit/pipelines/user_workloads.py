@@ -29,7 +29,7 @@ from prunekit.models.user import build_model
 from prunekit.pipelines.recipe import Recipe
 from prunekit.training.tasks import CausalLMTask
 
-__all__ = ["UserTask", "UserWorkload", "build_user_workload"]
+__all__ = ["UserTask", "UserWorkload", "build_user_workload", "is_lm_recipe", "lm_windows"]
 
 
 class UserWorkload(NamedTuple):
@@ -246,19 +246,26 @@ def _lm_texts(recipe: Recipe) -> tuple[list[str], list[str], str, str]:
     return read_texts(tp, d.format, col), read_texts(ep, d.format, col), str(tp), str(ep)
 
 
-def _lm_workload(recipe: Recipe) -> UserWorkload:
-    """Token windows of ``data.max_length`` from the train/eval texts, a causal LM, perplexity per token.
+def lm_windows(recipe: Recipe) -> tuple[LMWindows, LMWindows, Any]:
+    """``(train, eval, tokenizer)``: token windows of ``data.max_length`` from the train/eval texts.
     ``data.limit`` = a seeded random subset of the train windows; ``eval_limit`` = the first eval windows."""
     d = recipe.data
-    trust = recipe.model.trust_remote_code
-    tok = load_tokenizer(recipe.model.name, trust_remote_code=trust)
+    tok = load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     train_texts, eval_texts, tpath, epath = _lm_texts(recipe)
     train_w = token_windows(train_texts, tok, d.max_length)
     eval_w = token_windows(eval_texts, tok, d.max_length)
     if d.limit is not None and d.limit < len(train_w):
         g = torch.Generator().manual_seed(recipe.seed)
         train_w = train_w[torch.randperm(len(train_w), generator=g)[:d.limit]]
-    eval_w = eval_w[: d.eval_limit or d.limit]
+    return LMWindows(train_w, tpath), LMWindows(eval_w[: d.eval_limit or d.limit], epath), tok
+
+
+def _lm_workload(recipe: Recipe) -> UserWorkload:
+    """Token windows (:func:`lm_windows`), a causal LM, perplexity per token."""
+    d = recipe.data
+    trust = recipe.model.trust_remote_code
+    train, ev, tok = lm_windows(recipe)
+    train_w, tpath, epath = train.windows, train.path, ev.path
     model = load_causal_lm(recipe.model.name, len(tok), trust_remote_code=trust, eos_token_id=separator_id(tok),
                            **dict(recipe.model.args))
     emb = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
@@ -268,7 +275,6 @@ def _lm_workload(recipe: Recipe) -> UserWorkload:
         ts = default_targets(model)
         recipe.prune.targets.include, recipe.prune.targets.types = list(ts.include), list(ts.types)
     g = torch.Generator().manual_seed(recipe.seed)
-    train, ev = LMWindows(train_w, tpath), LMWindows(eval_w, epath)
     info = {"data": user_data_kind(d), "train": tpath, "eval": epath, "task_type": "causal_lm",
             "window": d.max_length, "train_windows": len(train), "eval_windows": len(ev),
             "eval_tokens_predicted": len(ev) * (d.max_length - 1), "tokenizer": type(tok).__name__,

@@ -76,6 +76,8 @@ class CausalLMTask:
         model.eval()
         tot, n = 0.0, 0
         dev = device_of(model)
+        if dev.type == "meta":      # dispatched by accelerate with weights offloaded: its hooks move the inputs
+            dev = torch.device("cpu")
         for batch in loader:
             nll, k, _ = causal_lm_nll(model, to_device(batch, dev))
             tot, n = tot + float(nll), n + k
