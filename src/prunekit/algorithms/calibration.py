@@ -161,6 +161,9 @@ class LayerStats:
 
     def add(self, rows: Tensor) -> None:
         r = rows.detach().float()
+        if self.n == 0 and self.sq.device != r.device:     # sums on the rows' device (a block on a GPU)
+            self.sq = self.sq.to(r.device)
+            self.xtx = None if self.xtx is None else self.xtx.to(r.device)
         self.n += int(r.shape[0])
         self.sq += r.pow(2).sum(0).double()
         if self.xtx is not None:

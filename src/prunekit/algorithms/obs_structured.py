@@ -53,7 +53,7 @@ def _damped(H: Tensor, percdamp: float) -> Tensor:
     H = H.double().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
-    return H + float(percdamp) * float(H.diagonal().mean()) * torch.eye(H.shape[0], dtype=H.dtype)
+    return H + float(percdamp) * float(H.diagonal().mean()) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
 
 
 def _group_saliency(W: Tensor, Hinv: Tensor, idx: Tensor) -> Tensor:
@@ -69,7 +69,7 @@ def _group_saliency(W: Tensor, Hinv: Tensor, idx: Tensor) -> Tensor:
 
 def obs_group_saliency(W: Tensor, Hinv: Tensor, count: int, size: int) -> Tensor:
     """``(count,)`` OBS loss of removing each group of ``size`` consecutive columns (see module doc)."""
-    return _group_saliency(W, Hinv, torch.arange(count * size).reshape(count, size))
+    return _group_saliency(W, Hinv, torch.arange(count * size, device=W.device).reshape(count, size))
 
 
 def least_squares_refit(W: Tensor, H: Tensor, keep_cols: Tensor, percdamp: float = 0.01) -> Tensor:
@@ -102,8 +102,8 @@ def obs_group_prune(W: Tensor, H: Tensor, count: int, size: int, n_prune: int, p
         raise RecipeError(f"rounds must be a positive integer, got {rounds!r}")
     Hinv = torch.linalg.inv(_damped(H, percdamp))
     Wc = W.double().clone()
-    removed = torch.zeros(count, dtype=torch.bool)
-    groups = torch.arange(count * size).reshape(count, size)
+    removed = torch.zeros(count, dtype=torch.bool, device=W.device)
+    groups = torch.arange(count * size, device=W.device).reshape(count, size)
     rounds = min(rounds, max(n_prune, 1))
     for r in range(rounds):
         k = (n_prune * (r + 1)) // rounds - (n_prune * r) // rounds

@@ -170,11 +170,18 @@ def _to_meta(module: nn.Module) -> None:
 
 
 def _embed_inputs(model: nn.Module, blocks_name: str, reader: ShardReader, device: str | torch.device) -> None:
-    """Every tensor outside the block list onto ``device`` (the embeddings the forward needs before the first
-    block; the LM head and final norm too when not stored — tied — they stay on meta and are never run)."""
+    """The tensors outside the block list onto ``device`` (the embeddings the forward needs before the first
+    block, the final norm); an untied LM head stays on ``meta`` (never run here: the forward stops at block 0)."""
     from accelerate.utils import set_module_tensor_to_device  # noqa: PLC0415
     inside = blocks_name + "."
-    names = [n for n in model.state_dict(keep_vars=True) if not n.startswith(inside) and n in reader.weight_map]
+    get_head, get_emb = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    emb = get_emb() if callable(get_emb) else None
+    skip = set()
+    if isinstance(head, nn.Module) and head is not emb and getattr(head, "weight", None) is not getattr(emb, "weight", 0):
+        skip = {n + ".weight" for n, m in model.named_modules() if m is head}      # the LM head: never run here
+    names = [n for n in model.state_dict(keep_vars=True)
+             if not n.startswith(inside) and n in reader.weight_map and n not in skip]
     for n, t in reader.load(names, device).items():
         set_module_tensor_to_device(model, n, device, value=t, dtype=t.dtype)
     for n, b in model.named_buffers():
@@ -197,7 +204,8 @@ def prune_offloaded(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     ``algorithm``: a post-training algorithm (Wanda, SparseGPT, OBS-structured; any structure its
     ``prune_matrix`` supports, N:M included) with its ``spec``; ``batches``: the calibration batches (token
     windows, on CPU); ``device``: the working device of the block being pruned (``cuda`` on a GPU);
-    ``activation_budget``: bytes of hidden states kept in memory per store (the rest spilled to disk);
+    ``activation_budget``: bytes of hidden states kept in memory (half for the running block's inputs, half
+    for its outputs; the rest spilled to disk);
     ``on_block_done(i)``: called after block ``i`` is written (tests inject a failure there)."""
     t0 = time.perf_counter()
     src, out = Path(model_dir).expanduser(), Path(out_dir).expanduser()
@@ -221,7 +229,8 @@ def prune_offloaded(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     calls = capture_block_inputs(model, blocks[0], [_to(b, device) for b in batches])
     targets, make_prune_block = algorithm.block_pruner(model, batches)
     res = OffloadResult(out, len(blocks), masks=dict(state["masks"]))
-    acts = ActivationStore(state_dir / "acts", budget, persist=True)
+    half = None if budget is None else budget // 2           # two stores: the running block's inputs and outputs
+    acts = ActivationStore(state_dir / "acts", half, persist=True)
     if state["done"] < 0:
         for i, (a, k) in enumerate(calls):
             acts.put(i, a[0] if a else k["hidden_states"])
@@ -240,7 +249,7 @@ def prune_offloaded(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
             make_prune_block(masks)(mods, stats)
             del stats
         shutil.rmtree(state_dir / "acts-next", ignore_errors=True)
-        nxt = ActivationStore(state_dir / "acts-next", budget, persist=True)
+        nxt = ActivationStore(state_dir / "acts-next", half, persist=True)
         for i, (a, k) in enumerate(calls):
             y = _call(block, a, k, acts.get(i, device))
             if not bool(torch.isfinite(y).all()):

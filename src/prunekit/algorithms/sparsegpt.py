@@ -46,7 +46,7 @@ def inverse_cholesky(H: Tensor, percdamp: float) -> Tensor:
     H = H.double().clone()
     n = H.shape[0]
     damp = float(percdamp) * float(H.diagonal().mean())
-    eye = torch.eye(n, dtype=H.dtype)
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
     for _ in range(5):
         L, info = torch.linalg.cholesky_ex(H + damp * eye)
         if int(info) == 0:
