@@ -6,18 +6,19 @@ run checked against the in-memory one (masks identical, weights within 1e-6).
     nice -n 10 python benchmarks/scale.py                       # → benchmarks/results/scale.json
     python benchmarks/scale.py --widths 512 1024 --seqs 32      # a quicker subset
 
-Models: ``LlamaForCausalLM``, ``--depth`` layers (default 8), width ``d`` (heads of 64), MLP ``8d/3`` rounded
-to 64 (block parameters ≈ 12·d² per layer: d = 512 / 1024 / 2048 / 4096 → 25 M / 100 M / 400 M / 1.6 B in
-the blocks), ``--vocab`` tokens (untied embeddings and LM head, which stay dense), random weights (seeded),
-saved once as shards of 500 MB under ``--cache``.  Calibration: ``--seqs`` random token windows of
-``--seq-len`` tokens (seeded); the sweep over their number runs at ``--sweep-width`` (default 256: on 2 shared
-cores 512 sequences at a larger width take too long).  Every run is a fresh subprocess (1 thread): ``seconds`` = the pruning
+Models: ``LlamaForCausalLM``, ``--depth`` layers (default 4), width ``d`` (heads of 64), MLP ``8d/3`` rounded
+to 64 (block parameters ≈ 12·d² per layer: at depth 4, d = 512 / 1024 / 2048 → 12.6 M / 50 M / 201 M in the
+blocks, 45 M / 117 M / 332 M with the embeddings; the issue's 25 M … 1.6 B at depth 8 take hours on 2 shared
+cores — ``--depth 8 --widths 512 1024 2048 4096`` runs them where there is time), ``--vocab`` tokens (untied embeddings and LM head, which stay dense), random weights (seeded),
+saved once as shards of 500 MB under ``--cache``.  Calibration: ``--seqs`` (default 8) random token windows of
+``--seq-len`` tokens (seeded); the sweep over their number (32 / 128 / 512) runs at ``--sweep-width`` (default
+128: on 2 shared cores 512 sequences at a larger width take too long).  Every run is a fresh subprocess (1 thread): ``seconds`` = the pruning
 call (calibration forwards + statistics + pruning; offloaded: the sum over blocks of reading, pruning and
 writing each block), ``total_seconds`` = + loading (in memory: ``from_pretrained``; offloaded: building the
 empty model, capturing the first block's inputs, copying the embeddings/LM head, writing the index),
 ``peak_mb`` = its peak resident memory (``getrusage`` max RSS, measured), ``base_mb`` = the RSS after
-the imports, before the model.  Offloaded runs keep ``--budget`` bytes of activations in memory (the rest
-spilled to disk).  The fitted exponent is the least-squares slope of log(seconds) on log(d) per method
+the imports, before the model.  Offloaded runs keep ``--budget`` bytes (default 4 MiB: small, so that
+spilling is exercised) of activations in memory, the rest spilled to disk.  The fitted exponent is the least-squares slope of log(seconds) on log(d) per method
 and mode; the theory per layer: Wanda O(n·d²) (statistics) + O(d²) (scores), SparseGPT O(n·d²) + O(d³)
 (the Hessian inverse and the column sweep).
 """
@@ -184,14 +185,14 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--save", action="store_true")
     ap.add_argument("--widths", type=int, nargs="+", default=[512, 1024, 2048])
-    ap.add_argument("--depth", type=int, default=8)
+    ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--seqs", type=int, default=32, help="calibration sequences of the width sweep")
+    ap.add_argument("--seqs", type=int, default=8, help="calibration sequences of the width sweep")
     ap.add_argument("--seq-sweep", type=int, nargs="*", default=[32, 128, 512])
-    ap.add_argument("--sweep-width", type=int, default=256, help="width of the calibration-sequence sweep")
+    ap.add_argument("--sweep-width", type=int, default=128, help="width of the calibration-sequence sweep")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--budget", type=int, default=256 * 2**20, help="offloaded: activation bytes in memory")
+    ap.add_argument("--budget", type=int, default=4 * 2**20, help="offloaded: activation bytes in memory")
     ap.add_argument("--equal-width", type=int, default=None, help="width of the in-memory vs offloaded check "
                     "(default: the largest)")
     ap.add_argument("--cache", default=os.environ.get("PRUNEKIT_SCALE_CACHE", "/tmp/prunekit_scale"))
