@@ -74,8 +74,9 @@ def obs_group_saliency(W: Tensor, Hinv: Tensor, count: int, size: int) -> Tensor
 
 def least_squares_refit(W: Tensor, H: Tensor, keep_cols: Tensor, percdamp: float = 0.01) -> Tensor:
     """``W H_:,K (H_KK + λI)⁻¹`` on the kept columns ``K``, zeros elsewhere."""
+    H = H.to(W.device)
     Hd = _damped(H, percdamp)
-    K = keep_cols.nonzero().squeeze(1)
+    K = keep_cols.to(W.device).nonzero().squeeze(1)
     out = torch.zeros_like(W, dtype=torch.float64)
     if K.numel():
         rhs = (W.double() @ H.double()[:, K]).t()                              # (|K|, rows)
@@ -100,6 +101,7 @@ def obs_group_prune(W: Tensor, H: Tensor, count: int, size: int, n_prune: int, p
         raise RecipeError(f"cannot prune {n_prune} of {count} groups")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise RecipeError(f"rounds must be a positive integer, got {rounds!r}")
+    H = H.to(W.device)                                    # statistics may live on CPU while the block is on a GPU
     Hinv = torch.linalg.inv(_damped(H, percdamp))
     Wc = W.double().clone()
     removed = torch.zeros(count, dtype=torch.bool, device=W.device)

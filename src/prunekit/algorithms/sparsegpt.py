@@ -104,7 +104,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstruct
     if blocksize < 1:
         raise RecipeError(f"blocksize must be >= 1, got {blocksize}")
     W = W.detach().float().clone()
-    H = H.detach().float().clone()
+    H = H.detach().float().clone().to(W.device)          # statistics may live on CPU while the block is on a GPU
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise RecipeError(f"Hessian shape {tuple(H.shape)} does not match {cols} weight columns")
