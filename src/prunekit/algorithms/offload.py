@@ -7,8 +7,11 @@ folder without ever holding the whole model:
    memory); only the tensors outside the repeated blocks that the forward needs before the first block
    (token/position embeddings) are read — lazily, with ``safe_open`` (:class:`prunekit.io.sharded.ShardReader`) —
    onto the working ``device``;
-2. the first block's calls are captured (:func:`prunekit.algorithms.calibration.capture_block_inputs`, the
-   same "Catcher" as the in-memory driver); the hidden states of every calibration batch go to an
+2. every block's own call arguments are recorded by the in-memory driver's
+   :func:`~prunekit.algorithms.calibration.record_block_calls`, with block 0 read and run for real and the
+   blocks after it passing their input through (their weights are not read: the arguments a block gets —
+   attention masks, position embeddings — are computed outside the blocks); the first block's input for every
+   calibration batch goes to an
    :class:`ActivationStore`: kept in CPU memory up to ``activation_budget`` bytes, spilled to safetensors
    files beyond it;
 3. for each block: its weights are read from the shards onto ``device`` (accelerate's
@@ -38,7 +41,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,12 +53,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from prunekit.algorithms.calibration import (
+    Blocks,
     PostTraining,
+    RecordedBatch,
+    _call,
     _first,
-    _hook_layers,
-    _next_inputs,
-    capture_block_inputs,
+    block_stats,
     find_blocks,
+    record_block_calls,
 )
 from prunekit.core.errors import CheckpointError, RecipeError
 from prunekit.core.masks import MaskSet
@@ -189,9 +195,39 @@ def _embed_inputs(model: nn.Module, blocks_name: str, reader: ShardReader, devic
             set_module_tensor_to_device(model, n, device, value=b)
 
 
-def _call(block: nn.Module, a: tuple[Any, ...], k: dict[str, Any], hidden: Tensor) -> Tensor:
-    args, kwargs = _next_inputs(a, k, hidden)
-    return _first(block(*args, **kwargs))
+@contextmanager
+def _pass_through(blocks: Blocks) -> Iterator[None]:
+    """Blocks 1.. return their input, in the form block 0 returned its output (a tensor or an HF tuple)."""
+    last: dict[str, Any] = {}
+
+    def keep(_m: nn.Module, _a: tuple[Any, ...], out: Any) -> None:
+        last["out"] = out
+
+    def through(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        out = last["out"]
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    h = blocks[0].register_forward_hook(keep)
+    for b in list(blocks)[1:]:
+        b.forward = through          # an instance attribute: hooks still run, the weights are never touched
+    try:
+        yield
+    finally:
+        h.remove()
+        for b in list(blocks)[1:]:
+            del b.forward
+
+
+def _record(model: nn.Module, blocks_name: str, blocks: Blocks, batches: list[Any], reader: ShardReader,
+            device: str | torch.device) -> list[RecordedBatch]:
+    """Every block's recorded call per batch (block 0 loaded for it, then back on ``meta``)."""
+    _load_into(blocks[0], f"{blocks_name}.0.", reader, device)
+    try:
+        with _pass_through(blocks):
+            return record_block_calls(model, blocks, [_to(b, device) for b in batches], blocks_name)
+    finally:
+        _to_meta(blocks[0])
 
 
 @torch.no_grad()
@@ -226,15 +262,15 @@ def prune_offloaded(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
         shutil.rmtree(state_dir, ignore_errors=True)
     writer = ShardWriter(out)
     _embed_inputs(model, blocks_name, reader, device)
-    calls = capture_block_inputs(model, blocks[0], [_to(b, device) for b in batches])
+    recorded = _record(model, blocks_name, blocks, batches, reader, device)
     targets, make_prune_block = algorithm.block_pruner(model, batches)
     res = OffloadResult(out, len(blocks), masks=dict(state["masks"]))
     half = None if budget is None else budget // 2           # two stores: the running block's inputs and outputs
     acts = ActivationStore(state_dir / "acts", half, persist=True)
-    if state["done"] < 0:
-        for i, (a, k) in enumerate(calls):
-            acts.put(i, a[0] if a else k["hidden_states"])
-    calls = [((None, *a[1:]), k) if a else (a, {**k, "hidden_states": None}) for a, k in calls]   # states: in the store
+    for i, rec in enumerate(recorded):
+        if state["done"] < 0:
+            acts.put(i, rec.hidden)
+        rec.hidden = torch.empty(0)                              # the hidden states live in the store only
     for bi, block in enumerate(blocks):
         if bi <= state["done"]:
             continue
@@ -245,13 +281,14 @@ def prune_offloaded(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
         mods = {n: m for n, m in targets.items() if id(m) in ids}
         masks = MaskSet()
         if mods:
-            stats = _block_stats_calls(block, mods, calls, acts, device, algorithm.hessian)
+            hidden = (acts.get(i, device) for i in range(len(recorded)))
+            stats = block_stats(block, bi, recorded, hidden, mods, algorithm.hessian)   # type: ignore[arg-type]
             make_prune_block(masks)(mods, stats)
             del stats
         shutil.rmtree(state_dir / "acts-next", ignore_errors=True)
         nxt = ActivationStore(state_dir / "acts-next", half, persist=True)
-        for i, (a, k) in enumerate(calls):
-            y = _call(block, a, k, acts.get(i, device))
+        for i, rec in enumerate(recorded):
+            y = _first(_call(block, rec.calls[bi], acts.get(i, device)))
             if not bool(torch.isfinite(y).all()):
                 raise RecipeError(f"block {bi}: the pruned block gives non-finite outputs")
             nxt.put(i, y)
@@ -276,18 +313,6 @@ def prune_offloaded(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     _finish(out, src, reader, writer, blocks_name, len(blocks), state_dir)
     res.seconds = time.perf_counter() - t0
     return res
-
-
-def _block_stats_calls(block: nn.Module, mods: dict[str, nn.Module], calls: list[Any], acts: ActivationStore,
-                       device: str | torch.device, hessian: bool) -> dict[str, Any]:
-    stats, handles = _hook_layers(mods, hessian)
-    try:
-        for i, (a, k) in enumerate(calls):
-            _call(block, a, k, acts.get(i, device))
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
 
 
 def _to(batch: Any, device: str | torch.device) -> Any:

@@ -22,6 +22,7 @@ MODULE_TYPES: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear,
     "Conv2d": nn.Conv2d,
     "Conv1d": nn.Conv1d,
+    "Conv3d": nn.Conv3d,
 }
 # HF GPT-2 style Conv1D is registered lazily (transformers is optional)
 

@@ -1,6 +1,7 @@
 """Hand-written layouts of BERT-family encoders (documented fallback): default targets, attention heads and FFN neurons as coupled groups."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 from prunekit.core.errors import ModelError
 from prunekit.core.groups import CoupledGroup, Slice
 from prunekit.core.masks import MaskSet
+from prunekit.core.plan import PruneSpec
 from prunekit.core.scoring import resolve_score, select_keep
 from prunekit.core.targets import TargetSpec, hf_conv1d, linear_types
 
@@ -63,6 +65,18 @@ def default_targets(model: nn.Module) -> TargetSpec:
     include = [rf"re:^{re.escape(name)}\.\d+\." for name in lists]
     return TargetSpec(include, [], ["Linear"] + (["HFConv1D"] if hf_conv1d() is not None else []))
 
+
+
+def with_default_targets(model: nn.Module, spec: PruneSpec) -> PruneSpec:
+    """``spec`` with :func:`default_targets` when it names none (``include: ["*"]``, no excludes) and the model
+    is an HF-style one (a ``config`` and lists of repeated blocks), as ``prunekit run`` does: the block matrices
+    are pruned; embeddings, LM head, pooler and classifier stay dense unless asked.  Group structures keep
+    their spec (their units come from the coupled groups)."""
+    t = spec.targets
+    if (spec.st.coupled or not hasattr(model, "config") or list(t.include) != ["*"] or t.exclude
+            or not block_lists(model)):
+        return spec
+    return dataclasses.replace(spec, targets=default_targets(model))
 
 # --------------------------------------------------------------------------------------------- heads / neurons
 def _num_heads(model: nn.Module) -> int:

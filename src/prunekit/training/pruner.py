@@ -20,6 +20,9 @@ Post-training algorithms (``sparsegpt``, ``wanda``, ``obs_structured``) have no 
 ``Pruner(model, spec, algorithm="sparsegpt", calibration_data=train_loader, calibration={"samples": 128})``
 then ``finalize()`` prunes (and updates) the weights from those calibration batches.
 
+Targets: a spec whose targets are the default ``["*"]`` on a Hugging Face model prunes the matrices of its
+repeated blocks only — embeddings and the LM head stay dense unless named (as ``prunekit run`` does).
+
 Distillation: pass ``teacher=`` (a model; a frozen copy is kept) and optionally ``distill={alpha, temperature,
 stages}``; its term is added by :meth:`loss` in the stages it is configured for.
 """
@@ -37,6 +40,7 @@ from prunekit.algorithms.hooks import Hook, TrainContext
 from prunekit.core.masks import HardPrune, MaskSet
 from prunekit.core.plan import PruneSpec
 from prunekit.core.targets import TargetSpec
+from prunekit.graph.families import with_default_targets
 from prunekit.training.device import device_of, to_device
 
 __all__ = ["Pruner", "as_prune_spec", "inner_optimizer"]
@@ -68,7 +72,7 @@ class Pruner:
                  distill: dict | DistillConfig | None = None, task: Any = None, total_steps: int = 0,
                  steps_per_epoch: int = 0, calibration_data: Any = None,
                  calibration: CalibrationConfig | dict | None = None):
-        self.model, self.spec = model, as_prune_spec(spec)
+        self.model, self.spec = model, with_default_targets(model, as_prune_spec(spec))
         cls = get_algorithm_class(algorithm)
         if params is None or isinstance(params, dict):
             params = cls.Params(**(params or {}))
