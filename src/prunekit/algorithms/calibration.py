@@ -524,7 +524,7 @@ class CalibrationConfig:
     max_length: int | None = 128
     seed: int = 0
     offload: bool = False               # prune block by block from the model folder's shards (prunekit.algorithms.offload)
-    max_memory: int | str | None = None   # offload: bytes of calibration activations kept in memory ("1GB"), rest on disk
+    max_memory: int | str | None = None   # bytes of calibration activations kept in memory ("1GB"), rest on disk; implies offload
 
     def __post_init__(self) -> None:
         for k in ("samples", "batch_size"):

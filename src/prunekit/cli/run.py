@@ -119,7 +119,7 @@ def run(args) -> int:
     out = Path(args.out or Path("runs") / recipe.name)
     if args.nproc > 1:
         return _interruptible(args, out, lambda: _spawn(args))
-    if recipe.calibration.offload:      # a model larger than memory: block by block from its shards
+    if recipe.calibration.offload or recipe.calibration.max_memory is not None:   # block by block from the shards
         res = _interruptible(args, out, lambda: run_offloaded(recipe, out, resume=args.resume))
     else:
         res = _interruptible(args, out, lambda: run_pipeline(recipe, out, resume=args.resume,

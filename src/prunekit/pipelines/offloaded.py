@@ -1,4 +1,5 @@
-"""``prunekit run`` for a language model larger than memory: ``calibration.offload: true``.
+"""``prunekit run`` for a language model larger than memory: ``calibration.offload: true`` (or a
+``calibration.max_memory``).
 
 The recipe names a Hugging Face model folder (``model.safetensors`` or sharded) and language-modelling data
 (``data.name: text`` or ``hf_disk``).  Nothing loads the whole model:
@@ -111,12 +112,12 @@ def run_offloaded(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], N
                   resume: bool = False) -> dict[str, Any]:
     """Run an offloaded recipe (see the module doc); returns the results (also ``OUT/results.json``)."""
     t0 = time.perf_counter()
+    budget = parse_bytes(recipe.calibration.max_memory)
     folder = _check(recipe)
     device = run_device(recipe)
     out = Path(out_dir)
     if (out / "model" / STATE_DIR).is_dir() and not resume:
         raise RecipeError(f"{out} holds an unfinished offloaded run; pass --resume to continue it")
-    budget = parse_bytes(recipe.calibration.max_memory)
     train, ev, _tok = lm_windows(recipe)
     algo = _algorithm(recipe, folder)
     c = recipe.calibration
