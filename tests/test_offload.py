@@ -92,6 +92,9 @@ def test_offloaded_resume_after_kill(llama_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         prune_offloaded(llama_dir, out, _algo(SparseGPT), _batches(), on_block_done=die)
     assert not (out / INDEX_FILE).exists()
+    from prunekit.core.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="unfinished offloaded run of another"):
+        prune_offloaded(llama_dir, out, _algo(SparseGPT, sparsity=0.25, structure="unstructured"), _batches())
     res = prune_offloaded(llama_dir, out, _algo(SparseGPT), _batches())
     assert res.pruned_blocks == [2]                                     # blocks 0 and 1 not recomputed
     a = transformers.AutoModelForCausalLM.from_pretrained(full).state_dict()

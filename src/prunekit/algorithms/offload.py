@@ -24,8 +24,8 @@ folder without ever holding the whole model:
    renamed to ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``, the config and
    tokenizer files copied: ``from_pretrained(out)`` loads the pruned model.
 
-Resume: after each block the driver records it in ``out/.offload/state.json`` together with that block's
-outputs (``out/.offload/acts``); a killed run started again with the same arguments skips every finished
+Resume: after each block the driver records it in ``out/.offload/state.json`` (with the model, algorithm and
+calibration it belongs to) next to that block's outputs (``out/.offload/acts-0000k``); a killed run started again with the same arguments skips every finished
 block (no recomputation: their parts, masks and outputs are on disk) and continues at the block it was in.
 
 Memory: the non-block tensors the forward needs before the first block + one block's weights (and the
@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from prunekit.algorithms.calibration import (
     Blocks,
+    MakePruneBlock,
     PostTraining,
     RecordedBatch,
     _call,
@@ -91,8 +92,10 @@ class ActivationStore:
     """Hidden states of the calibration batches: in CPU memory up to ``budget`` bytes, the rest in
     safetensors files under ``folder``.  ``persist`` also writes the in-memory ones (for resume)."""
 
-    def __init__(self, folder: Path, budget: int | None, persist: bool):
+    def __init__(self, folder: Path, budget: int | None, persist: bool, fresh: bool = False):
         self.folder, self.budget, self.persist = folder, budget, persist
+        if fresh:
+            shutil.rmtree(folder, ignore_errors=True)
         self.mem: dict[int, Tensor] = {}
         self.used = 0
         self.spilled = 0
@@ -120,13 +123,6 @@ class ActivationStore:
         self.mem.clear()
         self.used = 0
         shutil.rmtree(self.folder, ignore_errors=True)
-
-    def move_to(self, folder: Path) -> ActivationStore:
-        """The same store under another folder (the files renamed)."""
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(self.folder, folder)
-        self.folder = folder
-        return self
 
 
 @dataclass
@@ -255,57 +251,36 @@ def prune_offloaded(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     if algorithm.params.allocation != "uniform":
         raise RecipeError("offloaded pruning needs allocation 'uniform' (OWL scores a dense forward of the whole model)")
     state_dir = out / STATE_DIR
-    state_file = state_dir / "state.json"
-    state: dict[str, Any] = (json.loads(state_file.read_text()) if resume and state_file.is_file()
-                             else {"done": -1, "masks": {}})
     if not resume:
         shutil.rmtree(state_dir, ignore_errors=True)
+    key = {"model": str(src.resolve()), "algorithm": algorithm.name, "params": repr(algorithm.params),
+           "structure": str(algorithm.spec.structure), "sparsity": float(algorithm.spec.sparsity),
+           "batches": len(batches), "blocks": len(blocks)}
+    state = _read_state(state_dir, key)
     writer = ShardWriter(out)
     _embed_inputs(model, blocks_name, reader, device)
     recorded = _record(model, blocks_name, blocks, batches, reader, device)
     targets, make_prune_block = algorithm.block_pruner(model, batches)
     res = OffloadResult(out, len(blocks), masks=dict(state["masks"]))
     half = None if budget is None else budget // 2           # two stores: the running block's inputs and outputs
-    acts = ActivationStore(state_dir / "acts", half, persist=True)
+    start = int(state["done"]) + 1
+    acts = ActivationStore(_acts_dir(state_dir, start), half, persist=True)
     for i, rec in enumerate(recorded):
-        if state["done"] < 0:
+        if start == 0:
             acts.put(i, rec.hidden)
         rec.hidden = torch.empty(0)                              # the hidden states live in the store only
-    for bi, block in enumerate(blocks):
-        if bi <= state["done"]:
-            continue
+    for bi in range(start, len(blocks)):
         tb = time.perf_counter()
-        prefix = f"{blocks_name}.{bi}."
-        _load_into(block, prefix, reader, device)
-        ids = {id(m) for m in block.modules()}
-        mods = {n: m for n, m in targets.items() if id(m) in ids}
-        masks = MaskSet()
-        if mods:
-            hidden = (acts.get(i, device) for i in range(len(recorded)))
-            stats = block_stats(block, bi, recorded, hidden, mods, algorithm.hessian)   # type: ignore[arg-type]
-            make_prune_block(masks)(mods, stats)
-            del stats
-        shutil.rmtree(state_dir / "acts-next", ignore_errors=True)
-        nxt = ActivationStore(state_dir / "acts-next", half, persist=True)
-        for i, rec in enumerate(recorded):
-            y = _first(_call(block, rec.calls[bi], acts.get(i, device)))
-            if not bool(torch.isfinite(y).all()):
-                raise RecipeError(f"block {bi}: the pruned block gives non-finite outputs")
-            nxt.put(i, y)
-        writer.write(f"block-{bi:05d}", {prefix + n: t for n, t in block.state_dict().items()
-                                         if prefix + n in reader.weight_map})
-        (out / MASK_DIR).mkdir(exist_ok=True)
-        save_file({n: m.to("cpu").contiguous() for n, m in masks.items()}, str(out / MASK_DIR / f"block-{bi:05d}.safetensors"),
-                  metadata={"structures": json.dumps(masks.structures)})
-        res.masks.update(masks.structures)
-        _to_meta(block)
+        ids = {id(m) for m in blocks[bi].modules()}
+        job = _BlockJob(blocks[bi], bi, f"{blocks_name}.{bi}.", {n: m for n, m in targets.items() if id(m) in ids},
+                        recorded, device)
+        nxt = ActivationStore(_acts_dir(state_dir, bi + 1), half, persist=True, fresh=True)
+        structures = job.run(reader, writer, make_prune_block, algorithm.hessian, acts, nxt, out / MASK_DIR)
+        res.masks.update(structures)
         res.spilled_batches += acts.spilled + nxt.spilled
+        _write_state(state_dir, {"done": bi, "masks": res.masks, "key": key})   # block bi done: its inputs go
         acts.clear()
-        acts = nxt.move_to(state_dir / "acts")
-        state = {"done": bi, "masks": res.masks}
-        tmp = state_dir / "state.json.tmp"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, state_file)
+        acts = nxt
         res.pruned_blocks.append(bi)
         res.block_seconds.append(time.perf_counter() - tb)
         if on_block_done is not None:
@@ -313,6 +288,64 @@ def prune_offloaded(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     _finish(out, src, reader, writer, blocks_name, len(blocks), state_dir)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _acts_dir(state_dir: Path, block: int) -> Path:
+    """Where the inputs of ``block`` live (the outputs of ``block - 1``)."""
+    return state_dir / f"acts-{block:05d}"
+
+
+def _read_state(state_dir: Path, key: dict[str, Any]) -> dict[str, Any]:
+    f = state_dir / "state.json"
+    if not f.is_file():
+        shutil.rmtree(state_dir, ignore_errors=True)
+        return {"done": -1, "masks": {}, "key": key}
+    state: dict[str, Any] = json.loads(f.read_text())
+    if state.get("key") != key:
+        raise CheckpointError(f"{state_dir.parent} holds an unfinished offloaded run of another model, algorithm or "
+                              f"calibration ({state.get('key')} vs {key}); use another output folder or resume=False")
+    return state
+
+
+def _write_state(state_dir: Path, state: dict[str, Any]) -> None:
+    tmp = state_dir / "state.json.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, state_dir / "state.json")
+
+
+@dataclass
+class _BlockJob:
+    """One block of :func:`prune_offloaded`: read, statistics, prune, propagate, write, back to ``meta``."""
+
+    block: nn.Module
+    index: int
+    prefix: str
+    mods: dict[str, nn.Module]
+    recorded: list[RecordedBatch]
+    device: str | torch.device
+
+    def run(self, reader: ShardReader, writer: ShardWriter, make_prune_block: MakePruneBlock, hessian: bool,
+            acts: ActivationStore, nxt: ActivationStore, mask_dir: Path) -> dict[str, str]:
+        bi, dev = self.index, self.device
+        _load_into(self.block, self.prefix, reader, dev)
+        masks = MaskSet()
+        if self.mods:
+            hidden = (acts.get(i, dev) for i in range(len(self.recorded)))
+            stats = block_stats(self.block, bi, self.recorded, hidden, self.mods, hessian)  # type: ignore[arg-type]
+            make_prune_block(masks)(self.mods, stats)
+            del stats
+        for i, rec in enumerate(self.recorded):
+            y = _first(_call(self.block, rec.calls[bi], acts.get(i, dev)))
+            if not bool(torch.isfinite(y).all()):
+                raise RecipeError(f"block {bi}: the pruned block gives non-finite outputs")
+            nxt.put(i, y)
+        writer.write(f"block-{bi:05d}", {self.prefix + n: t for n, t in self.block.state_dict().items()
+                                         if self.prefix + n in reader.weight_map})
+        mask_dir.mkdir(exist_ok=True)
+        save_file({n: m.to("cpu").contiguous() for n, m in masks.items()}, str(mask_dir / f"block-{bi:05d}.safetensors"),
+                  metadata={"structures": json.dumps(masks.structures)})
+        _to_meta(self.block)
+        return dict(masks.structures)
 
 
 def _to(batch: Any, device: str | torch.device) -> Any:
