@@ -63,7 +63,8 @@ def test_offloaded_equals_in_memory(llama_dir, tmp_path, cls, structure):
     res = prune_offloaded(llama_dir, out, _algo(cls, structure), _batches(), activation_budget=600)
     assert res.pruned_blocks == [0, 1, 2] and res.spilled_batches > 0       # 600 bytes: batches spilled to disk
     index = json.loads((out / INDEX_FILE).read_text())
-    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    n = 3 + 3                                       # 3 blocks + embeddings, final norm, LM head (one tensor each)
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-0000{n}.safetensors" for i in range(1, n + 1)]
     got = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     masks = load_offload_masks(out)
     assert sorted(masks.names()) == sorted(ref_masks.names()) and len(masks) == 3 * 7

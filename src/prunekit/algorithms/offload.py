@@ -359,9 +359,12 @@ def _finish(out: Path, src: Path, reader: ShardReader, writer: ShardWriter, bloc
     """Copy the tensors outside the blocks, name the parts in the HF layout, copy config/tokenizer."""
     inside = blocks_name + "."
     rest = [n for n in reader.names() if not n.startswith(inside)]
-    if not writer.has("rest"):
-        writer.write("rest", reader.load(rest, "cpu"))
-    writer.finish([f"block-{i:05d}" for i in range(n_blocks)] + ["rest"])
+    keys = []
+    for j, n in enumerate(rest):                 # one tensor at a time: the embeddings / LM head can be large
+        keys.append(f"rest-{j:05d}")
+        if not writer.has(keys[-1]):
+            writer.write(keys[-1], reader.load([n], "cpu"))
+    writer.finish([f"block-{i:05d}" for i in range(n_blocks)] + keys)
     copy_model_files(src, out)
     shutil.rmtree(state_dir, ignore_errors=True)
 
