@@ -104,6 +104,12 @@ def test_offloaded_resume_after_kill(llama_dir, tmp_path):
     assert not (out / ".offload").exists()
 
 
+def test_offload_refuses_targets_outside_the_blocks(llama_dir, tmp_path):
+    spec = PruneSpec("unstructured", 0.5, targets=TargetSpec(["lm_head", "model.layers.*"], [], ["Linear"]))
+    with pytest.raises(RecipeError, match="lm_head"):
+        prune_offloaded(llama_dir, tmp_path / "o", Wanda(Wanda.Params(), spec), _batches())
+
+
 def test_offload_errors(tmp_path):
     assert parse_bytes("1GB") == 10**9 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes(7) == 7
     with pytest.raises(RecipeError, match="memory size"):

@@ -261,6 +261,10 @@ def prune_offloaded(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     _embed_inputs(model, blocks_name, reader, device)
     recorded = _record(model, blocks_name, blocks, batches, reader, device)
     targets, make_prune_block = algorithm.block_pruner(model, batches)
+    outside = sorted(n for n in targets if not n.startswith(blocks_name + "."))
+    if outside:
+        raise RecipeError(f"offloaded pruning prunes the repeated blocks only; targets outside {blocks_name!r}: "
+                          f"{outside[:3]} — prune them in memory or exclude them from prune.targets")
     res = OffloadResult(out, len(blocks), masks=dict(state["masks"]))
     half = None if budget is None else budget // 2           # two stores: the running block's inputs and outputs
     start = int(state["done"]) + 1
