@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from prunekit.algorithms.obs_structured import OBSStructured
 from prunekit.algorithms.offload import load_offload_masks, parse_bytes, prune_offloaded
 from prunekit.algorithms.sparsegpt import SparseGPT
 from prunekit.algorithms.wanda import Wanda
@@ -25,7 +26,7 @@ INCLUDE = [r"re:^model\.layers\.\d+\."]
 
 def _algo(cls, structure="nm:2:4", sparsity=0.5):
     spec = PruneSpec(structure=structure, sparsity=sparsity, targets=TargetSpec(INCLUDE, [], ["Linear"]))
-    return cls(cls.Params(), spec)
+    return cls(cls.Params(kinds="columns") if cls is OBSStructured else cls.Params(), spec)
 
 
 def _batches():
@@ -55,7 +56,8 @@ def _in_memory(llama_dir, cls, structure):
     return m, masks
 
 
-@pytest.mark.parametrize("cls,structure", [(SparseGPT, "nm:2:4"), (Wanda, "unstructured")])
+@pytest.mark.parametrize("cls,structure", [(SparseGPT, "nm:2:4"), (Wanda, "unstructured"),
+                                           (OBSStructured, "unstructured")])
 def test_offloaded_equals_in_memory(llama_dir, tmp_path, cls, structure):
     assert len(ShardReader(llama_dir).weight_map) > 0 and (llama_dir / INDEX_FILE).is_file()
     ref, ref_masks = _in_memory(llama_dir, cls, structure)
