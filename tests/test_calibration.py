@@ -149,7 +149,7 @@ class Alternating(nn.Module):
 
 def test_each_block_gets_its_own_arguments():
     model = Alternating()
-    targets = find_targets(model)
+    targets = find_targets(model, TargetSpec(["blocks.*", "head"]))   # the head too (not a default target)
     batches = [torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     whole = collect_stats(model, batches, targets)
     seen = _stats(model, batches, targets, blockwise=True)

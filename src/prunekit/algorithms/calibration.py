@@ -47,7 +47,6 @@ from prunekit.core.errors import ModelError, RecipeError
 from prunekit.core.masks import MaskSet
 from prunekit.core.structures import Structure
 from prunekit.core.targets import find_targets
-from prunekit.graph.families import with_default_targets
 
 __all__ = [
     "CONV_TYPES",
@@ -494,7 +493,8 @@ def _run_blocks(model: nn.Module, batches: list[Any], targets: dict[str, nn.Modu
         name, blocks = found
         per_block = [{n: m for n, m in targets.items() if id(m) in {id(x) for x in b.modules()}} for b in blocks]
         last = max((i for i, mods in enumerate(per_block) if mods), default=-1)
-        recorded = record_block_calls(model, blocks, batches, name) if last >= 0 else []
+        upto = cast(Blocks, blocks[:last + 1])          # record up to the last block holding targets
+        recorded = record_block_calls(model, upto, batches, name) if last >= 0 else []
         hidden = [r.hidden for r in recorded]
         for i, block in enumerate(blocks):
             if i > last:
@@ -601,8 +601,8 @@ class PostTraining(Algorithm[PT]):
 
     def targets(self, model: nn.Module) -> dict[str, nn.Module]:
         """``{param: module}`` of the spec's targets; the default ``["*"]`` on an HF-style model is its block
-        matrices (:func:`~prunekit.graph.families.with_default_targets`: LM head and embeddings stay dense)."""
-        return find_targets(model, with_default_targets(model, self.spec).targets)
+        matrices (:func:`~prunekit.core.targets.resolve_targets`: LM head and embeddings stay dense)."""
+        return find_targets(model, self.spec.targets)
 
     def layer_plan(self, model: nn.Module, batches: list[Any]) -> dict[str, tuple[Structure, float]]:
         """``{param: (structure, sparsity)}``: the spec's plan, re-allocated by OWL if asked."""
