@@ -165,14 +165,21 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
 
 
 def predicted_peak_mb(d: int, a: argparse.Namespace, seqs: int, base_mb: float, method: str) -> float:
-    """The memory formula of docs/big_models.md for an offloaded run (MB)."""
+    """The memory formula of docs/big_models.md for an offloaded run (MB): the base + the embeddings + the
+    largest of (one block + its statistics + pruning one matrix + activations in memory + one batch through
+    the block) and (the LM head during the final copy)."""
     ff = int(round(8 * d / 3 / 64)) * 64
-    emb = a.vocab * d * 4
+    emb = head = a.vocab * d * 4
     block = (4 * d * d + 3 * d * ff) * 4
-    stats = (6 * d * d + ff * ff) * 8 if method == "sparsegpt" else (6 * d + ff) * 8
-    acts_total = seqs * a.seq_len * d * 4
-    batch = a.batch * a.seq_len * (4 * d + 2 * ff) * 4 + a.batch * (d // 64) * a.seq_len ** 2 * 4
-    return base_mb + (emb + block + stats + min(acts_total, a.budget) + batch) / 2**20
+    if method == "sparsegpt":
+        stats = (6 * d * d + ff * ff) * 8                  # one float64 Hessian per target
+        work = 5 * ff * ff * 8 + 2 * d * ff * 4            # H, I, L, H⁻¹, U (float64) + W copies, largest target
+    else:
+        stats = (6 * d + ff) * 8
+        work = d * ff * (4 + 8 + 1)                        # scores, argsort indices, mask
+    acts = min(2 * seqs * a.seq_len * d * 4, a.budget)
+    batch = a.batch * a.seq_len * (4 * d + 2 * ff) * 4 + a.batch * max(d // 64, 1) * a.seq_len ** 2 * 4
+    return base_mb + (emb + max(block + stats + work + acts + batch, head)) / 2**20
 
 
 def main() -> None:

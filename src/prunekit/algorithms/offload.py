@@ -289,6 +289,7 @@ def prune_offloaded(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
         res.block_seconds.append(time.perf_counter() - tb)
         if on_block_done is not None:
             on_block_done(bi)
+    _to_meta(model)                              # the embeddings are not needed for the final copy
     _finish(out, src, reader, writer, blocks_name, len(blocks), state_dir)
     res.seconds = time.perf_counter() - t0
     return res
