@@ -45,7 +45,7 @@ from prunekit.algorithms.base import Algorithm
 from prunekit.algorithms.owl import owl_allocation
 from prunekit.core.errors import ModelError, RecipeError
 from prunekit.core.masks import MaskSet
-from prunekit.core.structures import Structure
+from prunekit.core.structures import Structure, Transposed
 from prunekit.core.targets import find_targets
 
 __all__ = [
@@ -639,7 +639,7 @@ class PostTraining(Algorithm[PT]):
                 W_new, keep = self.prune_matrix(W, stats[name], st, sp, shape)
                 W_new = W_new * keep
                 set_weight_matrix(mod, W_new)
-                masks.set(name, matrix_to_param(mod, keep).bool(), str(st))
+                masks.set(name, matrix_to_param(mod, keep).bool(), str(Transposed(st) if is_hf_conv1d(mod) else st))
         return prune_block
 
     def prune_matrix(self, W: Tensor, stats: LayerStats, structure: Structure, sparsity: float,

@@ -23,6 +23,7 @@ from prunekit.algorithms.calibration import MOVED_TO_CALIBRATION, CalibrationCon
 from prunekit.core.errors import RecipeError, UnknownNameError
 from prunekit.core.plan import validate_overrides
 from prunekit.core.structures import parse_structure
+from prunekit.core.targets import DEFAULT_TYPES
 from prunekit.data.registry import canonical_dataset_name
 from prunekit.data.user import is_user_data, validate_user_data
 from prunekit.models.registry import list_models
@@ -89,7 +90,7 @@ class DataConfig:
 class TargetsConfig:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
-    types: list[str] = field(default_factory=lambda: ["Linear", "Conv2d", "HFConv1D"])
+    types: list[str] = field(default_factory=lambda: list(DEFAULT_TYPES))
 
     @property
     def is_default(self) -> bool:
