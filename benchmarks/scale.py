@@ -42,6 +42,15 @@ OUT = ROOT / "benchmarks" / "results" / "scale.json"
 
 
 def _rss_mb() -> float:
+    """Peak resident memory of this process (MB): ``VmHWM`` of its own address space (Linux).  ``getrusage``'s
+    ``ru_maxrss`` is the fallback only: Linux carries it over from the parent through fork and exec, so a
+    worker started by a big parent would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -205,6 +214,8 @@ def main() -> None:
     ap.add_argument("--cache", default=os.environ.get("PRUNEKIT_SCALE_CACHE", "/tmp/prunekit_scale"))
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--out-json", default=str(OUT))
+    ap.add_argument("--part", choices=("all", "seqs"), default="all",
+                    help="seqs: rerun only the calibration-sequence sweep into an existing --out-json")
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(a)), flush=True)
@@ -226,6 +237,25 @@ def main() -> None:
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(result, indent=2))
 
+    if a.part == "seqs":
+        result = {**json.loads(out_json.read_text()), "seq_sweep": [], "seq_sweep_command": result["command"]}
+    else:
+        _width_sweep(a, cache, eq_w, result, save)
+    d0 = a.sweep_width
+    folder, info = _model(cache, d0, a)
+    for seqs in a.seq_sweep:
+        row = {"width": d0, "seqs": seqs, "runs": {}}
+        for method in ("wanda", "sparsegpt"):
+            for mode in ("memory", "offload"):
+                row["runs"][f"{method}/{mode}"] = _row(folder, cache / f"out_{mode}", method, mode, seqs, a, False)
+        result["seq_sweep"].append(row)
+        save()
+    shutil.rmtree(cache / "out_memory", ignore_errors=True)
+    shutil.rmtree(cache / "out_offload", ignore_errors=True)
+    print(json.dumps({"exponents": result["exponents"], "equivalence": result["equivalence"]}, indent=2))
+
+
+def _width_sweep(a: argparse.Namespace, cache: Path, eq_w: int, result: dict, save) -> None:
     for d in a.widths:
         folder, info = _model(cache, d, a)
         row = {"width": d, **info, "runs": {}}
@@ -249,18 +279,6 @@ def main() -> None:
     result["theory"] = {"wanda": "2 (n·d² statistics and d² scores per layer)",
                         "sparsegpt": "between 2 (n·d² statistics, n >> d) and 3 (d³ inverse and sweep per layer)"}
     save()
-    d0 = a.sweep_width
-    folder, info = _model(cache, d0, a)
-    for seqs in a.seq_sweep:
-        row = {"width": d0, "seqs": seqs, "runs": {}}
-        for method in ("wanda", "sparsegpt"):
-            for mode in ("memory", "offload"):
-                row["runs"][f"{method}/{mode}"] = _row(folder, cache / f"out_{mode}", method, mode, seqs, a, False)
-        result["seq_sweep"].append(row)
-        save()
-    shutil.rmtree(cache / "out_memory", ignore_errors=True)
-    shutil.rmtree(cache / "out_offload", ignore_errors=True)
-    print(json.dumps({"exponents": result["exponents"], "equivalence": result["equivalence"]}, indent=2))
 
 
 if __name__ == "__main__":
