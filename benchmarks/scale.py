@@ -175,8 +175,9 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
 
 def predicted_peak_mb(d: int, a: argparse.Namespace, seqs: int, base_mb: float, method: str) -> float:
     """The memory formula of docs/big_models.md for an offloaded run (MB): the base + the embeddings + the
-    largest of (one block + its statistics + pruning one matrix + activations in memory + one batch through
-    the block) and (the LM head during the final copy)."""
+    largest of (one block, twice while it is read + its statistics + pruning one matrix + activations in
+    memory + one batch through the block) and (the LM head, twice, during the final copy).  Allocator caching
+    comes on top."""
     ff = int(round(8 * d / 3 / 64)) * 64
     emb = head = a.vocab * d * 4
     block = (4 * d * d + 3 * d * ff) * 4
@@ -188,7 +189,8 @@ def predicted_peak_mb(d: int, a: argparse.Namespace, seqs: int, base_mb: float, 
         work = d * ff * (4 + 8 + 1)                        # scores, argsort indices, mask
     acts = min(2 * seqs * a.seq_len * d * 4, a.budget)
     batch = a.batch * a.seq_len * (4 * d + 2 * ff) * 4 + a.batch * max(d // 64, 1) * a.seq_len ** 2 * 4
-    return base_mb + (emb + max(block + stats + work + acts + batch, head)) / 2**20
+    # reading a block (or the LM head) maps its bytes from the shard file while the copy is made: counted twice
+    return base_mb + (emb + max(2 * block + stats + work + acts + batch, 2 * head)) / 2**20
 
 
 def main() -> None:
