@@ -11,9 +11,10 @@ The core API::
     with masks.attach(model, optimizer):                          # hard-prune while retraining
         train(...)
 """
-from prunekit.api import Pruner, compact, groups_of, prune
+from prunekit.api import Pruner, compact, groups_of, prune, quantize
 from prunekit.core.masks import HardPrune, MaskSet
 from prunekit.core.plan import PruneSpec, compute_masks, mask_for
+from prunekit.core.quant import ConstraintSet, QCodes, Quantizer, QuantSpec, parse_quantizer
 from prunekit.core.structures import (
                                       NM,
                                       Block,
@@ -32,4 +33,5 @@ __all__ = [
     "mask_for", "prune", "compute_masks", "PruneSpec", "MaskSet", "HardPrune", "TargetSpec", "find_targets",
     "parse_structure", "Structure", "Unstructured", "Row", "Column", "Block", "NM", "Pattern", "__version__", "Pruner",
     "GroupStructure", "compact", "groups_of",
+    "quantize", "parse_quantizer", "Quantizer", "QuantSpec", "QCodes", "ConstraintSet",
 ]

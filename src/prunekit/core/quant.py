@@ -33,18 +33,21 @@ Scales are per tensor except ``int:…:channel`` (per output unit = row of the m
 """
 from __future__ import annotations
 
+import fnmatch
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from prunekit.core.errors import RecipeError, UnknownNameError
 from prunekit.core.registry import Registry
+from prunekit.core.targets import TargetSpec, find_targets
 
 __all__ = ["QCodes", "Quantizer", "IntQuantizer", "Pow2", "Binary", "Ternary", "Cluster", "HalfFloat",
-           "ConstraintSet", "QUANTIZERS", "parse_quantizer", "quantizer_syntax", "kmeans_1d"]
+           "ConstraintSet", "QuantSpec", "QUANTIZERS", "parse_quantizer", "quantizer_syntax", "kmeans_1d"]
 
 
 @dataclass
@@ -202,13 +205,15 @@ class IntQuantizer(Quantizer):
         fill = torch.tensor(-math.inf if fn == "max" else math.inf, dtype=x.dtype)
         y = torch.where(keep, x, fill)
         r = y.amax(dim=1, keepdim=True) if fn == "max" else y.amin(dim=1, keepdim=True)
-        if not self.per_channel:
-            r = (r.amax() if fn == "max" else r.amin()).expand_as(r)
         return torch.where(torch.isfinite(r), r, torch.zeros((), dtype=x.dtype))
+
+    def _view(self, t: Tensor) -> Tensor:
+        """One row per scale: the matrix view (per channel) or the whole tensor as one row."""
+        return _rows(t) if self.per_channel else t.reshape(1, -1)
 
     def encode(self, w: Tensor, mask: Tensor | None = None) -> QCodes:
         mask = self._mask(w, mask)
-        x, keep = _rows(w.detach()).float(), _rows(mask)
+        x, keep = self._view(w.detach()).float(), self._view(mask)
         if self.symmetric:
             q = 2 ** (self.k - 1) - 1
             s = self._reduce(x.abs(), keep, "max") / q
@@ -226,12 +231,13 @@ class IntQuantizer(Quantizer):
         c = torch.clamp(torch.round(x / s + zp), lo, hi)
         c = torch.where(s > 0, c, zp)                       # an all-zero row: every code is the zero level
         codes = c - lo if self.symmetric else c
-        qc = self._codes(codes.reshape(w.shape), mask, {"scale": s.reshape(-1), "zero_point": zp.reshape(-1)}, w)
-        return qc
+        params = {"scale": s.reshape(-1)} if self.symmetric else {"scale": s.reshape(-1), "zero_point": zp.reshape(-1)}
+        return self._codes(codes.reshape(w.shape), mask, params, w)
 
     def decode(self, q: QCodes) -> Tensor:
-        s, zp = q.params["scale"].reshape(-1, 1), q.params["zero_point"].reshape(-1, 1)
-        c = _rows(q.codes).to(torch.float32)
+        s = q.params["scale"].reshape(-1, 1)
+        zp = q.params["zero_point"].reshape(-1, 1) if "zero_point" in q.params else torch.zeros_like(s)
+        c = self._view(q.codes).to(torch.float32)
         if self.symmetric:
             c = c - (2 ** (self.k - 1) - 1)
         v = (c - zp) * s
@@ -498,17 +504,13 @@ class ConstraintSet:
     quantizer: Quantizer
 
     def encode(self, w: Tensor, mask: Tensor | None = None) -> QCodes:
-        """Codes of the projection, with the updated mask (``QCodes.mask``)."""
+        """Codes of the projection, with the updated mask (``QCodes.mask``: kept weights sent to 0 leave it)."""
         q = self.quantizer
-        m = q._mask(w, mask)
-        for _ in range(4):               # survivors rounded to 0 leave the mask; refit on the rest
-            qc = q.encode(w, m)
-            v = q.decode(qc)
-            m2 = m & (v != 0)
-            if torch.equal(m2, m):
-                return qc
-            m = m2
-        return q.encode(w, m)
+        qc = q.encode(w, q._mask(w, mask))
+        v = q.decode(qc)
+        qc.mask = qc.mask & (v != 0)
+        qc.codes = torch.where(qc.mask, qc.codes, torch.zeros((), dtype=torch.int64))
+        return qc
 
     def decode(self, qc: QCodes) -> Tensor:
         return self.quantizer.decode(qc)
@@ -530,3 +532,67 @@ class ConstraintSet:
             raise RecipeError(f"weight is not on the {self.quantizer} grid: element {i} is "
                               f"{float(w.reshape(-1)[i])!r}, the grid gives {float(v.reshape(-1)[i])!r}")
         return qc
+
+
+@dataclass
+class QuantSpec:
+    """Which weights are quantized and onto which grid: ``scheme`` for every target, ``overrides``
+    ``{name_pattern: quantizer}`` per layer (first match; patterns on the module or parameter name, as
+    ``prune.overrides``), ``targets`` (default: every Linear/Conv weight).  ``schedule``: the schemes of the
+    earlier stages of a progressive run (ADMM-NN's 8 → 4 → 3 → 2 bits: ``schedule = ["int:8", "int:4",
+    "int:3"]``, ``scheme = "int:2"``); the run is cut into ``len(schedule) + 1`` equal stages, the last one
+    using ``scheme``.  Overridden layers keep their override in every stage."""
+
+    scheme: str | Quantizer
+    overrides: dict[str, str] = field(default_factory=dict)
+    targets: TargetSpec | None = None
+    schedule: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.scheme = parse_quantizer(self.scheme)
+        if not isinstance(self.overrides, dict):
+            raise RecipeError(f"quant.overrides: expected a mapping of name pattern → quantizer, got {self.overrides!r}")
+        for pat, q in self.overrides.items():
+            try:
+                parse_quantizer(q)
+            except RecipeError as e:
+                raise RecipeError(f"quant.overrides[{pat!r}]: {e}") from None
+        for i, q in enumerate(self.schedule):
+            try:
+                parse_quantizer(q)
+            except RecipeError as e:
+                raise RecipeError(f"quant.schedule[{i}]: {e}") from None
+
+    @property
+    def stages(self) -> int:
+        return len(self.schedule) + 1
+
+    def stage_at(self, fraction: float) -> int:
+        """The stage of a run ``fraction`` (0…1) done."""
+        return min(self.stages - 1, max(0, int(fraction * self.stages)))
+
+    def layer_plan(self, names: Iterable[str], stage: int | None = None) -> dict[str, ConstraintSet]:
+        """``{param_name: ConstraintSet}`` after overrides, at ``stage`` (default: the final scheme)."""
+        base = parse_quantizer(self.scheme)
+        if stage is not None and stage < len(self.schedule):
+            base = parse_quantizer(self.schedule[stage])
+        out: dict[str, ConstraintSet] = {}
+        used: set[str] = set()
+        names = list(names)
+        for n in names:
+            q = base
+            for pat, ov in self.overrides.items():
+                if fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(n.removesuffix(".weight"), pat):
+                    q = parse_quantizer(ov)
+                    used.add(pat)
+                    break
+            out[n] = ConstraintSet(q)
+        unused = set(self.overrides) - used
+        if unused:
+            raise RecipeError(f"quant.overrides patterns {sorted(unused)} match no quantized parameter; "
+                              f"targets: {names[:20]}")
+        return out
+
+    def plan(self, model: nn.Module, stage: int | None = None) -> dict[str, ConstraintSet]:
+        """The layer plan over the model's targets."""
+        return self.layer_plan(find_targets(model, self.targets or TargetSpec()), stage)
