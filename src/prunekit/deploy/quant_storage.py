@@ -27,7 +27,9 @@ symbols); kept per layer only where it is smaller than the bit-packed form.  Eve
 **Shannon bound** of its code histogram (``n · H(codes)``) beside what is stored.
 
 Figures (:func:`artefact_report`): **weight data** compression = dense float32 bytes of the quantized weights
-/ (codes + scales + positions) — the number ADMM-NN and Deep Compression quote; **whole artefact** = float32
+/ (codes + scales + positions) — Deep Compression's count (its 39× for LeNet-5 includes the indices);
+**weight values** = the same over codes + scales only (no positions: ADMM-NN's "weight data" figures are
+pruning rate × 32 / bits, which leaves the indices out); **whole artefact** = float32
 bytes of the whole ``state_dict`` / every byte of the file (header and other tensors included).
 """
 from __future__ import annotations
@@ -290,4 +292,5 @@ def artefact_report(data: bytes) -> dict[str, Any]:
     return {"file_bytes": len(data), "bytes": kinds, "layers": layers, "entropy": header.get("entropy"),
             "dense_fp32_weight_bytes": dense_q, "dense_fp32_bytes": dense_all,
             "weight_data_compression": round(dense_q / max(weight_bytes, 1), 2),
+            "weight_values_compression": round(dense_q / max(kinds["codes"] + kinds["scales"], 1), 2),
             "whole_artefact_compression": round(dense_all / max(len(data), 1), 2)}
