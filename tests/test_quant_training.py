@@ -4,9 +4,15 @@ quantizer with SGD-momentum and AdamW; the recipe pipeline writes an artefact th
 model; a killed joint ADMM run resumes to the identical result."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file
 from torch import nn
 
 import prunekit
@@ -179,3 +185,29 @@ def test_pipeline_joint_admm_artefact_reloads_identical(tmp_path):
     w = state["fc1.weight"]
     assert torch.unique(w[w != 0]).numel() <= 7 * w.shape[0]                # 3-bit symmetric per channel
     assert res["metrics"]["final"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at,stage", [(7, "search"), (10, "retrain")])
+def test_killed_joint_admm_run_resumes_identical(kill_at, stage, tmp_path):
+    """SIGKILL mid-search (joint ADMM Z/U with the bits schedule) or mid-QAT-retraining (latent weights and codes),
+    resume: the same weights, masks, metrics and artefact bytes as the uninterrupted run."""
+    raw = {**CV, "name": "q-resume"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PRUNEKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PRUNEKIT_TEST_KILL_AT_STEP": str(kill_at)}
+    r = subprocess.run([sys.executable, "-m", "prunekit.cli.main", "run", str(tmp_path / "r.yaml"), "--out",
+                        str(tmp_path / "run")], capture_output=True, text=True, env=env)
+    assert r.returncode == -9, r.stderr
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = run_pipeline(parse_recipe(raw), tmp_path / "ref", log=_quiet)
+        got = run_pipeline(parse_recipe(raw), tmp_path / "run", resume=True, log=_quiet)
+    finally:
+        torch.set_num_threads(n)
+    assert got["resumed"][0]["stage"] == stage
+    for f in ("model.safetensors", "masks.safetensors"):
+        a, b = load_file(str(tmp_path / "ref" / f)), load_file(str(tmp_path / "run" / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    assert got["metrics"] == ref["metrics"] and got["history"] == ref["history"]
+    assert (tmp_path / "ref" / "model.pkq").read_bytes() == (tmp_path / "run" / "model.pkq").read_bytes()
