@@ -3,7 +3,8 @@ PyTorch fake-quant QAT and NNCF on the same model, in the same run.
 
 One command per row (the JSON keeps every row's command; rows of earlier invocations are kept)::
 
-    python benchmarks/quantization.py --rows rtn_int3 qat_int3 share_c8 admm_joint binary resnet18 torch_fakequant nncf
+    python benchmarks/quantization.py --rows prune300 rtn_int3 qat_int3 share_c8 admm_joint binary sparsegpt_int4 resnet18 \
+        torch_fakequant nncf
 
 Inputs (``benchmarks/results/cache/``, not in git): the dense LeNet-5 of ``benchmarks/lenet5_mnist.py``
 (``lenet5_sgd_tall_d3/dense``) and its 300× progressive-ADMM pruned model (``lenet5_prune300``, made by
@@ -17,6 +18,8 @@ Rows (each a prunekit recipe run through ``run_pipeline``; the resolved recipe i
 * ``share_c8`` — the 300× model, Deep Compression weight sharing (8 centroids per layer, centroids fine-tuned);
 * ``admm_joint`` — ADMM-NN: progressive ADMM from the dense model with the Z-step onto "pruned and quantized",
   bits 8 → 4 → 3 while the pruning targets rise, then QAT retraining (``recipes/lenet5_admm_quant.yaml``);
+* ``sparsegpt_int4`` — post-training only: SparseGPT 50 % with GPTQ-style joint rounding to 4 bits per channel
+  (128 calibration images), no retraining;
 * ``binary`` — every layer ±α (no pruning), QAT from the dense model (``recipes/lenet5_binary.yaml``);
 * ``resnet18`` — ResNet-18 on the CIFAR-10 sample, 50 % + int:4 per channel: the code path for convolutions,
   residuals and BatchNorm (not an accuracy claim);
@@ -89,6 +92,12 @@ def recipes() -> dict[str, dict]:
                                    algorithm("admm_progressive", layer_budget(150)["fc1"], steps, 3.0),
                                    {"scheme": t3, "schedule": ["int:8:sym:tensor", "int:4:sym:tensor"]}, 2, 3.0),
         "binary": lenet_recipe("lenet5-binary", 1, DENSE, {"name": "oneshot"}, {"scheme": "binary"}, 2, lr=5e-4),
+        "sparsegpt_int4": lenet_recipe("lenet5-sparsegpt-50-int4", 1, DENSE,
+                                       {"name": "sparsegpt", "params": {"blocksize": 128, "percdamp": 0.01}},
+                                       {"scheme": "int:4", "method": "rtn"}, 0)
+        | {"prune": {"structure": "unstructured", "sparsity": 0.5,
+                     "targets": {"include": ["*"], "types": ["Linear", "Conv2d"]}},
+           "calibration": {"samples": 128, "batch_size": 64, "seed": 0}},
     }
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 import prunekit
 from prunekit.algorithms.quantize import QuantTrainer
+from prunekit.algorithms.sparsegpt import sparsegpt_prune
 from prunekit.core.errors import RecipeError
 from prunekit.core.quant import ConstraintSet, parse_quantizer
 from prunekit.deploy.quant_storage import load_artefact
@@ -211,3 +212,20 @@ def test_killed_joint_admm_run_resumes_identical(kill_at, stage, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
     assert got["metrics"] == ref["metrics"] and got["history"] == ref["history"]
     assert (tmp_path / "ref" / "model.pkq").read_bytes() == (tmp_path / "run" / "model.pkq").read_bytes()
+
+
+def test_sparsegpt_joint_gptq_rounding_beats_prune_then_round():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 64, generator=g)
+    X = torch.randn(64, 512, generator=g) * torch.linspace(0.2, 2.0, 64)[:, None]
+    H = 2 / 512 * X @ X.T
+    q = parse_quantizer("int:3:sym:channel")
+    Wj, keep = sparsegpt_prune(W, H, "unstructured", 0.5, quant=q)
+    levels = q.levels(q.encode(W))
+    on_grid = (Wj[:, :, None] == levels[:, None, :]).any(-1)
+    assert bool(on_grid.all())                                              # every weight on its row's grid
+    assert torch.equal(keep, Wj != 0) and float((~keep).float().mean()) >= 0.5
+    Ws, keep_s = sparsegpt_prune(W, H, "unstructured", 0.5)
+    Wr = ConstraintSet(q).project(Ws, keep_s)[0]                            # prune, then round to nearest
+    err = lambda A: float(((W - A) @ X).pow(2).sum())                        # noqa: E731
+    assert err(Wj) < err(Wr)

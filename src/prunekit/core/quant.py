@@ -128,6 +128,19 @@ class Quantizer:
         """Bits per code."""
         raise NotImplementedError
 
+    @property
+    def n_codes(self) -> int:
+        """How many codes are valid (``0 … n_codes − 1``)."""
+        return 1 << self.bits
+
+    def levels(self, q: QCodes) -> Tensor:
+        """The grid of ``q``'s parameters as a ``(rows, n_codes)`` table: the value of every code in every row
+        of the matrix view (GPTQ-style column-by-column rounding onto a fixed grid)."""
+        rows = q.codes.shape[0] if q.codes.dim() >= 1 else 1
+        codes = torch.arange(self.n_codes).expand(rows, self.n_codes)
+        return self.decode(QCodes(codes, torch.ones(rows, self.n_codes, dtype=torch.bool), q.params, q.quantizer,
+                                  q.bits))
+
     def encode(self, w: Tensor, mask: Tensor | None = None) -> QCodes:
         raise NotImplementedError
 
@@ -201,6 +214,10 @@ class IntQuantizer(Quantizer):
     def __str__(self) -> str:
         return f"int:{self.k}:{'sym' if self.symmetric else 'asym'}:{'channel' if self.per_channel else 'tensor'}"
 
+    @property
+    def n_codes(self) -> int:
+        return (1 << self.k) - 1 if self.symmetric else 1 << self.k
+
     def _reduce(self, x: Tensor, keep: Tensor, fn: str) -> Tensor:
         fill = torch.tensor(-math.inf if fn == "max" else math.inf, dtype=x.dtype)
         y = torch.where(keep, x, fill)
@@ -271,6 +288,10 @@ class Pow2(Quantizer):
 
     def __str__(self) -> str:
         return f"pow2:{self.k}"
+
+    @property
+    def n_codes(self) -> int:
+        return (1 << self.k) - 1
 
     def encode(self, w: Tensor, mask: Tensor | None = None) -> QCodes:
         mask = self._mask(w, mask)
@@ -352,6 +373,10 @@ class Ternary(Quantizer):
 
     def __str__(self) -> str:
         return "ternary"
+
+    @property
+    def n_codes(self) -> int:
+        return 3
 
     def encode(self, w: Tensor, mask: Tensor | None = None) -> QCodes:
         mask = self._mask(w, mask)
