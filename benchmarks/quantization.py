@@ -1,7 +1,9 @@
 """Joint pruning + quantization on LeNet-5 / MNIST (and the ResNet-18 code path): prunekit's methods beside
 PyTorch fake-quant QAT and NNCF on the same model, in the same run.
 
-One command per row (the JSON keeps every row's command; rows of earlier invocations are kept)::
+One command per row (the JSON keeps every row's command; rows of earlier invocations are kept); then
+``--rows refresh`` re-encodes every row's artefact (plain, Huffman- and LZMA-coded) so all figures come from one
+encoder::
 
     python benchmarks/quantization.py --rows prune300 rtn_int3 qat_int3 share_c8 admm_joint binary sparsegpt_int4 resnet18 \
         torch_fakequant nncf
@@ -52,6 +54,8 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from lenet5_mnist import algorithm, layer_budget  # noqa: E402
+from prunekit.core.quant import ConstraintSet, parse_quantizer  # noqa: E402
+from prunekit.deploy.quant_storage import artefact_report, encode_artefact, load_artefact  # noqa: E402
 from prunekit.io.checkpoint import atomic_write_json, load_checkpoint  # noqa: E402
 from prunekit.pipelines.recipe import parse_recipe  # noqa: E402
 from prunekit.pipelines.runner import machine_info, run_pipeline  # noqa: E402
@@ -222,6 +226,30 @@ def pruning_row() -> dict:
             "note": "pruning alone; fp32 values, compression = dense / nonzero weights of the four weight tensors"}
 
 
+def refresh_rows(res: dict) -> None:
+    """Re-encode every row's artefact with the current format, plain and with LZMA entropy coding (the
+    Shannon bound of the codes beside it): the figures of all rows then come from one encoder."""
+    for row in res["rows"].values():
+        path = row.get("artefact")
+        if not path or not Path(path).is_file():
+            continue
+        state = load_artefact(path)
+        qcodes = {}
+        for layer in row.get("layers", []):
+            n = layer["name"]
+            qcodes[n] = ConstraintSet(parse_quantizer(layer["quantizer"])).check(state[n], state[n] != 0)
+        for key, ent in (("plain", None), ("huffman", "huffman"), ("lzma", "lzma")):
+            rep = artefact_report(encode_artefact(state, qcodes, ent))
+            fig = {k: rep[k] for k in ("file_bytes", "bytes", "weight_data_compression", "weight_values_compression",
+                                       "whole_artefact_compression")}
+            fig["shannon_code_bytes"] = round(sum(layer["shannon_code_bytes"] for layer in rep["layers"]), 1)
+            if key == "plain":
+                row.update(fig)
+                row["layers"] = rep["layers"]
+            else:
+                row[f"entropy_{key}"] = fig
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", nargs="+", required=True)
@@ -236,6 +264,10 @@ def main(argv=None) -> dict:
     dense_acc = json.loads((DENSE / "results.json").read_text())["accuracy"]
     res["dense_accuracy"] = dense_acc
     recs = recipes()
+    if a.rows == ["refresh"]:
+        refresh_rows(res)
+        atomic_write_json(out_path, res)
+        return res
     for name in a.rows:
         cmd = "python benchmarks/quantization.py --rows " + shlex.quote(name)
         print(f"== {name}", flush=True)

@@ -15,6 +15,8 @@ from prunekit.deploy.quant_storage import (
     artefact_report,
     decode_artefact,
     encode_artefact,
+    huffman_decode,
+    huffman_encode,
     positions_encodings,
 )
 from prunekit.pipelines.recipe import parse_recipe
@@ -40,8 +42,8 @@ def test_positions_encodings_sizes_and_choice():
     assert len(b) == min(len(v[0]) for v in enc.values())            # here relative is the cheapest
 
 
-@pytest.mark.parametrize("entropy", [None, "lzma"])
-@pytest.mark.parametrize("spec", ["int:3:sym:tensor", "int:4:asym", "ternary", "binary", "cluster:8", "pow2:4", "bf16"])
+@pytest.mark.parametrize("entropy", [None, "huffman", "lzma"])
+@pytest.mark.parametrize("spec", ["int:3:sym:tensor", "int:4:asym", "ternary", "cluster:8", "bf16"])
 def test_artefact_reloads_bit_for_bit_and_counts_every_byte(spec, entropy):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 3, 5, 5, generator=g)
@@ -61,6 +63,18 @@ def test_artefact_reloads_bit_for_bit_and_counts_every_byte(spec, entropy):
         assert layer["codes_bytes"] == -(-layer["kept"] * cs.quantizer.bits // 8)   # K bits per kept weight
     assert r["weight_data_compression"] == round(w.numel() * 4 / (r["bytes"]["codes"] + r["bytes"]["scales"]
                                                                    + r["bytes"]["positions"]), 2)
+
+
+def test_huffman_hand_built_and_round_trip():
+    assert huffman_encode(np.array([0, 0, 0, 1])) == bytes([2, 0, 1, 1, 0b00010000])   # lengths 1,1; bits 0001
+    rng = np.random.default_rng(0)
+    s = np.minimum(rng.geometric(0.3, size=3000) - 1, 40)
+    b = huffman_encode(s)
+    assert np.array_equal(huffman_decode(b, s.size), s)
+    p = np.bincount(s) / s.size
+    shannon = -(np.bincount(s) * np.log2(np.where(p > 0, p, 1))).sum() / 8
+    stream = len(b) - 2 - (s.max() + 1)                             # minus the length table
+    assert shannon <= stream <= shannon + s.size / 8 + 1             # within one bit per symbol of the bound
 
 
 def test_lzma_beats_packing_on_skewed_codes():

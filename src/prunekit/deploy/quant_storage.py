@@ -2,7 +2,7 @@
 
 File layout (``.pkq``)::
 
-    b"PKQ1" | u32 little-endian header length | header (compact UTF-8 JSON) | blobs, back to back
+    b"PKQ1" | u32 little-endian header length | header (compact UTF-8 JSON, zlib level 9) | blobs, back to back
 
 The header lists every tensor of the model's ``state_dict`` (name, shape, dtype) and, per blob, its kind,
 offset and length.  A **quantized weight** is stored as
@@ -20,10 +20,12 @@ offset and length.  A **quantized weight** is stored as
 Everything else in the ``state_dict`` (biases, BatchNorm buffers, layers that are not quantized) is stored
 raw in its own dtype (**other**).  ``decode`` rebuilds the state dict bit for bit.
 
-**Entropy coding** (``entropy="lzma"``): the codes and the gaps, one byte per symbol, compressed with LZMA
-(Python's standard-library ``lzma``, raw LZMA2 filter — no header, no new dependency, an adaptive binary
-range coder that gets close to the order-0 entropy of i.i.d. symbols on layers of more than a few hundred
-symbols); kept per layer only where it is smaller than the bit-packed form.  Every layer reports the
+**Entropy coding** of the codes and the relative-index gaps, kept per stream only where smaller than the
+bit-packed form: ``entropy="huffman"`` — canonical Huffman (Deep Compression's coder; the code lengths, one
+byte per symbol, are the only table; within one bit per symbol of the Shannon bound, and good on the short
+streams of a pruned layer), or ``entropy="lzma"`` — Python's standard-library LZMA (raw LZMA2, an adaptive
+range coder: no table, but a fixed overhead that loses on streams of a few hundred symbols).  No new
+dependency either way.  Every layer reports the
 **Shannon bound** of its code histogram (``n · H(codes)``) beside what is stored.
 
 Figures (:func:`artefact_report`): **weight data** compression = dense float32 bytes of the quantized weights
@@ -34,10 +36,12 @@ bytes of the whole ``state_dict`` / every byte of the file (header and other ten
 """
 from __future__ import annotations
 
+import heapq
 import json
 import lzma
 import math
 import struct
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,7 +55,7 @@ from prunekit.core.errors import CheckpointError
 from prunekit.core.quant import QCodes, parse_quantizer
 
 __all__ = ["encode_artefact", "decode_artefact", "save_artefact", "load_artefact", "artefact_report",
-           "positions_encodings", "MAGIC"]
+           "positions_encodings", "huffman_encode", "huffman_decode", "MAGIC"]
 
 MAGIC = b"PKQ1"
 _LZMA = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
@@ -136,16 +140,93 @@ def _entropy_bits(sym: np.ndarray) -> float:
     return float(-(cnt * np.log2(p)).sum())
 
 
+def _huffman_lengths(counts: np.ndarray) -> np.ndarray:
+    """Code length per symbol of a Huffman code for ``counts`` (0 for unused symbols; 1 for a lone symbol)."""
+    used = [i for i in range(len(counts)) if counts[i] > 0]
+    lengths = np.zeros(len(counts), dtype=np.int64)
+    if len(used) == 1:
+        lengths[used[0]] = 1
+        return lengths
+    heap = [(int(counts[i]), i, [i]) for i in used]
+    heapq.heapify(heap)
+    tie = len(counts)
+    while len(heap) > 1:
+        c1, _, a = heapq.heappop(heap)
+        c2, _, b = heapq.heappop(heap)
+        lengths[a + b] += 1
+        heapq.heappush(heap, (c1 + c2, tie, a + b))
+        tie += 1
+    return lengths
+
+
+def _canonical(lengths: np.ndarray) -> np.ndarray:
+    codes = np.zeros(len(lengths), dtype=np.int64)
+    code, prev = 0, 0
+    for sym in sorted((i for i in range(len(lengths)) if lengths[i] > 0), key=lambda i: (lengths[i], i)):
+        code <<= int(lengths[sym]) - prev
+        codes[sym], prev = code, int(lengths[sym])
+        code += 1
+    return codes
+
+
+def huffman_encode(sym: np.ndarray) -> bytes | None:
+    """Canonical Huffman coding (Deep Compression's entropy coder) of non-negative integer symbols < 65536:
+    ``u16 S | S code lengths (u8) | the bit stream, MSB first``; None when a code would exceed 16 bits."""
+    if sym.size == 0 or int(sym.max()) >= 1 << 16:
+        return None
+    lengths = _huffman_lengths(np.bincount(sym, minlength=int(sym.max()) + 1))
+    if int(lengths.max()) > 16:
+        return None
+    codes, ln = _canonical(lengths)[sym], lengths[sym]
+    shifts = ln[:, None] - 1 - np.arange(16)[None, :]
+    bits = (codes[:, None] >> np.clip(shifts, 0, None)) & 1
+    stream = bits[shifts >= 0]
+    return struct.pack("<H", len(lengths)) + lengths.astype(np.uint8).tobytes() + np.packbits(stream).tobytes()
+
+
+def huffman_decode(blob: bytes, n: int) -> np.ndarray:
+    """Inverse of :func:`huffman_encode` (``n`` symbols), through a 2^L-entry lookup table."""
+    (S,) = struct.unpack("<H", blob[:2])
+    lengths = np.frombuffer(blob[2:2 + S], dtype=np.uint8).astype(np.int64)
+    codes, L = _canonical(lengths), int(lengths.max())
+    sym_of = np.zeros(1 << L, dtype=np.int64)
+    len_of = np.zeros(1 << L, dtype=np.int64)
+    for s_, (c, ln) in enumerate(zip(codes.tolist(), lengths.tolist())):
+        if ln:
+            lo = c << (L - ln)
+            sym_of[lo:lo + (1 << (L - ln))], len_of[lo:lo + (1 << (L - ln))] = s_, ln
+    bits = np.unpackbits(np.frombuffer(blob[2 + S:], dtype=np.uint8))
+    bits = np.concatenate([bits, np.zeros(L, dtype=np.uint8)]).astype(np.int64)
+    # the L-bit window at every bit offset, then walk the offsets symbol by symbol
+    win = np.zeros(len(bits) - L + 1, dtype=np.int64)
+    for k in range(L):
+        win = (win << 1) | bits[k:len(bits) - L + 1 + k]
+    out = np.zeros(n, dtype=np.int64)
+    pos = 0
+    syms, lens = sym_of[win].tolist(), len_of[win].tolist()
+    for i in range(n):
+        out[i] = syms[pos]
+        pos += lens[pos]
+    return out
+
+
 def _codes_blob(sym: np.ndarray, bits: int, entropy: str | None) -> tuple[bytes, str]:
-    packed = pack(sym, bits).tobytes()
+    """The smallest of the bit-packed stream and, with ``entropy``, its Huffman or LZMA coding."""
+    best = (pack(sym, bits).tobytes(), "packed")
+    if entropy == "huffman":
+        h = huffman_encode(sym)
+        if h is not None and len(h) < len(best[0]):
+            best = (h, "huffman")
     if entropy == "lzma" and bits <= 8 and sym.size:
         z = lzma.compress(sym.astype(np.uint8).tobytes(), format=lzma.FORMAT_RAW, filters=_LZMA)
-        if len(z) < len(packed):
-            return z, "lzma"
-    return packed, "packed"
+        if len(z) < len(best[0]):
+            best = (z, "lzma")
+    return best
 
 
 def _codes_unblob(blob: bytes, how: str, bits: int, n: int) -> np.ndarray:
+    if how == "huffman":
+        return huffman_decode(blob, n)
     if how == "lzma":
         return np.frombuffer(lzma.decompress(blob, format=lzma.FORMAT_RAW, filters=_LZMA), dtype=np.uint8).astype(np.int64)
     return unpack(np.frombuffer(blob, dtype=np.uint8), bits, n).astype(np.int64)
@@ -157,12 +238,11 @@ def _encode_layer(qc: QCodes, entropy: str | None) -> tuple[dict[str, Any], dict
     encs = positions_encodings(mask)
     kind = min(encs, key=lambda k: (len(encs[k][0]), ["bitmap", "csr", "relative"].index(k)))
     pos_blob, pos_p = encs[kind]
-    if entropy == "lzma" and kind == "relative":
+    if entropy is not None and kind == "relative":
         e = _gaps(mask.reshape(-1).numpy().astype(bool), pos_p["gap_bits"])
-        if pos_p["gap_bits"] <= 8:
-            z = lzma.compress(e.astype(np.uint8).tobytes(), format=lzma.FORMAT_RAW, filters=_LZMA)
-            if len(z) < len(pos_blob):
-                pos_blob, pos_p = z, {**pos_p, "lzma": True}
+        z, how_pos = _codes_blob(e, pos_p["gap_bits"], entropy)
+        if how_pos != "packed":
+            pos_blob, pos_p = z, {**pos_p, "coder": how_pos}
     codes_blob, how = _codes_blob(sym, qc.bits, entropy)
     params = {k: v.detach().cpu().float().contiguous() for k, v in qc.params.items()}
     scale_blob = b"".join(t.numpy().tobytes() for t in params.values())
@@ -176,8 +256,8 @@ def encode_artefact(state: Mapping[str, Tensor], qcodes: Mapping[str, QCodes],
                     entropy: str | None = None) -> bytes:
     """The ``.pkq`` bytes of a state dict whose entries in ``qcodes`` are quantized (each must equal
     ``decode`` of its codes — :func:`prunekit.algorithms.quantize.check_quantized` gives such codes)."""
-    if entropy not in (None, "lzma"):
-        raise CheckpointError(f"entropy coding {entropy!r}: expected None or 'lzma'")
+    if entropy not in (None, "huffman", "lzma"):
+        raise CheckpointError(f"entropy coding {entropy!r}: expected None, 'huffman' or 'lzma'")
     tensors, blobs, offset = [], [], 0
     for name, t in state.items():
         t = t.detach().cpu().contiguous()
@@ -194,8 +274,8 @@ def encode_artefact(state: Mapping[str, Tensor], qcodes: Mapping[str, QCodes],
             blobs.append(b)
             offset += len(b)
         tensors.append(entry)
-    header = json.dumps({"format": "prunekit-quantized", "version": 1, "entropy": entropy, "tensors": tensors},
-                        separators=(",", ":")).encode()
+    header = zlib.compress(json.dumps({"format": "prunekit-quantized", "version": 1, "entropy": entropy,
+                                       "tensors": tensors}, separators=(",", ":")).encode(), 9)
     return MAGIC + struct.pack("<I", len(header)) + header + b"".join(blobs)
 
 
@@ -204,8 +284,9 @@ def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
         raise CheckpointError("not a prunekit quantized artefact (bad magic)")
     (n,) = struct.unpack("<I", data[4:8])
     try:
-        return json.loads(data[8:8 + n]), 8 + n
-    except ValueError as e:
+        raw = data[8:8 + n]
+        return json.loads(raw if raw[:1] == b"{" else zlib.decompress(raw)), 8 + n   # plain JSON is read too
+    except (ValueError, zlib.error) as e:
         raise CheckpointError(f"corrupt artefact header: {e}") from None
 
 
@@ -215,8 +296,8 @@ def _decode_entry(e: Mapping[str, Any], blob: Mapping[str, bytes]) -> Tensor:
         raw = torch.frombuffer(bytearray(blob["other"]), dtype=torch.uint8) if blob["other"] else torch.zeros(0, dtype=torch.uint8)
         return raw.view(dtype).reshape(shape).clone()
     pp = e["positions_params"]
-    if pp.get("lzma"):
-        ent = np.frombuffer(lzma.decompress(blob["positions"], format=lzma.FORMAT_RAW, filters=_LZMA), dtype=np.uint8)
+    if pp.get("coder"):
+        ent = _codes_unblob(blob["positions"], pp["coder"], pp["gap_bits"], pp["entries"])
         flat = _ungaps(ent.astype(np.int64), pp["gap_bits"], math.prod(shape))
     else:
         flat = _decode_positions(e["positions"], blob["positions"], pp, shape)

@@ -144,7 +144,7 @@ class QuantConfig:
     weights reach the grid after hard-pruning: ``qat`` (retraining with a straight-through estimator),
     ``share`` (Deep Compression weight sharing, ``cluster:K``), ``rtn`` (round-to-nearest, no training) —
     ``schedule``: the schemes of the earlier stages of an ADMM search (e.g. ``[int:8, int:4]``), ``reduce``:
-    ``mean`` | ``sum`` of the members' updates (``share``), ``entropy``: ``lzma`` to entropy-code the artefact."""
+    ``mean`` | ``sum`` of the members' updates (``share``), ``entropy``: ``huffman`` or ``lzma`` to entropy-code the artefact."""
 
     scheme: str | None = None
     overrides: dict = field(default_factory=dict)
@@ -152,12 +152,12 @@ class QuantConfig:
     method: str = "qat"
     schedule: list = field(default_factory=list)
     reduce: str = "mean"
-    entropy: str | None = None       # None | lzma: entropy-code codes and gaps in the artefact (model.pkq)
+    entropy: str | None = None       # None | huffman | lzma: entropy-code codes and gaps in the artefact (model.pkq)
 
     def __post_init__(self):
         _choice("quant.method", self.method, ("qat", "share", "rtn"))
         if self.entropy is not None:
-            _choice("quant.entropy", self.entropy, ("lzma",))
+            _choice("quant.entropy", self.entropy, ("huffman", "lzma"))
         _choice("quant.reduce", self.reduce, ("mean", "sum"))
         if self.scheme is not None:
             self.spec(None)
