@@ -107,3 +107,21 @@ def test_canonical_strings_parse_back():
         q = parse_quantizer(s)
         assert parse_quantizer(str(q)) == q
     assert str(parse_quantizer("INT:4")) == "int:4:sym:channel"
+
+
+def test_forms_sign_polarization_hand_built():
+    w = _t([1.0, -2.0], [-0.5, 3.0], [0.2, -0.1], [0.4, 0.3], [-1.0, 0.0])
+    cs = ConstraintSet(parse_quantizer("fp16"), polarize=2)
+    v, m = cs.project(w, torch.ones(5, 2, dtype=torch.bool))
+    # column 0: fragment rows 0-1 (+1 vs -0.5: positive wins), rows 2-3 (both +), row 4 alone (-)
+    # column 1: rows 0-1 (-2 vs +3: positive wins), rows 2-3 (+0.3² > -0.1²), row 4 (0: pruned)
+    assert m.tolist() == [[True, False], [False, True], [True, False], [True, True], [True, False]]
+    assert v.tolist() == [[1.0, 0.0], [0.0, 3.0], [pytest.approx(0.2, abs=1e-3), 0.0],
+                          [pytest.approx(0.4, abs=1e-3), pytest.approx(0.3, abs=1e-3)], [-1.0, 0.0]]
+    v2, m2 = cs.project(v, m)
+    assert torch.equal(v2, v) and torch.equal(m2, m)                      # a fixed point
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(37, 20, generator=g)
+    v, m = ConstraintSet(parse_quantizer("int:4"), polarize=4).project(big)
+    frag = torch.cat([v, torch.zeros(3, 20)]).reshape(10, 4, 20)
+    assert not bool(((frag > 0).any(1) & (frag < 0).any(1)).any())        # one sign per fragment

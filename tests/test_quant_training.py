@@ -229,3 +229,16 @@ def test_sparsegpt_joint_gptq_rounding_beats_prune_then_round():
     Wr = ConstraintSet(q).project(Ws, keep_s)[0]                            # prune, then round to nearest
     err = lambda A: float(((W - A) @ X).pow(2).sum())                        # noqa: E731
     assert err(Wj) < err(Wr)
+
+
+def test_polarized_qat_exact_and_one_sign_per_fragment():
+    model = _mlp()
+    opt = _opt("adamw", model)
+    pruner = prunekit.Pruner(model, {"structure": "unstructured", "sparsity": 0.3}, opt,
+                             quant={"scheme": "int:4", "polarize": 4})
+    pruner.finalize()
+    _train(pruner, model, opt)
+    _assert_exact(model, pruner, pruner.quantized())
+    w = model[0].weight.detach()                                        # (24, 12): 6 fragments of 4 rows
+    frag = w.reshape(6, 4, 12)
+    assert not bool(((frag > 0).any(1) & (frag < 0).any(1)).any())

@@ -45,7 +45,7 @@ def as_quant_spec(spec: QuantSpec | str | Mapping[str, Any], targets: Any = None
         return QuantSpec(spec, targets=targets)
     d = dict(spec)
     return QuantSpec(d.pop("scheme"), dict(d.pop("overrides", {}) or {}), d.pop("targets", targets),
-                     list(d.pop("schedule", []) or []))
+                     list(d.pop("schedule", []) or []), int(d.pop("polarize", 0)))
 
 
 def _mask_of(masks: MaskSet | None, name: str, w: Tensor) -> Tensor:

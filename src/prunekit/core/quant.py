@@ -523,15 +523,37 @@ class ConstraintSet:
 
     :meth:`project` returns ``(values, mask')``: pruned weights ``+0.0``, kept weights on the grid, and
     ``mask' = mask & (values != 0)`` — a kept weight that the grid sends to 0 is counted as pruned (the
-    mask only shrinks).  Codes are re-fitted on ``mask'`` so the result is a fixed point:
-    ``project(values, mask') == (values, mask')`` bit for bit."""
+    mask only shrinks).  The result is a fixed point: ``project(values, mask') == (values, mask')`` bit for bit.
+
+    ``polarize = K`` (> 1) adds FORMS' sign polarization (Yuan et al., ISCA 2021): every fragment of K
+    consecutive weights of a column of the matrix view (K consecutive output rows) keeps one sign — the one
+    with more energy among its kept weights (the Euclidean projection); the weights of the other sign leave
+    the mask (counted as pruned) before quantization."""
 
     quantizer: Quantizer
+    polarize: int = 0
+
+    def polarized(self, w: Tensor, mask: Tensor) -> Tensor:
+        """``mask`` without the weights whose sign disagrees with their fragment's (see the class docstring)."""
+        k = self.polarize
+        x, m = _rows(w.detach()).float(), _rows(mask)
+        R, C = x.shape
+        pad = (-R) % k
+        xp = torch.cat([x, torch.zeros(pad, C)]) if pad else x
+        mp = torch.cat([m, torch.zeros(pad, C, dtype=torch.bool)]) if pad else m
+        e = torch.where(mp, xp, torch.zeros(())).pow(2).reshape(-1, k, C)
+        frag_pos = (torch.where(xp.reshape(-1, k, C) > 0, e, torch.zeros(())).sum(1, keepdim=True)
+                    >= torch.where(xp.reshape(-1, k, C) < 0, e, torch.zeros(())).sum(1, keepdim=True))
+        agree = torch.where(frag_pos, xp.reshape(-1, k, C) > 0, xp.reshape(-1, k, C) < 0).reshape(-1, C)[:R]
+        return mask & agree.reshape(mask.shape)
 
     def encode(self, w: Tensor, mask: Tensor | None = None) -> QCodes:
         """Codes of the projection, with the updated mask (``QCodes.mask``: kept weights sent to 0 leave it)."""
         q = self.quantizer
-        qc = q.encode(w, q._mask(w, mask))
+        m = q._mask(w, mask)
+        if self.polarize > 1:
+            m = self.polarized(w, m)
+        qc = q.encode(w, m)
         v = q.decode(qc)
         qc.mask = qc.mask & (v != 0)
         qc.codes = torch.where(qc.mask, qc.codes, torch.zeros((), dtype=torch.int64))
@@ -572,9 +594,12 @@ class QuantSpec:
     overrides: dict[str, str] = field(default_factory=dict)
     targets: TargetSpec | None = None
     schedule: list[str] = field(default_factory=list)
+    polarize: int = 0            # FORMS sign polarization: fragments of this many weights of a column share a sign
 
     def __post_init__(self) -> None:
         self.scheme = parse_quantizer(self.scheme)
+        if isinstance(self.polarize, bool) or not isinstance(self.polarize, int) or self.polarize < 0:
+            raise RecipeError(f"quant.polarize: expected an integer >= 0 (fragment size; 0 = off), got {self.polarize!r}")
         if not isinstance(self.overrides, dict):
             raise RecipeError(f"quant.overrides: expected a mapping of name pattern → quantizer, got {self.overrides!r}")
         for pat, q in self.overrides.items():
@@ -611,7 +636,7 @@ class QuantSpec:
                     q = parse_quantizer(ov)
                     used.add(pat)
                     break
-            out[n] = ConstraintSet(q)
+            out[n] = ConstraintSet(q, self.polarize)
         unused = set(self.overrides) - used
         if unused:
             raise RecipeError(f"quant.overrides patterns {sorted(unused)} match no quantized parameter; "

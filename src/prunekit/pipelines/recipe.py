@@ -154,6 +154,7 @@ class QuantConfig:
     schedule: list = field(default_factory=list)
     reduce: str = "mean"
     entropy: str | None = None       # None | huffman | lzma: entropy-code codes and gaps in the artefact (model.pkq)
+    polarize: int = 0                # FORMS sign polarization: K consecutive weights of a column share one sign
 
     def __post_init__(self):
         _choice("quant.method", self.method, ("qat", "share", "rtn"))
@@ -162,7 +163,7 @@ class QuantConfig:
         _choice("quant.reduce", self.reduce, ("mean", "sum"))
         if self.scheme is not None:
             self.spec(None)
-        elif self.overrides or self.schedule:
+        elif self.overrides or self.schedule or self.polarize:
             raise RecipeError("quant.overrides/schedule need quant.scheme")
 
     def spec(self, default_targets) -> QuantSpec:
@@ -170,7 +171,8 @@ class QuantConfig:
         t = self.targets
         targets = TargetSpec(list(t.include), list(t.exclude), list(t.types)) if t is not None else default_targets
         try:
-            return QuantSpec(str(self.scheme), dict(self.overrides), targets, [str(x) for x in self.schedule])
+            return QuantSpec(str(self.scheme), dict(self.overrides), targets, [str(x) for x in self.schedule],
+                             self.polarize)
         except RecipeError as e:
             msg = str(e)
             raise RecipeError(msg if msg.startswith("quant.") else f"quant.scheme: {msg}") from None
