@@ -30,7 +30,7 @@ Rows (each a prunekit recipe run through ``run_pipeline``; the resolved recipe i
 * ``nncf`` — peer: ``nncf.quantize`` (post-training INT8) of the 300× model, if nncf imports.
 
 Figures per row: accuracy and drop vs the dense model; sparsity; ``weight_data_compression`` (dense fp32
-weight bytes / codes + scales + positions), ``weight_values_compression`` (no positions: ADMM-NN's count),
+weight bytes / codes + scales + positions), ``weight_values_compression`` (codes + scales, no positions),
 ``whole_artefact_compression`` (every byte of ``model.pkq``), the byte breakdown and bits per weight per layer.
 """
 from __future__ import annotations
@@ -252,6 +252,20 @@ def refresh_rows(res: dict) -> None:
                 row[f"entropy_{key}"] = fig
 
 
+def table(res: dict) -> str:
+    """The rows as a markdown table (accuracy, drop, pruning rate, the three compression figures, seconds)."""
+    lines = ["| row | accuracy | drop vs dense | pruning rate | weight data × | weight values × | whole artefact × | "
+             "Huffman: weight data × / artefact × | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in res["rows"].items():
+        h = r.get("entropy_huffman") or {}
+        lines.append(f"| {name} | {r.get('accuracy', '—')} | {r.get('accuracy_drop', '—')} | "
+                     f"{r.get('targeted_compression_rate', '—')} | {r.get('weight_data_compression', '—')} | "
+                     f"{r.get('weight_values_compression', '—')} | {r.get('whole_artefact_compression', '—')} | "
+                     f"{h.get('weight_data_compression', '—')} / {h.get('whole_artefact_compression', '—')} | "
+                     f"{r.get('seconds', '—')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", nargs="+", required=True)
@@ -269,6 +283,7 @@ def main(argv=None) -> dict:
     if a.rows == ["refresh"]:
         refresh_rows(res)
         atomic_write_json(out_path, res)
+        print(table(res))
         return res
     for name in a.rows:
         cmd = "python benchmarks/quantization.py --rows " + shlex.quote(name)

@@ -30,8 +30,8 @@ dependency either way.  Every layer reports the
 
 Figures (:func:`artefact_report`): **weight data** compression = dense float32 bytes of the quantized weights
 / (codes + scales + positions) — Deep Compression's count (its 39× for LeNet-5 includes the indices);
-**weight values** = the same over codes + scales only (no positions: ADMM-NN's "weight data" figures are
-pruning rate × 32 / bits, which leaves the indices out); **whole artefact** = float32
+**weight values** = the same over codes + scales only (no positions; papers differ in whether they count the
+indices, so both are reported); **whole artefact** = float32
 bytes of the whole ``state_dict`` / every byte of the file (header and other tensors included).
 """
 from __future__ import annotations
