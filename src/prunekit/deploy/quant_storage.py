@@ -169,18 +169,24 @@ def _canonical(lengths: np.ndarray) -> np.ndarray:
     return codes
 
 
+HUFFMAN_MAX_SYMBOLS = 1 << 20     # longer streams stay bit-packed (the decoder walks symbols in Python)
+
+
 def huffman_encode(sym: np.ndarray) -> bytes | None:
     """Canonical Huffman coding (Deep Compression's entropy coder) of non-negative integer symbols < 65536:
-    ``u16 S | S code lengths (u8) | the bit stream, MSB first``; None when a code would exceed 16 bits."""
-    if sym.size == 0 or int(sym.max()) >= 1 << 16:
+    ``u16 S | S code lengths (u8) | the bit stream, MSB first``; None when a code would exceed 16 bits or the
+    stream is longer than :data:`HUFFMAN_MAX_SYMBOLS`."""
+    if sym.size == 0 or sym.size > HUFFMAN_MAX_SYMBOLS or int(sym.max()) >= 1 << 16:
         return None
     lengths = _huffman_lengths(np.bincount(sym, minlength=int(sym.max()) + 1))
     if int(lengths.max()) > 16:
         return None
     codes, ln = _canonical(lengths)[sym], lengths[sym]
-    shifts = ln[:, None] - 1 - np.arange(16)[None, :]
-    bits = (codes[:, None] >> np.clip(shifts, 0, None)) & 1
-    stream = bits[shifts >= 0]
+    start = np.cumsum(ln) - ln
+    stream = np.zeros(int(ln.sum()), dtype=np.uint8)
+    for j in range(int(ln.max())):
+        sel = ln > j
+        stream[start[sel] + j] = (codes[sel] >> (ln[sel] - 1 - j)) & 1
     return struct.pack("<H", len(lengths)) + lengths.astype(np.uint8).tobytes() + np.packbits(stream).tobytes()
 
 
