@@ -37,7 +37,7 @@ def test_masks_hit_the_target_and_keep_outputs_finite(family, structure, expecte
 
 def test_tied_lm_head_never_raises_and_is_pruned_once():
     model = tiny("gpt2")
-    masks = prune(model, "unstructured", 0.5)                 # default targets: every Linear/Conv2d
+    masks = prune(model, "unstructured", 0.5, targets={"include": ["transformer.h.*", "lm_head"]})  # asked by name
     assert "lm_head.weight" not in masks.names()             # the tied weight is known by its first name
     assert "transformer.wte.weight" in masks.names()
     assert model.lm_head.weight is model.transformer.wte.weight
@@ -77,7 +77,7 @@ def test_conv1d_structures_run_along_the_input_as_for_linear(structure):
 
 
 HEADS = {"albert", "bert", "distilbert", "electra", "gpt2", "roberta", "vit"}   # "heads"; Llama/Qwen2: KV groups
-RELOADS = {"llama", "qwen2", "deberta-v2"}    # config can express the result (no head-size derivation note)
+RELOADS = {"llama", "qwen2", "deberta-v2", "vit"}    # config can express the result (ViT, too, reads config.head_dim)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

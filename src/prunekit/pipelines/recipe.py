@@ -48,7 +48,7 @@ class ModelConfig:
 class DataConfig:
     name: str = "mnist"
     root: str | None = None          # data folder; else $PRUNEKIT_DATA; else ../shared/data
-    limit: int | None = None         # cap examples per split
+    limit: int | None = None         # cap examples per split (seeded, class-stratified sample)
     eval_limit: int | None = None    # cap dev/test examples (default: limit)
     batch_size: int = 64
     eval_batch_size: int = 256
