@@ -22,6 +22,8 @@ Rows (each a prunekit recipe run through ``run_pipeline``; the resolved recipe i
   bits 8 → 4 → 3 while the pruning targets rise, then QAT retraining (``recipes/lenet5_admm_quant.yaml``);
 * ``sparsegpt_int4`` — post-training only: SparseGPT 50 % with GPTQ-style joint rounding to 4 bits per channel
   (128 calibration images), no retraining;
+* ``joint_ternary`` — the ``admm_joint`` model (cached in ``lenet5_admm_joint`` after that row) retrained onto
+  ternary grids (−α, 0, +α; its zeros are counted as pruned), 1 epoch;
 * ``binary`` — every layer ±α (no pruning), QAT from the dense model (``recipes/lenet5_binary.yaml``);
 * ``resnet18`` — ResNet-18 on the CIFAR-10 sample, 50 % + int:4 per channel: the code path for convolutions,
   residuals and BatchNorm (not an accuracy claim);
@@ -96,6 +98,8 @@ def recipes() -> dict[str, dict]:
                                    algorithm("admm_progressive", layer_budget(150)["fc1"], steps, 3.0),
                                    {"scheme": t3, "schedule": ["int:8:sym:tensor", "int:4:sym:tensor"]}, 2, 3.0),
         "binary": lenet_recipe("lenet5-binary", 1, DENSE, {"name": "oneshot"}, {"scheme": "binary"}, 2, lr=5e-4),
+        "joint_ternary": lenet_recipe("lenet5-admm-joint-ternary", 150, CACHE / "lenet5_admm_joint",
+                                      {"name": "oneshot"}, {"scheme": "ternary", "method": "qat"}, 1, lr=5e-4),
         "sparsegpt_int4": lenet_recipe("lenet5-sparsegpt-50-int4", 1, DENSE,
                                        {"name": "sparsegpt", "params": {"blocksize": 128, "percdamp": 0.01}},
                                        {"scheme": "int:4", "method": "rtn"}, 0)

@@ -65,6 +65,15 @@ def test_artefact_reloads_bit_for_bit_and_counts_every_byte(spec, entropy):
                                                                    + r["bytes"]["positions"]), 2)
 
 
+def test_dense_layer_stores_no_positions():
+    w = torch.tensor([[1.0, -1.0, 1.0, 1.0]])
+    cs = ConstraintSet(parse_quantizer("binary"))
+    data = encode_artefact({"w": w}, {"w": cs.check(w, torch.ones(1, 4, dtype=torch.bool))})
+    r = artefact_report(data)
+    assert r["layers"][0]["positions"] == "all" and r["bytes"]["positions"] == 0 and r["bytes"]["codes"] == 1
+    assert torch.equal(decode_artefact(data)["w"], w)
+
+
 def test_huffman_hand_built_and_round_trip():
     assert huffman_encode(np.array([0, 0, 0, 1])) == bytes([2, 0, 1, 1, 0b00010000])   # lengths 1,1; bits 0001
     rng = np.random.default_rng(0)

@@ -10,7 +10,8 @@ offset and length.  A **quantized weight** is stored as
 * **codes** — the kept weights' codes in row-major order, ``K`` bits each (:func:`prunekit.core.bits.pack`,
   LSB first), or their entropy-coded form when smaller (see below);
 * **scales** — the quantizer's parameters (scale and zero point per channel, α, a codebook) as float32;
-* **positions** — where the kept weights are, in the cheapest of three encodings for this layer:
+* **positions** — where the kept weights are (nothing when every weight is kept: ``all``), else in the cheapest
+  of three encodings for this layer:
   ``bitmap`` (one bit per weight), ``csr`` (row pointers at the smallest unsigned width + column indices at
   ⌈log2 cols⌉ bits) or ``relative`` (Deep Compression's relative indices: the gap to the next kept weight in
   ``g`` bits, ``g`` chosen per layer; a gap that does not fit is split by *filler* entries — the all-ones gap
@@ -95,6 +96,8 @@ def positions_encodings(mask: Tensor) -> dict[str, tuple[bytes, dict[str, Any]]]
         mask.reshape(1, -1).cpu().numpy().astype(bool)
     rows, cols = m.shape
     flat = m.reshape(-1)
+    if flat.all():                      # nothing pruned: no positions at all
+        return {"all": (b"", {})}
     out: dict[str, tuple[bytes, dict[str, Any]]] = {"bitmap": (pack(flat, 1).tobytes(), {})}
     ptr = np.concatenate([[0], np.cumsum(m.sum(axis=1))]).astype(np.int64)
     pdt = _uint(int(ptr[-1]))
@@ -118,6 +121,8 @@ def _decode_positions(kind: str, blob: bytes, p: Mapping[str, Any], shape: tuple
     n = math.prod(shape)
     cols = n // max(rows, 1)
     a = np.frombuffer(blob, dtype=np.uint8)
+    if kind == "all":
+        return np.ones(n, dtype=bool)
     if kind == "bitmap":
         return unpack(a, 1, n, bitorder="little").astype(bool)
     if kind == "csr":
@@ -242,7 +247,7 @@ def _encode_layer(qc: QCodes, entropy: str | None) -> tuple[dict[str, Any], dict
     mask = qc.mask.cpu()
     sym = qc.codes.cpu()[mask].numpy().astype(np.int64)
     encs = positions_encodings(mask)
-    kind = min(encs, key=lambda k: (len(encs[k][0]), ["bitmap", "csr", "relative"].index(k)))
+    kind = min(encs, key=lambda k: (len(encs[k][0]), ["all", "bitmap", "csr", "relative"].index(k)))
     pos_blob, pos_p = encs[kind]
     if entropy is not None and kind == "relative":
         e = _gaps(mask.reshape(-1).numpy().astype(bool), pos_p["gap_bits"])
