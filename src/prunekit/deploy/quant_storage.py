@@ -249,11 +249,13 @@ def _encode_layer(qc: QCodes, entropy: str | None) -> tuple[dict[str, Any], dict
     encs = positions_encodings(mask)
     kind = min(encs, key=lambda k: (len(encs[k][0]), ["all", "bitmap", "csr", "relative"].index(k)))
     pos_blob, pos_p = encs[kind]
-    if entropy is not None and kind == "relative":
-        e = _gaps(mask.reshape(-1).numpy().astype(bool), pos_p["gap_bits"])
-        z, how_pos = _codes_blob(e, pos_p["gap_bits"], entropy)
-        if how_pos != "packed":
-            pos_blob, pos_p = z, {**pos_p, "coder": how_pos}
+    if entropy is not None and "relative" in encs:     # entropy-coded relative indices: the best gap width for the coder
+        flat = mask.reshape(-1).numpy().astype(bool)
+        for g in range(1, 17):
+            e = _gaps(flat, g)
+            z, how_pos = _codes_blob(e, g, entropy)
+            if how_pos != "packed" and len(z) < len(pos_blob):
+                kind, pos_blob, pos_p = "relative", z, {"gap_bits": g, "entries": int(e.size), "coder": how_pos}
     codes_blob, how = _codes_blob(sym, qc.bits, entropy)
     params = {k: v.detach().cpu().float().contiguous() for k, v in qc.params.items()}
     scale_blob = b"".join(t.numpy().tobytes() for t in params.values())
