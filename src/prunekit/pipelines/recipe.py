@@ -24,7 +24,7 @@ from prunekit.core.errors import RecipeError, UnknownNameError
 from prunekit.core.plan import validate_overrides
 from prunekit.core.quant import QuantSpec
 from prunekit.core.structures import parse_structure
-from prunekit.core.targets import TargetSpec
+from prunekit.core.targets import DEFAULT_TYPES, TargetSpec
 from prunekit.data.registry import canonical_dataset_name
 from prunekit.data.user import is_user_data, validate_user_data
 from prunekit.models.registry import list_models
@@ -91,7 +91,7 @@ class DataConfig:
 class TargetsConfig:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
-    types: list[str] = field(default_factory=lambda: ["Linear", "Conv2d", "HFConv1D"])
+    types: list[str] = field(default_factory=lambda: list(DEFAULT_TYPES))
 
     @property
     def is_default(self) -> bool:
