@@ -18,6 +18,7 @@ from prunekit.core.masks import MaskSet
 from prunekit.core.plan import PruneSpec
 from prunekit.core.plan import prune as _prune
 from prunekit.core.structures import Structure, parse_structure
+from prunekit.deploy.export import export
 from prunekit.deploy.surgery import compact
 from prunekit.graph import coupled_groups
 from prunekit.graph.families import default_targets
@@ -26,7 +27,7 @@ from prunekit.pipelines.runner import prune_spec_from
 from prunekit.training.pruner import Pruner as _Pruner
 from prunekit.training.pruner import as_prune_spec
 
-__all__ = ["Pruner", "prune", "compact", "groups_of"]
+__all__ = ["Pruner", "prune", "compact", "groups_of", "export"]
 
 
 def groups_of(model: nn.Module, example_inputs: Any, kinds: tuple[str, ...] | None = None):
