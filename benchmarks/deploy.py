@@ -25,6 +25,10 @@ Runtime dense fp32 session of the same loop.  Token inputs are ``--seq`` (defaul
   every coupled group removed (L2); ORT dense fp32, ORT dense int8 static, ORT compacted fp32 and int8
   static (calibration: random batches), PyTorch compacted.
 
+Second engine: where OpenVINO's runtime is installed (``pip install "prunekit[openvino]"``; it pulls no torch),
+the fp32 and QDQ static-int8 files are also compiled by OpenVINO (CPU, fp32 precision hint) and timed in the
+same loop (``openvino_*`` keys); ``--no-openvino`` leaves it out.
+
 The JSON is rewritten after every part; ``load_average`` is recorded before and after each timing loop.
 """
 from __future__ import annotations
@@ -39,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import onnxruntime
 import torch
 
 import prunekit
@@ -70,8 +75,27 @@ def artefacts(dense: torch.nn.Module, comp: torch.nn.Module, x: Any, calib: list
     return {k: {"file": str(p), "bytes": Path(p).stat().st_size} for k, p in files.items()}
 
 
-def time_grid(files: dict[str, dict], torch_models, make_input, batches, threads, repeats: int) -> list[dict]:
-    """One interleaved loop per (batch, threads) over every ORT session and PyTorch model."""
+def openvino_core() -> Any:
+    """OpenVINO's runtime if it is installed (``pip install openvino``: no torch), else None."""
+    try:
+        import openvino  # noqa: PLC0415
+    except ImportError:
+        return None
+    return openvino.Core()
+
+
+def ov_fn(core: Any, file: str, feed: dict, threads: int):
+    """The same ONNX file compiled by OpenVINO (CPU, ``threads`` inference threads, fp32 precision: no
+    bf16 down-cast, so fp32 files compute what ONNX Runtime computes; QDQ files run OpenVINO's int8)."""
+    c = core.compile_model(file, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+    return lambda: c(feed)
+
+
+def time_grid(files: dict[str, dict], torch_models, make_input, batches, threads, repeats: int,
+              ov: Any = None) -> list[dict]:
+    """One interleaved loop per (batch, threads) over every ORT session and PyTorch model (and, with
+    OpenVINO, its compilation of the fp32 and QDQ static int8 files: dynamic-int8 graphs use ONNX
+    Runtime's own integer ops, which OpenVINO runs slower than fp32, so they are left out)."""
     rows = []
     for b in batches:
         x = make_input(b)
@@ -81,6 +105,8 @@ def time_grid(files: dict[str, dict], torch_models, make_input, batches, threads
                 m = OrtModel(f["file"], threads=t)
                 feed = m.feed(**x) if isinstance(x, dict) else m.feed(x)
                 fns[k] = (lambda s, fd: lambda: s.run(None, fd))(m.session, feed)
+                if ov is not None and not k.endswith("dynamic"):
+                    fns["openvino" + k.removeprefix("ort")] = ov_fn(ov, f["file"], feed, t)
             for k, tm in torch_models(b, t).items():
                 fns[k] = (lambda mm: lambda: mm(**x) if isinstance(x, dict) else mm(x))(tm)
             load0 = os.getloadavg()[0]
@@ -143,7 +169,7 @@ def part_minilm(a) -> dict:
     acc["pytorch_csr90"] = float(wl.task.evaluate(csr_base, wl.eval_loader)[wl.task.metric])
     print("  accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
     rows = time_grid(files, lambda b, t: {"pytorch_compacted": comp, "pytorch_csr90": csr(b, t)}, make,
-                     a.batches, a.threads, a.repeats)
+                     a.batches, a.threads, a.repeats, a.ov)
     return {"model": "minilm-l6 fine-tuned on SST-2", "run": str(a.run), "metric": wl.task.metric,
             "dev_examples": wl.info.get("eval_examples"), "accuracy": acc, "files": files,
             "params": {"dense": res.params_before, "compacted": res.params_after},
@@ -161,7 +187,7 @@ def part_bertbase(a) -> dict:
     masks = heads_neurons(pruned, x, 0.5, 0.75)
     res = prunekit.compact(pruned, masks, x)
     files = artefacts(dense, pruned, x, [make(8)], a.work / "bertbase", "dynamic")
-    rows = time_grid(files, lambda b, t: {"pytorch_compacted": pruned}, make, a.batches, a.threads, a.repeats)
+    rows = time_grid(files, lambda b, t: {"pytorch_compacted": pruned}, make, a.batches, a.threads, a.repeats, a.ov)
     return {"model": f"BERT-base shape ({a.bert_layers} layers), random weights: speed only", "files": files,
             "params": {"dense": res.params_before, "compacted": res.params_after}, "latency": rows}
 
@@ -177,7 +203,7 @@ def part_resnet(a) -> dict:
     masks = prunekit.prune(comp, "channels", 0.5, example_inputs=x)
     res = prunekit.compact(comp, masks, x)
     files = artefacts(dense, comp, x, [make(16) for _ in range(4)], a.work / "resnet", "static")
-    rows = time_grid(files, lambda b, t: {"pytorch_compacted": comp}, make, a.batches, a.threads, a.repeats)
+    rows = time_grid(files, lambda b, t: {"pytorch_compacted": comp}, make, a.batches, a.threads, a.repeats, a.ov)
     return {"model": "resnet18_cifar (32x32), random weights: speed only", "files": files,
             "params": {"dense": res.params_before, "compacted": res.params_after}, "latency": rows}
 
@@ -197,8 +223,10 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-batches", type=int, default=4, help="minilm static int8: training batches (of 32)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/prunekit_deploy_bench"))
     ap.add_argument("--quick", action="store_true", help="smoke: batch 1 and 4, 1 thread, 3 repeats, 2 BERT layers")
+    ap.add_argument("--no-openvino", action="store_true", help="ONNX Runtime only even if OpenVINO is installed")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
+    a.ov = None if a.no_openvino else openvino_core()
     ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())  # noqa: E731
     a.batches, a.threads = ints(a.batches), ints(a.threads)
     if a.quick:
@@ -209,7 +237,9 @@ def main(argv=None) -> int:
         ap.error(f"bad --parts {unknown}; choose from {list(PARTS)}")
     doc: dict[str, Any] = {"command": "python " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
                            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           "machine": {**machine_info(), "load_average_at_start": os.getloadavg()},
+                           "machine": {**machine_info(), "load_average_at_start": os.getloadavg(),
+                                       "onnxruntime": onnxruntime.__version__,
+                                       "openvino": a.ov.get_versions("CPU")["CPU"].build_number if a.ov else None},
                            "settings": {"batches": a.batches, "threads": a.threads, "seq": a.seq, "repeats": a.repeats},
                            "baseline": BASE, "parts": {}, "complete": False}
     for p in parts:
