@@ -5,6 +5,7 @@ Command (one run; MiniLM needs a finished run of ``recipes/glue_sst2_deploy.yaml
     prunekit run recipes/glue_sst2_deploy.yaml --out runs/sst2-deploy
     python benchmarks/deploy.py --run runs/sst2-deploy          # writes benchmarks/results/deploy.json
     python benchmarks/deploy.py --parts resnet --quick          # smoke run
+    python benchmarks/deploy.py --merge a.json b.json           # parts of several runs into --out
 
 Every part exports its artefacts with :func:`prunekit.export` (fp32 checked against PyTorch, relative 1e-4
 on every output) and ``prunekit.deploy.export.quantize_onnx`` (ONNX Runtime ``quantize_dynamic`` per channel,
@@ -208,6 +209,18 @@ def part_resnet(a) -> dict:
             "params": {"dense": res.params_before, "compacted": res.params_after}, "latency": rows}
 
 
+def merge(files: list[Path], out: Path) -> int:
+    docs = [json.loads(f.read_text()) for f in files]
+    doc = {"command": "python benchmarks/deploy.py --merge " + " ".join(map(str, files)),
+           "commands": [d["command"] for d in docs], "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "machine": docs[0]["machine"], "machines": [d["machine"] for d in docs], "baseline": BASE,
+           "settings": [d["settings"] for d in docs], "parts": {k: v for d in docs for k, v in d["parts"].items()},
+           "complete": all(d.get("complete") for d in docs)}
+    atomic_write_json(out, doc)
+    print(f"wrote {out}")
+    return 0
+
+
 PARTS = {"minilm": part_minilm, "bertbase": part_bertbase, "resnet": part_resnet}
 
 
@@ -224,8 +237,11 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/prunekit_deploy_bench"))
     ap.add_argument("--quick", action="store_true", help="smoke: batch 1 and 4, 1 thread, 3 repeats, 2 BERT layers")
     ap.add_argument("--no-openvino", action="store_true", help="ONNX Runtime only even if OpenVINO is installed")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, help="combine the parts of these JSON files")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
+    if a.merge:
+        return merge(a.merge, a.out)
     a.ov = None if a.no_openvino else openvino_core()
     ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())  # noqa: E731
     a.batches, a.threads = ints(a.batches), ints(a.threads)

@@ -11,8 +11,8 @@ of a run, evaluated.
 3. The artefact is run by ONNX Runtime over the run's dev/test set (the task's own ``evaluate``) and its
    metric compared with the PyTorch model's; a loss of more than ``--tolerance`` points prints a WARNING
    line and sets ``tolerance_exceeded`` in the record.
-4. Latency: ONNX Runtime vs the PyTorch compacted model on the example input repeated to each
-   ``--batches`` size at each ``--threads`` count (warm-up, interleaved, median of ``--repeats``;
+4. Latency: ONNX Runtime vs the PyTorch compacted model on the run's example input (one dev example, its
+   own length; ``input_shape`` is recorded) repeated to each ``--batches`` size at each ``--threads`` count (warm-up, interleaved, median of ``--repeats``;
    :func:`prunekit.deploy.timing.interleaved_ms`).
 
 The record is written into ``RUN_DIR/results.json`` under ``export`` → ``onnx-fp32`` / ``onnx-int8-dynamic``
@@ -103,7 +103,9 @@ def _latency(path: Path, model: Any, x0: Any, batches: tuple[int, ...], threads:
         x = repeat_batch(x0, b)
         for t in threads:
             ms = ort_latency_ms({"onnx": path}, x, threads=t, repeats=repeats, warmup=3, torch_models={"pytorch": model})
-            rows.append({"batch": b, "threads": t, "onnx_ms": ms["onnx"], "pytorch_ms": ms["pytorch"],
+            first = next(iter(x.values())) if isinstance(x, dict) else x
+            rows.append({"batch": b, "threads": t, "input_shape": list(first.shape), "onnx_ms": ms["onnx"],
+                         "pytorch_ms": ms["pytorch"],
                          "speedup_vs_pytorch": ms["pytorch"] / ms["onnx"]})
     return rows
 
