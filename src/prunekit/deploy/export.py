@@ -205,7 +205,7 @@ class OrtModel(nn.Module):
     ``evaluate`` scores the artefact: positional tensors → a tensor (several outputs: a tuple); keyword
     tensors (a tokenizer's batch) → :class:`OrtOutput` with ``.logits``.  Keyword inputs the graph does not
     take (the exporter drops unused ones) are ignored; a missing one raises :class:`ExportError`.
-    ``threads`` sets ONNX Runtime's intra-op threads (``None``: its default)."""
+    ``threads`` sets ONNX Runtime's intra-op threads and stops idle workers spinning (``None``: its defaults)."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         super().__init__()
@@ -213,6 +213,9 @@ class OrtModel(nn.Module):
         so = ort.SessionOptions()
         if threads is not None:
             so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
+            # idle worker threads sleep instead of spinning: timed beside other engines, a spinning pool
+            # would steal their cores
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path, self.threads = str(path), threads
         self.session = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
