@@ -6,6 +6,7 @@ Command (one run; MiniLM needs a finished run of ``recipes/glue_sst2_deploy.yaml
     python benchmarks/deploy.py --run runs/sst2-deploy          # writes benchmarks/results/deploy.json
     python benchmarks/deploy.py --parts resnet --quick          # smoke run
     python benchmarks/deploy.py --merge a.json b.json           # parts of several runs into --out
+    python benchmarks/deploy.py --table                         # --out as markdown tables
 
 Every part exports its artefacts with :func:`prunekit.export` (fp32 checked against PyTorch, relative 1e-4
 on every output) and ``prunekit.deploy.export.quantize_onnx`` (ONNX Runtime ``quantize_dynamic`` per channel,
@@ -176,7 +177,7 @@ def part_minilm(a) -> dict:
     acc["pytorch_compacted"] = float(wl.task.evaluate(comp, wl.eval_loader)[wl.task.metric])
     acc["pytorch_csr90"] = float(wl.task.evaluate(csr_base, wl.eval_loader)[wl.task.metric])
     print("  accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
-    rows = time_grid(files, lambda b, t: {"pytorch_compacted": comp, "pytorch_csr90": csr(b, t)}, make,
+    rows = [] if a.accuracy_only else time_grid(files, lambda b, t: {"pytorch_compacted": comp, "pytorch_csr90": csr(b, t)}, make,
                      a.batches, a.threads, a.repeats, a.ov)
     return {"model": "minilm-l6 fine-tuned on SST-2", "run": str(a.run), "metric": wl.task.metric,
             "dev_examples": wl.info.get("eval_examples"), "accuracy": acc, "files": files,
@@ -195,7 +196,8 @@ def part_bertbase(a) -> dict:
     masks = heads_neurons(pruned, x, 0.5, 0.75)
     res = prunekit.compact(pruned, masks, x)
     files = artefacts(dense, pruned, x, [make(8)], a.work / "bertbase", "dynamic")
-    rows = time_grid(files, lambda b, t: {"pytorch_compacted": pruned}, make, a.batches, a.threads, a.repeats, a.ov)
+    rows = time_grid(files, lambda b, t: {"pytorch_compacted": pruned}, make, a.bert_batches or a.batches, a.threads,
+                     a.repeats, a.ov)
     return {"model": f"BERT-base shape ({a.bert_layers} layers), random weights: speed only", "files": files,
             "params": {"dense": res.params_before, "compacted": res.params_after}, "latency": rows}
 
@@ -214,6 +216,33 @@ def part_resnet(a) -> dict:
     rows = time_grid(files, lambda b, t: {"pytorch_compacted": comp}, make, a.batches, a.threads, a.repeats, a.ov)
     return {"model": "resnet18_cifar (32x32), random weights: speed only", "files": files,
             "params": {"dense": res.params_before, "compacted": res.params_after}, "latency": rows}
+
+
+def table(doc: dict) -> str:
+    """Markdown: per part, one line per variant — dev accuracy (MiniLM), file bytes, ms and speed-up over the
+    ONNX Runtime dense fp32 session of the same loop for every (batch, threads)."""
+    out = []
+    for name, part in doc["parts"].items():
+        lat = part["latency"] or [{"batch": "-", "threads": "-", "ms": dict.fromkeys(part["accuracy"], float("nan")),
+                                   "speedup": dict.fromkeys(part["accuracy"], float("nan"))}]
+        cols = [f"b{r['batch']} t{r['threads']}" for r in lat]
+        acc = part.get("accuracy", {})
+        out += [f"**{part['model']}** — parameters {part['params']['dense']:,} → {part['params']['compacted']:,} "
+                "compacted", "", "| variant | dev " + part.get("metric", "metric") + " | bytes | "
+                + " | ".join(f"{c} ms (×)" for c in cols) + " |", "|---|---:|---:|" + "---:|" * len(cols)]
+        keys = list(lat[0]["ms"]) + [k for k in lat[0].get("openvino", {}).get("ms", {}) if k != BASE]
+        for k in keys:
+            cells = []
+            for r in lat:
+                src = r if k in r["ms"] else r["openvino"]
+                cells.append(f"{src['ms'][k]:.1f} ({src['speedup'][k]:.2f}×)")
+            f = part["files"].get(k) or part["files"].get(k.replace("openvino", "ort", 1))
+            a = acc.get(k, acc.get(k.replace("openvino", "ort", 1))) if not k.startswith("openvino") else None
+            out.append(f"| {k} | {'' if a is None else f'{a:.2f}'} | {f['bytes']:,} | " if f else f"| {k} | "
+                       f"{'' if a is None else f'{a:.2f}'} | | ")
+            out[-1] += " | ".join(cells) + " |"
+        out.append("")
+    return "\n".join(out)
 
 
 def merge(files: list[Path], out: Path) -> int:
@@ -240,18 +269,25 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--bert-layers", type=int, default=12)
+    ap.add_argument("--bert-batches", default=None, help="bertbase: batch sizes (default: --batches)")
+    ap.add_argument("--accuracy-only", action="store_true", help="minilm: dev accuracy of every artefact, no timing")
     ap.add_argument("--calib-batches", type=int, default=4, help="minilm static int8: training batches (of 32)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/prunekit_deploy_bench"))
     ap.add_argument("--quick", action="store_true", help="smoke: batch 1 and 4, 1 thread, 3 repeats, 2 BERT layers")
     ap.add_argument("--no-openvino", action="store_true", help="ONNX Runtime only even if OpenVINO is installed")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, help="combine the parts of these JSON files")
+    ap.add_argument("--table", action="store_true", help="print --out as markdown tables")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
     if a.merge:
         return merge(a.merge, a.out)
+    if a.table:
+        print(table(json.loads(a.out.read_text())))
+        return 0
     a.ov = None if a.no_openvino else openvino_core()
     ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())  # noqa: E731
     a.batches, a.threads = ints(a.batches), ints(a.threads)
+    a.bert_batches = ints(a.bert_batches) if a.bert_batches else None
     if a.quick:
         a.batches, a.threads, a.repeats, a.bert_layers = (1, 4), (1,), 3, 2
     parts = [p for p in a.parts.split(",") if p]

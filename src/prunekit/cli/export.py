@@ -161,7 +161,7 @@ def export_run(run_dir: str | os.PathLike, *, int8: str | None = None, out: str 
 def format_record(key: str, r: dict) -> str:
     lines = [f"{key}: {r['file']} ({r['bytes']:,} bytes; fp32 {r['fp32_bytes']:,})",
              f"{r['metric_name']}: ONNX Runtime {r['metric']:.2f} vs PyTorch {r['pytorch_metric']:.2f} "
-             f"({r['metric_loss']:+.2f} points lost; tolerance {r['tolerance']:g}"
+             f"(ONNX − PyTorch {-r['metric_loss']:+.2f} points; loss tolerance {r['tolerance']:g}"
              + (", EXCEEDED" if r["tolerance_exceeded"] else "") + ")"]
     if r.get("compacted"):
         lines.append(f"compacted: {r['params_before']:,} → {r['params_after']:,} parameters")
