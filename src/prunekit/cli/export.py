@@ -11,8 +11,8 @@ of a run, evaluated.
 3. The artefact is run by ONNX Runtime over the run's dev/test set (the task's own ``evaluate``) and its
    metric compared with the PyTorch model's; a loss of more than ``--tolerance`` points prints a WARNING
    line and sets ``tolerance_exceeded`` in the record.
-4. Latency: ONNX Runtime vs the PyTorch compacted model on the run's example input (one dev example, its
-   own length; ``input_shape`` is recorded) repeated to each ``--batches`` size at each ``--threads`` count (warm-up, interleaved, median of ``--repeats``;
+4. Latency: ONNX Runtime vs the PyTorch compacted model on the run's example input (one dev example; token
+   inputs tiled to ``--seq`` positions, default ``data.max_length``; ``input_shape`` is recorded) repeated to each ``--batches`` size at each ``--threads`` count (warm-up, interleaved, median of ``--repeats``;
    :func:`prunekit.deploy.timing.interleaved_ms`).
 
 The record is written into ``RUN_DIR/results.json`` under ``export`` → ``onnx-fp32`` / ``onnx-int8-dynamic``
@@ -26,6 +26,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from prunekit.algorithms.calibration import collect_batches, model_inputs
 from prunekit.core.errors import CheckpointError, RecipeError
@@ -62,6 +64,9 @@ def add_parser(sub):
     p.add_argument("--batches", default="1,32", help="comma-separated batch sizes timed (default 1,32)")
     p.add_argument("--threads", default="1", help="comma-separated thread counts timed (default 1)")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per variant (default 10)")
+    p.add_argument("--seq", type=int, default=None,
+                   help="token models: positions of the timed input (default: the recipe's data.max_length; the "
+                        "example sentence is tiled, all positions attended)")
     p.add_argument("--no-compact", action="store_true", help="export the masked model without compaction")
     p.set_defaults(func=run)
 
@@ -96,6 +101,18 @@ def _metric(task: Any, model: Any, loader: Any) -> float:
     return float(task.evaluate(model, loader)[task.metric])
 
 
+def at_length(x: Any, seq: int | None) -> Any:
+    """Token inputs (a dict of ``(batch, length)`` tensors) tiled / cut to ``seq`` positions; else ``x``."""
+    if seq is None or not isinstance(x, dict):
+        return x
+    out = {}
+    for k, v in x.items():
+        if isinstance(v, torch.Tensor) and v.dim() == 2:
+            v = v.repeat(1, -(-seq // v.shape[1]))[:, :seq]
+        out[k] = v
+    return out
+
+
 def _latency(path: Path, model: Any, x0: Any, batches: tuple[int, ...], threads: tuple[int, ...],
              repeats: int) -> list[dict]:
     rows = []
@@ -113,7 +130,7 @@ def _latency(path: Path, model: Any, x0: Any, batches: tuple[int, ...], threads:
 def export_run(run_dir: str | os.PathLike, *, int8: str | None = None, out: str | os.PathLike | None = None,
                tolerance: float = 1.0, rtol: float = 1e-4, calibration_samples: int | None = None,
                batches: tuple[int, ...] = (1, 32), threads: tuple[int, ...] = (1,), repeats: int = 10,
-               no_compact: bool = False, log=print) -> dict:
+               no_compact: bool = False, seq: int | None = None, log=print) -> dict:
     """Compact, export, evaluate and time a run (module docstring); returns the record written into
     ``results.json`` under ``export[<key>]``.  Raises :class:`ExportError` when the fp32 graph does not
     reproduce PyTorch (nothing kept)."""
@@ -147,7 +164,8 @@ def export_run(run_dir: str | os.PathLike, *, int8: str | None = None, out: str 
               "tolerance_exceeded": bool(loss > tolerance), "rtol": rtol,
               "fp32_dev_batch_max_rel_error": dev_check.max_rel, "eval_examples": wl.info.get("eval_examples"),
               "calibration_batches": len(calib) if calib else 0, **comp,
-              "latency": _latency(res.path, model, wl.example_input, batches, threads, repeats)}
+              "latency": _latency(res.path, model, at_length(wl.example_input, seq or recipe.data.max_length), batches,
+                                  threads, repeats)}
     results = json.loads(res_file.read_text())
     results.setdefault("export", {})[key] = record
     atomic_write_json(res_file, results)
@@ -177,7 +195,7 @@ def run(args) -> int:
     ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())  # noqa: E731
     r = export_run(args.run_dir, int8=args.int8, out=args.out, tolerance=args.tolerance, rtol=args.rtol,
                    calibration_samples=args.calibration_samples, batches=ints(args.batches),
-                   threads=ints(args.threads), repeats=args.repeats, no_compact=args.no_compact,
+                   threads=ints(args.threads), repeats=args.repeats, no_compact=args.no_compact, seq=args.seq,
                    log=lambda *a, **k: print(*a, **k))
     print(format_record("onnx-fp32" if args.int8 is None else f"onnx-int8-{args.int8}", r))
     return 0
