@@ -17,7 +17,7 @@ from torch import nn
 
 import prunekit
 from hf_tiny import example, tiny
-from prunekit.cli.export import export_run, load_run_workload
+from prunekit.cli.export import at_length, export_run, load_run_workload
 from prunekit.cli.main import main
 from prunekit.deploy.export import BatchReader, ExportError, OrtModel, check_onnx, quantize_onnx, rel_errors
 from prunekit.training.tasks import ClassificationTask
@@ -202,3 +202,12 @@ def test_int8_loss_beyond_tolerance_is_flagged_loudly(lenet_run):
     both = json.loads((lenet_run / "results.json").read_text())["export"]
     assert both["onnx-int8-static"]["tolerance_exceeded"] is True
     assert np.isfinite(rec["metric"]) and rec["pytorch_metric"] - rec["metric"] == pytest.approx(rec["metric_loss"])
+
+
+def test_token_inputs_are_timed_at_the_asked_length():
+    x = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    y = at_length(x, 7)
+    assert y["input_ids"].tolist() == [[5, 6, 7, 5, 6, 7, 5]] and y["attention_mask"].tolist() == [[1] * 7]
+    assert at_length(x, 2)["input_ids"].tolist() == [[5, 6]]
+    t = torch.randn(2, 1, 8, 8)
+    assert at_length(t, 7) is t                       # not token inputs: unchanged
