@@ -32,7 +32,8 @@ Structures: ``unstructured`` (all tools but Torch-Pruning, which only removes ch
 (output rows / channels of every layer but the classifier; Torch-Pruning's channel ratio is solved so its
 removed-weight fraction equals the target, the other tools prune rows of the same layers by L2 norm).
 ``prunekit-compact`` is prunekit's structural workflow: rows by L2 norm with the ratio solved like
-Torch-Pruning's, then ``prunekit.deploy.compact`` removes them and the input columns they feed *before*
+Torch-Pruning's (with the biases of the pruned rows: the rows are then provably zero), then the verified
+``prunekit.deploy.surgery.compact`` removes them and the input columns they feed *before*
 retraining, so the smaller dense model is what trains.  ``sparsity`` is the zero-or-removed fraction of the
 targeted weights in the deployed (finalised) model; ``sparsity_trained`` the zero fraction while training.
 """
@@ -197,17 +198,27 @@ class Prunekit(Tool):
         return PruneSpec("row", ratio, "l2", "layer",
                          TargetSpec([n.removesuffix(".weight") for n in self.channel_targets()], [], ["Linear", "Conv2d"]))
 
+    def _compact_rows(self, model, masks):
+        """Zero the masked rows and their biases (the rows are then provably zero) and compact, verified."""
+        from prunekit.deploy.surgery import compact
+        masks.apply(model)
+        with torch.no_grad():
+            for name, mask in masks.items():
+                mod = model.get_submodule(name.removesuffix(".weight"))
+                if getattr(mod, "bias", None) is not None and mask.dim() >= 2:
+                    mod.bias.mul_(mask.reshape(mask.shape[0], -1).any(1).to(mod.bias.dtype))
+        return compact(model, None, self.s.example(), count_macs=False)
+
     def solve_compact_ratio(self, model) -> float:
-        """Row ratio whose *compacted* model (pruned rows + the consumer columns they feed, via prunekit.deploy.compact)
+        """Row ratio whose *compacted* model (pruned rows + the consumer columns they feed, via prunekit.deploy.surgery)
         has removed ``sparsity`` of the targeted weights — the same accounting as Torch-Pruning's."""
         from prunekit import compute_masks
-        from prunekit.deploy.compact import compact
         dense_t = sum(model.get_submodule(n.removesuffix(".weight")).weight.numel() for n in self.s.targets)
         lo, hi = 0.0, 0.95
         for _ in range(14):
             mid = (lo + hi) / 2
             m = copy.deepcopy(model).eval()
-            compact(m, compute_masks(m, self._row_spec(mid)))
+            self._compact_rows(m, compute_masks(m, self._row_spec(mid)))
             kept = sum(m.get_submodule(n.removesuffix(".weight")).weight.numel() for n in self.s.targets)
             lo, hi = (mid, hi) if 1 - kept / dense_t < self.sparsity else (lo, mid)
         return (lo + hi) / 2
@@ -215,12 +226,13 @@ class Prunekit(Tool):
     def prune(self, model):
         from prunekit import PruneSpec, TargetSpec, compute_masks
         if self.scope == "compact":     # rows by L2 norm, then physical removal: retrain the smaller dense model
-            from prunekit.deploy.compact import compact
             if not hasattr(self, "ratio"):
                 self.ratio = self.solve_compact_ratio(model)
             was = model.training
             model.eval()
-            self.compact_manifest = compact(model, compute_masks(model, self._row_spec(self.ratio))).manifest
+            from prunekit.deploy.compact import graph_manifest
+            res = self._compact_rows(model, compute_masks(model, self._row_spec(self.ratio)))
+            self.compact_manifest = graph_manifest(res, model)
             model.train(was)
             self.masks = None
             return
@@ -251,13 +263,12 @@ class Prunekit(Tool):
         if self.hp is not None:
             self.hp.detach()
         if self.masks is None:
-            self.final_note = "compacted before retraining (prunekit.deploy.compact); trained as a smaller dense model"
+            self.final_note = "compacted before retraining (prunekit.deploy.surgery); trained as a smaller dense model"
         elif self.structure != "unstructured":
             try:
-                from prunekit.deploy.compact import compact
                 model.eval()
-                compact(model, self.masks)
-                self.final_note = "compacted with prunekit.deploy.compact"
+                self._compact_rows(model, self.masks)
+                self.final_note = "compacted with prunekit.deploy.surgery (verified)"
             except Exception as e:  # noqa: BLE001
                 self.final_note = f"compaction failed: {type(e).__name__}: {e}"
         return model
@@ -623,7 +634,7 @@ def main(argv=None):
                            "original class). final_bytes = torch.save of the finalised model's state_dict.")
     notes["latency"] = ("latency_ms: forward of one eval batch after finalisation (masks squashed/removed), "
                         "median; unstructured zeros do not speed up dense kernels, channel pruning does when the "
-                        "tool removes channels physically (Torch-Pruning; prunekit via prunekit.deploy.compact).")
+                        "tool removes channels physically (Torch-Pruning; prunekit via prunekit.deploy.surgery).")
     _write(out, result)
     print(json.dumps(result["summary"], indent=1))
 

@@ -12,7 +12,7 @@ latency_ms_dense, latency_ms, speedup, batch, seq_len, threads, bytes):
 (a) BERT-base-shaped encoder (``BertConfig()`` random init, ``--layers`` layers, default 12; batch 32
     uses ``--layers-b32`` layers, default 2, to keep one forward under a few seconds on a shared CPU —
     the speedup is a per-layer ratio) with 50 % of the heads and 50 % of the FFN neurons of every layer
-    zeroed (smallest L2 norm) and then *compacted* by ``prunekit.deploy.compact``.  Peer in the same run:
+    zeroed (smallest L2 norm) and then *compacted* by ``prunekit.deploy.surgery.compact`` (verified).  Peer in the same run:
     Torch-Pruning (``MetaPruner`` with ``prune_num_heads``) at the same parameter count, or the error
     it gave.  ``flop_reduction`` = Linear-layer FLOPs dense / compacted; target speedup
     ≥ 0.85 × flop_reduction.
@@ -50,9 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from prunekit.core.structures import parse_structure  # noqa: E402
-from prunekit.deploy.compact import compact  # noqa: E402
 from prunekit.deploy.sparse_linear import sparsify_linears  # noqa: E402
 from prunekit.deploy.storage import encode_state_dict, theoretical_min_bytes  # noqa: E402
+from prunekit.deploy.surgery import compact  # noqa: E402
 
 
 def machine() -> dict:
@@ -181,7 +181,7 @@ def part_a(args, rows, notes, save=lambda: None):
         masked = copy.deepcopy(dense)
         mask_heads_ffn(masked, 0.5)
         comp = copy.deepcopy(masked)
-        res = compact(comp)
+        res = compact(comp, None, inputs(2, 16), count_macs=False)   # the zero pattern; verified
         del masked
         x = inputs(batch, seq)
         with torch.inference_mode():

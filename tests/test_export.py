@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from prunekit.deploy.compact import compact
 from prunekit.deploy.export import check_onnx, export_onnx
+from prunekit.deploy.surgery import compact
 from prunekit.models.lenet import lenet5
 
 
@@ -19,9 +19,11 @@ def test_lenet5_compacted_onnx(tmp_path):
     torch.manual_seed(0)
     m = lenet5().eval()
     with torch.no_grad():
-        m.conv2.weight[:25] = 0
+        m.conv2.weight[:25] = 0                           # 25 channels: filters + the 16 fc1 columns each
+        m.fc1.weight[:, :400] = 0
+        m.fc1.weight[:100] = 0                            # 100 fc1 neurons: rows + fc2 columns
         m.fc2.weight[:, :100] = 0
-    compact(m)
+    compact(m, None, torch.randn(2, 1, 28, 28), count_macs=False)
     assert (m.conv2.out_channels, m.fc1.in_features, m.fc1.out_features) == (25, 400, 400)
     res = export_onnx(m, torch.randn(2, 1, 28, 28), tmp_path / "lenet.onnx")
     assert res.max_abs_diff <= 1e-4 and res.n_outputs == 1
@@ -38,9 +40,12 @@ def test_tiny_bert_compacted_onnx(tmp_path):
     m = BertForSequenceClassification(cfg).eval()
     with torch.no_grad():
         L = m.bert.encoder.layer[0]
-        L.attention.output.dense.weight[:, :16] = 0       # heads 0, 1
-        L.output.dense.weight[:, 32:] = 0                 # 32 FFN neurons
-    compact(m)
+        for lin in (L.attention.self.query, L.attention.self.key, L.attention.self.value):
+            lin.weight[:16] = 0                           # heads 0, 1: q/k/v rows + output columns
+        L.attention.output.dense.weight[:, :16] = 0
+        L.intermediate.dense.weight[32:] = 0              # 32 FFN neurons: rows + output columns
+        L.output.dense.weight[:, 32:] = 0
+    compact(m, None, {"input_ids": torch.randint(0, 100, (2, 8))}, count_macs=False)
     assert m.bert.encoder.layer[0].attention.self.num_attention_heads == 2
     ids = torch.randint(0, 100, (2, 8))
     x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

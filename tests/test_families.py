@@ -37,7 +37,7 @@ def test_masks_hit_the_target_and_keep_outputs_finite(family, structure, expecte
 
 def test_tied_lm_head_never_raises_and_is_pruned_once():
     model = tiny("gpt2")
-    masks = prune(model, "unstructured", 0.5)                 # default targets: every Linear/Conv2d
+    masks = prune(model, "unstructured", 0.5, targets={"include": ["transformer.h.*", "lm_head"]})  # asked by name
     assert "lm_head.weight" not in masks.names()             # the tied weight is known by its first name
     assert "transformer.wte.weight" in masks.names()
     assert model.lm_head.weight is model.transformer.wte.weight

@@ -144,6 +144,10 @@ def test_signal_waits_for_the_checkpoint_and_resume_command_is_printed(tmp_path,
     args = types.SimpleNamespace(recipe="r.yaml", overrides=["train.lr=0.1"], device="cpu", precision=None,
                                  threads=None, checkpoint_every=None, nproc=1)
     rc = cli_run._interruptible(args, tmp_path / "o", lambda: os.kill(os.getpid(), signal.SIGTERM))
+    err = capsys.readouterr().err            # no run state yet (a run stopped before its first checkpoint)
+    assert rc == 143 and "SIGTERM before the first checkpoint; nothing to resume" in err and "--resume" not in err
+    (tmp_path / "o" / "state").mkdir(parents=True)
+    rc = cli_run._interruptible(args, tmp_path / "o", lambda: os.kill(os.getpid(), signal.SIGTERM))
     err = capsys.readouterr().err
     assert rc == 143 and "SIGTERM" in err
     assert f"prunekit run r.yaml --set train.lr=0.1 --out {tmp_path / 'o'} --device cpu --resume" in err
@@ -246,13 +250,16 @@ def _umask() -> int:
     return m
 
 
-def test_attach_without_optimizer_warns():
+def test_attach_without_optimizer_binds_every_optimizer_silently():
+    """No warning any more: without an optimizer, every torch optimizer's steps re-mask
+    (tests/test_masks_exact.py checks the weights)."""
     model, _ = _tiny()
     masks = prune(model, "unstructured", 0.5)
-    with pytest.warns(UserWarning, match="optimizer state"):
-        masks.attach(model).detach()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        hp = masks.attach(model)
+        assert hp.optimizer is None
+        hp.detach()
         masks.attach(model, torch.optim.SGD(model.parameters(), lr=0.1)).detach()
 
 

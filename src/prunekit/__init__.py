@@ -7,12 +7,14 @@ The core API::
     mask = prunekit.mask_for(weight, "block:4x4", 0.5)          # bool, True = kept
     masks = prunekit.prune(model, "nm:2:4", 0.5, targets={"include": ["encoder.*"]})
     masks = prunekit.prune(model, "heads+neurons", 0.3, example_inputs=x)   # coupled groups from the graph
-    prunekit.compact(model, masks, x)                             # remove them physically, verified
+    res = prunekit.compact(model, masks, x)                       # remove them physically, verified
     prunekit.export(model, x, "model.onnx", int8="dynamic")          # ONNX (+ int8), checked vs PyTorch
+    prunekit.save_compacted("small/", model, res)                 # safetensors + JSON manifest
+    small = prunekit.load_compacted("small/", lambda: MyNet())    # rebuilt from a fresh dense model
     with masks.attach(model, optimizer):                          # hard-prune while retraining
         train(...)
 """
-from prunekit.api import Pruner, compact, export, groups_of, prune
+from prunekit.api import Pruner, compact, export, groups_of, load_compacted, prune, save_compacted
 from prunekit.core.masks import HardPrune, MaskSet
 from prunekit.core.plan import PruneSpec, compute_masks, mask_for
 from prunekit.core.structures import (
@@ -32,5 +34,5 @@ from prunekit.core.version import __version__
 __all__ = [
     "mask_for", "prune", "compute_masks", "PruneSpec", "MaskSet", "HardPrune", "TargetSpec", "find_targets",
     "parse_structure", "Structure", "Unstructured", "Row", "Column", "Block", "NM", "Pattern", "__version__", "Pruner",
-    "GroupStructure", "compact", "groups_of", "export",
+    "GroupStructure", "compact", "groups_of", "save_compacted", "load_compacted", "export",
 ]

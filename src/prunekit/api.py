@@ -3,11 +3,14 @@
 ``prunekit.Pruner(model, recipe_or_spec, optimizer, algorithm=..., params=...)``: with a recipe the
 algorithm, its parameters and the prune spec come from it (``algorithm=`` / ``params=`` override);
 with a spec (``PruneSpec`` or a dict like a recipe's ``prune:`` section) ``algorithm`` defaults to
-``oneshot``.  A recipe whose targets are the default ``["*"]`` on a Hugging Face model gets the
-encoder matrices (as ``prunekit run`` does).  See :mod:`prunekit.training.pruner` for the loop calls.
+``oneshot``.  Default targets (``include: ["*"]``) are the matrices inside the repeated blocks of a
+transformer — embeddings and the LM head stay dense — as in every entry point
+(:func:`prunekit.core.targets.resolve_targets`).  See :mod:`prunekit.training.pruner` for the loop calls.
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +21,16 @@ from prunekit.core.masks import MaskSet
 from prunekit.core.plan import PruneSpec
 from prunekit.core.plan import prune as _prune
 from prunekit.core.structures import Structure, parse_structure
+from prunekit.deploy import compact as _manifests
 from prunekit.deploy.export import export
-from prunekit.deploy.surgery import compact
+from prunekit.deploy.surgery import CompactResult, compact
 from prunekit.graph import coupled_groups
-from prunekit.graph.families import default_targets
 from prunekit.pipelines.recipe import Recipe, load_recipe, parse_recipe
 from prunekit.pipelines.runner import prune_spec_from
 from prunekit.training.pruner import Pruner as _Pruner
 from prunekit.training.pruner import as_prune_spec
 
-__all__ = ["Pruner", "prune", "compact", "groups_of", "export"]
+__all__ = ["Pruner", "prune", "compact", "groups_of", "save_compacted", "load_compacted", "export"]
 
 
 def groups_of(model: nn.Module, example_inputs: Any, kinds: tuple[str, ...] | None = None):
@@ -55,6 +58,27 @@ def prune(model: nn.Module, structure: str | Structure = "unstructured", sparsit
     return _prune(model, st, sparsity, groups=groups, **kw)
 
 
+def save_compacted(directory: str | os.PathLike, model: nn.Module, result: CompactResult | Mapping[str, Any]) -> Path:
+    """Write a model compacted by :func:`compact` into ``directory``: ``model.safetensors`` (tied tensors
+    once) and ``compact.json`` — the manifest (format ``prunekit-compact/2``: the kept indices of every cut
+    tensor, attention-head attributes, config updates, new shapes, sha256).  ``result``: what
+    :func:`compact` returned (or a manifest dict).  Reload with :func:`load_compacted`::
+
+        res = prunekit.compact(model, masks, x)
+        prunekit.save_compacted("small/", model, res)
+        small = prunekit.load_compacted("small/", lambda: MyNet())     # a fresh *dense* model
+    """
+    return _manifests.save_compacted(directory, model, result)
+
+
+def load_compacted(directory: str | os.PathLike, factory: Callable[[], nn.Module]) -> nn.Module:
+    """The model :func:`save_compacted` wrote: ``factory()`` builds the dense architecture (the model as it
+    was before compaction, any weights), it is cut as the manifest says and the saved weights are loaded
+    strictly; the checksum is verified.  A manifest that does not fit the factory's model is a
+    :class:`~prunekit.core.errors.CheckpointError`."""
+    return _manifests.load_compacted(directory, factory)
+
+
 def _recipe(obj) -> Recipe | None:
     if isinstance(obj, Recipe):
         return obj
@@ -78,10 +102,6 @@ class Pruner(_Pruner):
             spec = recipe_or_spec
             algorithm = algorithm or "oneshot"
         else:
-            t = recipe.prune.targets
-            if hasattr(model, "config") and list(t.include) == ["*"] and not t.exclude:
-                ts = default_targets(model)
-                t.include, t.types = list(ts.include), list(ts.types)
             spec = prune_spec_from(recipe)
             if algorithm is None:
                 algorithm, params = recipe.algorithm.name, recipe.algorithm.params if params is None else params

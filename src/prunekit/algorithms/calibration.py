@@ -2,21 +2,37 @@
 
 Post-training pruning needs, per pruned layer, statistics of that layer's *input* on a few calibration
 samples: the Hessian of the layer-wise reconstruction loss ``H = 2/n Σ x xᵀ`` (SparseGPT, OBS) or the
-per-input squared norms ``Σ x_j²`` (Wanda).  The rows ``x`` are the layer's input vectors:
+per-input squared norms ``Σ x_j²`` (Wanda).  The rows ``x`` are the layer's input vectors
+(:func:`layer_rows`):
 
 * ``nn.Linear`` / HF ``Conv1D``: every token (every leading position) is one row of ``in`` features;
-* ``nn.Conv2d``: the im2col view (``torch.nn.functional.unfold``), one row of ``in·kh·kw`` per output
-  position, in the order of :func:`prunekit.structures.as_matrix` (``(out, in, kh, kw) → (out, in·kh·kw)``).
+* ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d``: the im2col view (:func:`conv_rows`), one row of ``in·k₁·…`` per
+  output position, in the order of the weight's matrix view ``(out, in, k₁, …) → (out, in·k₁·…)``, with the
+  layer's stride, padding, dilation and padding mode.  Grouped convolutions are refused.
 
-:func:`run_blockwise` (the SparseGPT/Wanda scheme) finds the model's repeated blocks (the largest
-``nn.ModuleList``: HF ``encoder.layer``, GPT-2 ``h``, ``layers``), captures the inputs of the first block
-with a forward pre-hook that raises (the "Catcher"), then for each block in turn collects the statistics
-of its target layers, calls ``prune_block`` (which may change weights), and re-runs the block to produce
-the (pruned) inputs of the next block.  Memory: one block's activations and statistics.  A model with no
-block list (CNNs, MLPs) is a single block run by its full forward.
+Only **real tokens** count: in a batch with a 2-D ``attention_mask`` the rows of padded positions are dropped
+(:class:`TokenMask`), so one padded batch gives the same statistics as its sentences one by one.
+
+:func:`run_blockwise` (the SparseGPT/Wanda scheme) finds the model's repeated blocks (:func:`find_blocks`:
+the largest ``nn.ModuleList`` or ``nn.Sequential`` of one block type — HF ``encoder.layer``, GPT-2 ``h``,
+``layers``), then:
+
+1. **capture** (:func:`record_block_calls`): one dense forward per batch with hooks on every block records
+   the first block's input and *each block's own call arguments* (per-layer attention masks, position
+   embeddings, …), checking that block ``i+1``'s input is block ``i``'s output (else a :class:`ModelError`
+   naming the model and the block);
+2. for each block: **statistics** of its target layers (:func:`block_stats`, the block called with its own
+   recorded arguments and the current hidden states) → ``prune_block`` (which may change weights) →
+   **propagate** (:func:`propagate`: the pruned block's outputs are the next block's inputs);
+3. targets outside the block list (a classifier head) are one last block, from a full forward of the pruned
+   model.
+
+Memory: the first block's inputs, references to the blocks' other arguments, one block's statistics.  A
+model with no block list (CNNs, MLPs) is a single block run by its full forward.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -27,14 +43,25 @@ from torch.utils.hooks import RemovableHandle
 
 from prunekit.algorithms.base import Algorithm
 from prunekit.algorithms.owl import owl_allocation
-from prunekit.core.errors import RecipeError
+from prunekit.core.errors import ModelError, RecipeError
 from prunekit.core.masks import MaskSet
 from prunekit.core.structures import Structure
 from prunekit.core.targets import find_targets
 
 __all__ = [
+    "CONV_TYPES",
+    "BlockCall",
     "CalibrationConfig",
     "LayerStats",
+    "RecordedBatch",
+    "TokenMask",
+    "block_stats",
+    "check_calibration_target",
+    "conv_rows",
+    "layer_rows",
+    "propagate",
+    "real_tokens",
+    "record_block_calls",
     "owl_plan",
     "PostTraining",
     "PostTrainingParams",
@@ -131,16 +158,81 @@ def matrix_to_param(module: nn.Module, m: Tensor) -> Tensor:
     return m.t().contiguous() if is_hf_conv1d(module) else m.reshape(cast(Tensor, module.weight).shape)
 
 
-def _layer_rows(module: nn.Module, x: Tensor) -> Tensor:
-    """Input rows ``(n, in')`` of a target layer."""
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise RecipeError(f"grouped convolutions (groups={module.groups}) are not supported by calibration")
-        if isinstance(module.padding, str):
-            raise RecipeError(f"Conv2d padding={module.padding!r} is not supported by calibration; use integers")
-        cols = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return x.reshape(-1, x.shape[-1])
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def check_calibration_target(name: str, module: nn.Module) -> None:
+    """Refuse a target whose input rows the driver cannot form: a grouped convolution (its output channels see
+    different inputs, so it has no one input Hessian)."""
+    if isinstance(module, CONV_TYPES) and module.groups != 1:
+        raise RecipeError(f"{name}: grouped convolution (groups={module.groups}) is not supported by calibration "
+                          "(each group of output channels sees its own inputs, there is no one input Hessian); "
+                          "exclude it from prune.targets")
+
+
+def conv_rows(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """im2col of a ``Conv1d`` / ``Conv2d`` / ``Conv3d`` input: ``(rows, lead)`` with one row of ``in·k₁·…`` per
+    output position and ``lead = (batch, *output positions)``.  A row is channel-major, then the kernel offsets —
+    the order of the weight ``(out, in, k₁, …)`` reshaped to ``(out, in·k₁·…)`` — and stride, dilation, padding
+    (integers, ``'same'``, ``'valid'``) and ``padding_mode`` are the layer's, so ``rows @ W.T`` is its output
+    (without bias)."""
+    assert isinstance(module, CONV_TYPES)
+    nd = len(module.kernel_size)
+    if x.dim() == nd + 1:                                    # unbatched input
+        x = x.unsqueeze(0)
+    width = int(x.shape[1]) * math.prod(module.kernel_size)
+    pad = list(module._reversed_padding_repeated_twice)
+    if any(pad):
+        x = nn.functional.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    for i, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]   # window offsets appended as the last dimension
+    lead = (int(x.shape[0]), *(int(v) for v in x.shape[2:2 + nd]))
+    x = x.permute(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
+    return x.reshape(-1, width), lead
+
+
+def layer_rows(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """Input rows ``(n, in')`` of a target layer and their leading shape (``(batch, length)`` for token inputs):
+    ``nn.Linear`` / HF ``Conv1D``: every leading position is a row; convolutions: :func:`conv_rows`."""
+    if isinstance(module, CONV_TYPES):
+        check_calibration_target(type(module).__name__, module)
+        return conv_rows(module, x)
+    return x.reshape(-1, x.shape[-1]), tuple(int(v) for v in x.shape[:-1])
+
+
+def real_tokens(batch: Any) -> Tensor | None:
+    """``(batch, length)`` bool of the real (not padded) positions of a token batch — its 2-D ``attention_mask``;
+    None when every position is real or the batch has no such mask."""
+    x = model_inputs(batch)
+    m = x.get("attention_mask") if isinstance(x, dict) else None
+    if not isinstance(m, Tensor) or m.dim() != 2:
+        return None
+    keep = m != 0
+    return None if bool(keep.all()) else keep
+
+
+class TokenMask:
+    """The real-token mask of the batch being run (``mask``, set per batch): :meth:`select` keeps the rows of
+    real tokens, so padding never enters the statistics."""
+
+    def __init__(self) -> None:
+        self.mask: Tensor | None = None
+
+    def select(self, name: str, rows: Tensor, lead: tuple[int, ...]) -> Tensor:
+        """Token rows (leading shape ``(batch, length)``, or flattened) restricted to real tokens; rows of
+        another shape (a pooled vector per sequence, a table of position embeddings) are kept whole.  A
+        ``(batch, other length, …)`` input of a padded batch is refused: which of its rows are padding is
+        unknown."""
+        m = self.mask
+        if m is None:
+            return rows
+        if lead == tuple(m.shape) or (len(lead) == 1 and lead[0] == m.numel()):
+            return rows[m.reshape(-1).to(rows.device)]
+        if len(lead) >= 2 and lead[0] == m.shape[0] > 1:
+            raise ModelError(f"{name}: its input has positions {lead} but the batch's attention mask is "
+                             f"{tuple(m.shape)}, so calibration cannot tell which rows are padding; calibrate with "
+                             "unpadded batches (calibration.batch_size: 1, no padding to a fixed length)")
+        return rows
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -162,9 +254,9 @@ class LayerStats:
     def add(self, rows: Tensor) -> None:
         r = rows.detach().float()
         self.n += int(r.shape[0])
-        self.sq += r.pow(2).sum(0).double()
+        self.sq += r.pow(2).sum(0).double().cpu()
         if self.xtx is not None:
-            self.xtx += (r.t() @ r).double()
+            self.xtx += (r.t() @ r).double().cpu()
 
     @property
     def H(self) -> Tensor:
@@ -179,15 +271,17 @@ class LayerStats:
         return self.sq.sqrt().float()
 
 
-def _hook_layers(modules: dict[str, nn.Module], hessian: bool) -> tuple[dict[str, LayerStats], list[RemovableHandle]]:
+def _hook_layers(modules: dict[str, nn.Module], hessian: bool,
+                 tokens: TokenMask) -> tuple[dict[str, LayerStats], list[RemovableHandle]]:
     stats: dict[str, LayerStats] = {}
     handles: list[RemovableHandle] = []
     for name, mod in modules.items():
+        check_calibration_target(name, mod)
         st = LayerStats(weight_matrix(mod).shape[1], hessian)
         stats[name] = st
 
-        def hook(m: nn.Module, args: tuple[Any, ...], _out: Any, st: LayerStats = st) -> None:
-            st.add(_layer_rows(m, args[0]))
+        def hook(m: nn.Module, args: tuple[Any, ...], _out: Any, st: LayerStats = st, name: str = name) -> None:
+            st.add(tokens.select(name, *layer_rows(m, args[0])))
         handles.append(mod.register_forward_hook(hook))
     return stats, handles
 
@@ -195,10 +289,12 @@ def _hook_layers(modules: dict[str, nn.Module], hessian: bool) -> tuple[dict[str
 @torch.no_grad()
 def collect_stats(model: nn.Module, batches: Iterable[Any], modules: dict[str, nn.Module],
                   hessian: bool = True) -> dict[str, LayerStats]:
-    """Statistics of every layer in ``modules`` from full forwards of the (unchanged) model."""
-    stats, handles = _hook_layers(modules, hessian)
+    """Statistics of every layer in ``modules`` (real tokens only) from full forwards of the (unchanged) model."""
+    tokens = TokenMask()
+    stats, handles = _hook_layers(modules, hessian, tokens)
     try:
         for b in batches:
+            tokens.mask = real_tokens(b)
             _forward(model, b)
     finally:
         for h in handles:
@@ -207,58 +303,158 @@ def collect_stats(model: nn.Module, batches: Iterable[Any], modules: dict[str, n
 
 
 # --------------------------------------------------------------------------------------------- blocks
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """``(name, list)`` of the largest ``nn.ModuleList`` of >= 2 same-type modules (the repeated
-    transformer blocks), or None."""
+Blocks = nn.ModuleList | nn.Sequential
+
+
+def find_blocks(model: nn.Module) -> tuple[str, Blocks] | None:
+    """``(name, blocks)`` of the largest ``nn.ModuleList`` or ``nn.Sequential`` of >= 2 modules of one type
+    (the repeated transformer blocks, a CNN stage), or None."""
     best = None
     for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1:
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) >= 2 and len({type(c) for c in m}) == 1:
             size = sum(p.numel() for p in m.parameters())
             if best is None or size > best[0]:
                 best = (size, name, m)
     return (best[1], best[2]) if best else None
 
 
-BlockCall = tuple[tuple[Any, ...], dict[str, Any]]   # ``(args, kwargs)`` of one call of a block
+@dataclass
+class BlockCall:
+    """One block's own call in the dense forward: its arguments without the hidden-state input, which sits at
+    ``slot`` (position ``0`` or a keyword) and is filled by :meth:`with_hidden`."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    slot: int | str
+
+    def with_hidden(self, hidden: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if self.slot == 0:
+            return (hidden, *self.args[1:]), self.kwargs
+        return self.args, {**self.kwargs, str(self.slot): hidden}
 
 
-class _Caught(Exception):
-    """Raised by the pre-hook on the first block once its inputs are recorded."""
+@dataclass
+class RecordedBatch:
+    """What the dense forward of one calibration batch recorded: the first block's hidden-state input, every
+    block's own call (:class:`BlockCall`, in block order) and the batch's real-token mask."""
+
+    hidden: Tensor
+    calls: list[BlockCall]
+    tokens: Tensor | None
 
 
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[Any]) -> list[BlockCall]:
-    """``(args, kwargs)`` of ``block``'s call for each batch (the forward stops at the block)."""
-    seen: list[BlockCall] = []
+class _Stop(Exception):
+    """Raised after the last block: the rest of the forward (final norm, head) is not needed."""
 
-    def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        seen.append((tuple(args), dict(kwargs)))
-        raise _Caught
 
-    h = block.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        for b in batches:
-            try:
-                _forward(model, b)
-            except _Caught:
-                pass
-    finally:
-        h.remove()
-    return seen
+def _model_name(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
 
 
 def _first(out: Any) -> Tensor:
-    first: Tensor = out[0] if isinstance(out, (tuple, list)) else out   # a block's output: HF tuple or tensor
+    """A block's hidden-state output: the tensor itself, or the first item of an HF tuple / ModelOutput."""
+    if isinstance(out, dict):
+        out = list(out.values())
+    first = out[0] if isinstance(out, (tuple, list)) and len(out) else out
+    if not isinstance(first, Tensor):
+        raise ModelError(f"a block returned {type(out).__name__} whose first item is not a tensor; block-by-block "
+                         "calibration needs the hidden states as the (first) output")
     return first
 
 
-def _next_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: Tensor) -> BlockCall:
-    """The next block's call: the hidden states replaced (first positional argument, else ``hidden_states``)."""
-    if args:
-        return (hidden, *args[1:]), kwargs
-    if "hidden_states" not in kwargs:
-        raise RecipeError(f"cannot find the hidden states among the block's arguments {sorted(kwargs)}")
-    return args, {**kwargs, "hidden_states": hidden}
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b)))
+
+
+def _block_call(where: str, i: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[BlockCall, Tensor]:
+    """The recorded call of block ``i`` (hidden states taken out) and its hidden-state input."""
+    if args and isinstance(args[0], Tensor):
+        return BlockCall((None, *args[1:]), dict(kwargs), 0), args[0]
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        return BlockCall(tuple(args), rest, "hidden_states"), kwargs["hidden_states"]
+    raise ModelError(f"{where}: block {i} gets no tensor as its first argument nor a 'hidden_states' keyword "
+                     f"(keywords: {sorted(kwargs)}); block-by-block calibration cannot find its input")
+
+
+@torch.no_grad()
+def record_block_calls(model: nn.Module, blocks: Blocks, batches: Iterable[Any],
+                       name: str = "blocks") -> list[RecordedBatch]:
+    """One dense forward per batch with hooks on every block (stopped after the last block): each block's own
+    call arguments (per-layer attention masks, position embeddings, …) and the first block's input.  Refuses
+    (:class:`ModelError`, naming the model and the block) a model that calls a block twice or out of order, or
+    whose block ``i+1`` input is not block ``i``'s output — replaying the blocks one by one would be wrong."""
+    where = f"{_model_name(model)} ({name})"
+    st: dict[str, Any] = {}
+
+    def pre(i: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if st["next"] != i:
+                raise ModelError(f"{where}: block {i} was called when block {st['next']} was expected; block-by-block "
+                                 "calibration needs every block called once, in order")
+            call, hidden = _block_call(where, i, args, kwargs)
+            if i == 0:
+                st["hidden"] = hidden
+            elif not _same(hidden, st["out"]):
+                raise ModelError(f"{where}: the input of block {i} is not the output of block {i - 1} (the model "
+                                 "changes the hidden states between its blocks); block-by-block calibration cannot "
+                                 "replay it — use an algorithm without calibration (e.g. oneshot)")
+            st["calls"].append(call)
+        return hook
+
+    def post(i: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
+            st["out"], st["next"] = _first(out), i + 1
+            if i == len(blocks) - 1:
+                raise _Stop
+        return hook
+
+    handles = [h for i, b in enumerate(blocks)
+               for h in (b.register_forward_pre_hook(pre(i), with_kwargs=True), b.register_forward_hook(post(i)))]
+    recorded = []
+    try:
+        for batch in batches:
+            st.update(next=0, calls=[], out=None)
+            try:
+                _forward(model, batch)
+            except _Stop:
+                pass
+            if st["next"] != len(blocks):
+                raise ModelError(f"{where}: the forward ran {st['next']} of its {len(blocks)} blocks; block-by-block "
+                                 "calibration needs every block called once, in order")
+            recorded.append(RecordedBatch(st["hidden"], st["calls"], real_tokens(batch)))
+    finally:
+        for h in handles:
+            h.remove()
+    return recorded
+
+
+def _call(block: nn.Module, call: BlockCall, hidden: Tensor) -> Any:
+    args, kwargs = call.with_hidden(hidden)
+    return block(*args, **kwargs)
+
+
+@torch.no_grad()
+def block_stats(block: nn.Module, i: int, recorded: list[RecordedBatch], hidden: list[Tensor],
+                modules: dict[str, nn.Module], hessian: bool = True) -> dict[str, LayerStats]:
+    """Input statistics of ``modules`` (inside block ``i``) over the batches, the block called with its own
+    recorded arguments and ``hidden`` (per batch) as its input; real tokens only."""
+    tokens = TokenMask()
+    stats, handles = _hook_layers(modules, hessian, tokens)
+    try:
+        for rec, h in zip(recorded, hidden):
+            tokens.mask = rec.tokens
+            _call(block, rec.calls[i], h)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return stats
+
+
+@torch.no_grad()
+def propagate(block: nn.Module, i: int, recorded: list[RecordedBatch], hidden: list[Tensor]) -> list[Tensor]:
+    """Block ``i``'s outputs (the next block's inputs) for each batch."""
+    return [_first(_call(block, rec.calls[i], h)) for rec, h in zip(recorded, hidden)]
 
 
 PruneBlock = Callable[[dict[str, nn.Module], dict[str, LayerStats]], None]
@@ -278,6 +474,8 @@ def run_blockwise(model: nn.Module, batches: list[Any], targets: dict[str, nn.Mo
     if use_cache:
         cfg.use_cache = False
     try:
+        for name, mod in targets.items():
+            check_calibration_target(name, mod)
         _run_blocks(model, batches, targets, prune_block, hessian)
     finally:
         if use_cache:
@@ -287,25 +485,24 @@ def run_blockwise(model: nn.Module, batches: list[Any], targets: dict[str, nn.Mo
 
 def _run_blocks(model: nn.Module, batches: list[Any], targets: dict[str, nn.Module], prune_block: PruneBlock,
                 hessian: bool) -> None:
+    """Capture every block's call → for each block: statistics → prune → propagate; then the other targets."""
     found = find_blocks(model)
     done: set[str] = set()
     if found is not None:
-        _, blocks = found
-        inputs = capture_block_inputs(model, blocks[0], batches)
-        for block in blocks:
-            ids = {id(m) for m in block.modules()}
-            mods = {n: m for n, m in targets.items() if id(m) in ids}
-            if mods:
-                stats, handles = _hook_layers(mods, hessian)
-                try:
-                    for args, kwargs in inputs:
-                        block(*args, **kwargs)
-                finally:
-                    for h in handles:
-                        h.remove()
-                prune_block(mods, stats)
-                done.update(mods)
-            inputs = [_next_inputs(a, k, _first(block(*a, **k))) for a, k in inputs]
+        name, blocks = found
+        per_block = [{n: m for n, m in targets.items() if id(m) in {id(x) for x in b.modules()}} for b in blocks]
+        last = max((i for i, mods in enumerate(per_block) if mods), default=-1)
+        upto = cast(Blocks, blocks[:last + 1])          # record up to the last block holding targets
+        recorded = record_block_calls(model, upto, batches, name) if last >= 0 else []
+        hidden = [r.hidden for r in recorded]
+        for i, block in enumerate(blocks):
+            if i > last:
+                break
+            if per_block[i]:
+                prune_block(per_block[i], block_stats(block, i, recorded, hidden, per_block[i], hessian))
+                done.update(per_block[i])
+            if i < last:
+                hidden = propagate(block, i, recorded, hidden)
     rest = {n: m for n, m in targets.items() if n not in done}
     if rest:
         prune_block(rest, collect_stats(model, batches, rest, hessian))
@@ -399,12 +596,17 @@ class PostTraining(Algorithm[PT]):
         c = self.calibration
         return collect_batches(self.calibration_loader, c.samples, c.batch_size, c.max_length, c.seed)
 
+    def targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        """``{param: module}`` of the spec's targets; the default ``["*"]`` on an HF-style model is its block
+        matrices (:func:`~prunekit.core.targets.resolve_targets`: LM head and embeddings stay dense)."""
+        return find_targets(model, self.spec.targets)
+
     def layer_plan(self, model: nn.Module, batches: list[Any]) -> dict[str, tuple[Structure, float]]:
         """``{param: (structure, sparsity)}``: the spec's plan, re-allocated by OWL if asked."""
         if self.spec.scope != "layer":
             raise RecipeError(f"algorithm {self.name!r} prunes layer by layer; prune.scope must be 'layer', "
                              f"got {self.spec.scope!r}")
-        targets = find_targets(model, self.spec.targets)
+        targets = self.targets(model)
         plan = self.spec.layer_plan(list(targets))   # names only: this module handles Conv1D's (in, out) itself
         if self.params.allocation == "owl":
             plan = owl_plan(model, targets, plan, batches, self.params.owl_m, self.params.owl_lambda)
@@ -413,7 +615,7 @@ class PostTraining(Algorithm[PT]):
     def final_masks(self, model: nn.Module) -> MaskSet:
         batches = self.calibration_batches()
         plan = self.layer_plan(model, batches)
-        targets = {n: m for n, m in find_targets(model, self.spec.targets).items() if n in plan}
+        targets = {n: m for n, m in self.targets(model).items() if n in plan}
         masks = MaskSet()
 
         def prune_block(mods: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:

@@ -19,6 +19,7 @@ no signal.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from prunekit.algorithms.base import register
 from prunekit.algorithms.calibration import (
+    CONV_TYPES,
     LayerStats,
     PostTraining,
     PostTrainingParams,
@@ -174,7 +176,7 @@ class OBSStructured(PostTraining["OBSStructured.Params"]):
         def prune_block(mods: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:
             for name, mod in mods.items():
                 W = weight_matrix(mod)
-                size = mod.kernel_size[0] * mod.kernel_size[1] if isinstance(mod, nn.Conv2d) else 1
+                size = math.prod(mod.kernel_size) if isinstance(mod, CONV_TYPES) else 1   # conv: input channels
                 count = W.shape[1] // size
                 W_new, keep = obs_group_prune(W, stats[name].H, count, size, int(round(sp * count)),
                                               self.params.percdamp, self.params.rounds)

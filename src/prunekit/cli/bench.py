@@ -2,10 +2,13 @@
 
 The run's model is rebuilt (see ``prunekit compact``); three variants are timed on the run's example
 input repeated to batch 1 and 32, at 1 and 2 threads: the *masked* model (dense kernels; zeros
-stored), the *compacted* model (``prunekit.deploy.compact``) and the masked model with Linear layers switched
-to CSR where measured faster (``prunekit.deploy.sparse_linear.sparsify_linears``).  Calls are interleaved,
+stored), the *compacted* model — the same graph-driven, verified compaction ``prunekit compact`` writes
+(:func:`prunekit.deploy.surgery.compact`; a model that does not trace is refused, not timed) — and the
+masked model with Linear layers switched to CSR where measured faster
+(``prunekit.deploy.sparse_linear.sparsify_linears``).  Calls are interleaved,
 under ``torch.inference_mode`` after warm-up; medians are reported.  Sizes are the bytes of the
-three state dicts as safetensors-encoded tensors (sparse: ``storage.encode_state_dict``).
+three state dicts as safetensors-encoded tensors (sparse: ``storage.encode_state_dict``).  A run whose
+recipe names code to import needs ``--trust-code`` (see ``prunekit compact``).
 """
 from __future__ import annotations
 
@@ -14,8 +17,7 @@ import functools
 
 import torch
 
-from prunekit.cli.compact import load_run
-from prunekit.deploy.compact import compact
+from prunekit.cli.compact import add_trust_flag, compact_loaded, load_run
 from prunekit.deploy.sparse_linear import sparsify_linears
 from prunekit.deploy.storage import encode_state_dict
 from prunekit.deploy.timing import call_model, interleaved_ms, repeat_batch
@@ -29,6 +31,7 @@ def add_parser(sub):
     p.add_argument("--repeats", type=int, default=9, help="timed calls per variant (default 9)")
     p.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default 1,32)")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    add_trust_flag(p)
     p.set_defaults(func=run)
 
 
@@ -36,11 +39,11 @@ def _bytes(sd: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in sd.values())
 
 
-def bench_run(run_dir, repeats: int = 9, batches=(1, 32), threads=(1, 2)) -> dict:
-
-    masked, masks, recipe, x0 = load_run(run_dir)
-    comp = copy.deepcopy(masked)
-    res = compact(comp)
+def bench_run(run_dir, repeats: int = 9, batches=(1, 32), threads=(1, 2), *, trust_code: bool = False) -> dict:
+    """Sizes and latencies of a run folder (module docstring); the compacted variant is verified."""
+    masked, masks, recipe, x0 = load_run(run_dir, trust_code=trust_code)
+    res = compact_loaded(copy.deepcopy(masked), masks, x0, recipe.model.name)
+    comp = res.model
     sizes = {"dense": _bytes(masked.state_dict()), "compacted": _bytes(comp.state_dict()),
              "sparse": _bytes(encode_state_dict(masked.state_dict(), "best")[0]),
              "compacted+sparse": _bytes(encode_state_dict(comp.state_dict(), "best")[0])}
@@ -74,5 +77,6 @@ def format_bench(r: dict) -> str:
 
 def run(args) -> int:
     ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())  # noqa: E731
-    print(format_bench(bench_run(args.run_dir, args.repeats, ints(args.batches), ints(args.threads))))
+    print(format_bench(bench_run(args.run_dir, args.repeats, ints(args.batches), ints(args.threads),
+                                 trust_code=args.trust_code)))
     return 0

@@ -17,8 +17,13 @@ into ``--out`` (default ``RUN_DIR/compact``):
 
 Prints per group what was removed / kept / why not removable, parameters and MACs (from the graph)
 before/after, and the size table.  If verification fails (:class:`~prunekit.deploy.surgery.CompactionError`)
-the error naming the group is printed, nothing is written, and the exit code is 2.  A model that does not
-trace falls back to the old hand-written ``Chain`` compaction (:mod:`prunekit.deploy.compact`), and says so.
+the error naming the group is printed, nothing is written, and the exit code is 2.  A model that does
+not trace is refused the same way (no unverified fallback): the error names the model and the trace error.
+
+Opening a run folder never runs code it names unless asked: a recipe whose model or data is an import
+path (``package.module:factory``) or sets ``model.trust_remote_code`` is refused with
+:class:`~prunekit.core.errors.UntrustedCodeError` (one line: what would be imported) unless
+``--trust-code`` (Python: ``trust_code=True``) is given.
 """
 from __future__ import annotations
 
@@ -29,14 +34,13 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from prunekit.core.errors import RecipeError
+from prunekit.core.errors import RecipeError, UntrustedCodeError
 from prunekit.deploy import surgery
-from prunekit.deploy.compact import compact as chain_compact
 from prunekit.deploy.compact import graph_manifest, save_compacted
 from prunekit.deploy.storage import encode_state_dict
 from prunekit.graph import TraceError
 from prunekit.io.checkpoint import MODEL_FILE, _atomic_replace, load_checkpoint, read_manifest
-from prunekit.pipelines.recipe import parse_recipe
+from prunekit.pipelines.recipe import code_to_run, parse_recipe
 from prunekit.pipelines.workloads import build_workload
 
 
@@ -49,19 +53,32 @@ def add_parser(sub):
                                    "the compacted model, its manifest and a sparse storage file.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder written by `prunekit run`")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/compact)")
+    add_trust_flag(p)
     p.set_defaults(func=run)
 
 
-def load_run(run_dir: str | os.PathLike, data_limit: int = 8) -> tuple[Any, Any, Any, Any]:
+def add_trust_flag(p) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow importing the model/data factory named in the run's stored recipe (package.module:"
+                        "factory) and Hugging Face remote code; without it such a run folder is refused")
+
+
+def load_run(run_dir: str | os.PathLike, data_limit: int = 8, *, trust_code: bool = False) -> tuple[Any, Any, Any, Any]:
     """Rebuild a run's model from its recipe and load weights + masks: ``(model, masks, recipe, example_input)``.
 
-    The workload is rebuilt with ``data.limit = data_limit`` (only the model and one example input are used)."""
+    The workload is rebuilt with ``data.limit = data_limit`` (only the model and one example input are used).
+    A recipe that names code to import or remote code to run (:func:`prunekit.pipelines.recipe.code_to_run`)
+    raises :class:`UntrustedCodeError` before anything is imported, unless ``trust_code``."""
 
     manifest = read_manifest(run_dir)
     raw = manifest.get("recipe")
     if not isinstance(raw, dict):
         raise RecipeError(f"{Path(run_dir) / 'manifest.json'} holds no recipe; is it the folder of a `prunekit run`?")
     recipe = parse_recipe(raw, [f"data.limit={data_limit}", "data.eval_limit=null", "model.checkpoint=null"])
+    needs = code_to_run(recipe)
+    if needs and not trust_code:
+        raise UntrustedCodeError(f"opening {run_dir} would {'; '.join(needs)} — code stored in the run folder's "
+                                 "recipe; pass --trust-code (Python: trust_code=True) if you trust it")
     wl = build_workload(recipe)
     _, masks, _ = load_checkpoint(run_dir, wl.model)
     wl.model.eval()
@@ -73,38 +90,41 @@ def _file_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def compact_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, log=print) -> dict:
+def compact_loaded(model: Any, masks: Any, example_input: Any, name: str) -> surgery.CompactResult:
+    """:func:`prunekit.deploy.surgery.compact` of a rebuilt run model; a model that does not trace is
+    refused (:class:`~prunekit.deploy.surgery.CompactionError` naming the model and the trace error)."""
+    try:
+        return surgery.compact(model, masks, example_input)
+    except TraceError as e:
+        raise surgery.CompactionError(f"model {name!r} cannot be compacted: its graph does not trace, so the "
+                                      f"coupled groups are unknown and nothing is removed or written ({e})") from None
+
+
+def compact_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, log=print, *,
+                trust_code: bool = False) -> dict:
     """Compact a run folder; returns ``{"out", "mode", "sizes", "removed", "groups", "params", "macs", ...}``.
 
-    Raises :class:`~prunekit.deploy.surgery.CompactionError` (nothing written) when verification fails."""
+    Raises :class:`~prunekit.deploy.surgery.CompactionError` (nothing written) when verification fails or
+    the model does not trace; :class:`UntrustedCodeError` when the recipe names code and not ``trust_code``."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "compact"
-    model, masks, recipe, x = load_run(run_dir)
+    model, masks, recipe, x = load_run(run_dir, trust_code=trust_code)
     masked_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     extra = {"run_dir": str(run_dir), "model": recipe.model.name}
     result: dict = {"out": str(out)}
-    try:
-        res = surgery.compact(model, masks, x)
-    except TraceError as e:
-        log(f"note: the model does not trace ({str(e).splitlines()[0][:200]}); falling back to the hand-written "
-            "Chain compaction (prunekit.deploy.compact), unverified by the graph")
-        old = chain_compact(model, masks)
-        save_compacted(out, model, old.manifest, extra=extra)
-        result.update(mode="chains", removed=old.removed, groups=[], macs=None,
-                      params={"before": old.params_before, "after": old.params_after})
-    else:
-        man = graph_manifest(res, model)
-        save_compacted(out, model, man, extra=extra)
-        result.update(mode="graph", removed=res.removed, groups=man["groups"], notes=res.notes,
-                      config_updates=res.config_updates, rel_err=res.rel_err,
-                      params={"before": res.params_before, "after": res.params_after},
-                      macs={"before": res.macs_before, "after": res.macs_after})
-        if hasattr(model, "save_pretrained") and getattr(model, "config", None) is not None:
-            if res.notes:
-                log("not written with save_pretrained: " + "; ".join(res.notes))
-            else:
-                model.save_pretrained(out / "hf")
-                result["hf"] = str(out / "hf")
+    res = compact_loaded(model, masks, x, recipe.model.name)
+    man = graph_manifest(res, model)
+    save_compacted(out, model, man, extra=extra)
+    result.update(mode="graph", removed=res.removed, groups=man["groups"], notes=res.notes,
+                  config_updates=res.config_updates, rel_err=res.rel_err,
+                  params={"before": res.params_before, "after": res.params_after},
+                  macs={"before": res.macs_before, "after": res.macs_after})
+    if hasattr(model, "save_pretrained") and getattr(model, "config", None) is not None:
+        if res.notes:
+            log("not written with save_pretrained: " + "; ".join(res.notes))
+        else:
+            model.save_pretrained(out / "hf")
+            result["hf"] = str(out / "hf")
     tensors, meta = encode_state_dict({k: v.contiguous() for k, v in model.state_dict().items()}, "best")
     _atomic_replace(out / "sparse.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"prunekit": meta}))
     sparse_masked, meta2 = encode_state_dict(masked_sd, "best")
@@ -141,20 +161,17 @@ def format_groups(groups: list[dict]) -> str:
 
 def run(args) -> int:
     try:
-        r = compact_run(args.run_dir, args.out)
+        r = compact_run(args.run_dir, args.out, trust_code=args.trust_code)
     except surgery.CompactionError as e:
         print(f"error: {e}; nothing was written", file=sys.stderr)
         return 2
     p = r["params"]
-    print(f"compacted {args.run_dir} → {r['out']} ({'graph-driven, verified' if r['mode'] == 'graph' else 'hand-written chains: the model does not trace'}): "
+    print(f"compacted {args.run_dir} → {r['out']} (graph-driven, verified): "
           f"{p['before']:,} → {p['after']:,} parameters")
     if r.get("macs") and r["macs"].get("before"):
         m = r["macs"]
         print(f"MACs (from the graph): {m['before']:,} → {m['after']:,} ({m['before'] / max(m['after'], 1):.2f}x fewer)")
-    if r["groups"]:
-        print(format_groups(r["groups"]))
-    else:
-        print("removed: " + (", ".join(f"{k} {v}" for k, v in r["removed"].items() if v) or "nothing"))
+    print(format_groups(r["groups"]))
     for n in r.get("notes", []):
         print(f"note: {n}")
     if r.get("hf"):

@@ -144,6 +144,10 @@ def _interruptible(args, out: Path, work):
         signum = getattr(e, "signum", signal.SIGINT)
         if int(os.environ.get("RANK", "0")) == 0:
             name = signal.Signals(signum).name
+            if not (out / "state").is_dir():       # stopped before the first checkpoint (a started folder is removed)
+                print(f"\nprunekit run: stopped by {name} before the first checkpoint; nothing to resume",
+                      file=sys.stderr, flush=True)
+                return 128 + int(signum)
             print(f"\nprunekit run: stopped by {name}; the run state in {out / 'state'} is intact "
                   f"(checkpoints are written whole or not at all).  Resume with:\n  {resume_command(args, out)}",
                   file=sys.stderr, flush=True)

@@ -9,7 +9,7 @@ Each class also derives from the builtin that callers of earlier versions caught
 from __future__ import annotations
 
 __all__ = ["PrunekitError", "RecipeError", "UnknownNameError", "DataError", "CheckpointError", "ModelError",
-           "NonFiniteLoss"]
+           "NonFiniteLoss", "UntrustedCodeError"]
 
 
 class PrunekitError(Exception):
@@ -39,3 +39,9 @@ class ModelError(PrunekitError, ValueError):
 
 class NonFiniteLoss(PrunekitError, FloatingPointError):
     """The loss became NaN or inf; training stopped and the last good checkpoint is kept."""
+
+
+class UntrustedCodeError(PrunekitError, PermissionError):
+    """Opening a run folder would import code named in its stored recipe (a ``package.module:factory``,
+    a data factory) or run a Hugging Face repository's own code, and the user did not allow it
+    (``--trust-code`` / ``trust_code=True``).  The message says what would run."""

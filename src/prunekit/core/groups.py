@@ -61,7 +61,10 @@ class CoupledGroup:
     ``kind``: ``"channels"``, ``"neurons"``, ``"heads"`` or ``"kv_groups"``.  ``modules``: the modules
     owning the sliced tensors (for attribute fixes after compaction).  ``attention``: for heads /
     KV groups, the attention module path, and ``head_dim`` / ``heads_per_unit`` (query heads per unit:
-    1 for heads, ``n_rep`` for KV groups)."""
+    1 for heads, ``n_rep`` for KV groups).  ``sources``: the slices that *write* the units (a Linear's or
+    Conv's output rows, an embedding's columns); a unit whose sources and one-dimensional parameters
+    (biases, norm affine) are all zero is provably zero.  ``readers``: consumers without a weight (a
+    ``sum`` over the units): with readers, a unit goes only when it is provably zero."""
 
     name: str
     kind: str
@@ -75,6 +78,8 @@ class CoupledGroup:
     heads_per_unit: int = 0
     kv_per_unit: int = 0
     producers: tuple[str, ...] = field(default=())
+    sources: tuple[Slice, ...] = ()
+    readers: tuple[str, ...] = ()
 
     @property
     def tensors(self) -> tuple[str, ...]:

@@ -223,17 +223,25 @@ class PruneSpec:
                 skipped[g.name] = "ignored (prune.ignore)"
                 continue
             if names is not None and g.producers and not any(f"{m}.weight" in names for m in g.producers):
-                skipped[g.name] = "no producing layer among prune.targets"
+                skipped[g.name] = _NOT_TARGETED
                 continue
             pat, sp = self._group_override(g)
             if pat is not None:
                 used.add(pat)
             plan.append((g, sp if sparsity is None else scaled_sparsity(sp, self.sparsity, sparsity), pat is not None))
+        outside = [n for n, why in skipped.items() if why == _NOT_TARGETED]
+        if not plan and outside:
+            raise RecipeError(f"prune.targets include={self.targets.include} exclude={self.targets.exclude} hold no "
+                              f"producing layer of any {'/'.join(kinds)} group, so nothing would be pruned; groups: "
+                              f"{outside[:10]}{' …' if len(outside) > 10 else ''}")
         unused = set(self.overrides) - used
         if unused:
             raise ValueError(f"prune.overrides patterns {sorted(unused)} match no prunable group; groups: "
                              f"{[g.name for g, _, _ in plan][:20]}")
         return plan, skipped
+
+
+_NOT_TARGETED = "no producing layer among prune.targets"
 
 
 def _group_match(g: CoupledGroup, pattern: str) -> bool:
@@ -382,9 +390,7 @@ def prune(model: nn.Module, structure: str | Structure = "unstructured", sparsit
     Group structures need ``groups`` (``prunekit.prune`` finds them from ``example_inputs``);
     ``group_options``: ``min_keep``, ``multiple_of``, ``uniform``, ``ignore`` (see :class:`PruneSpec`).
     Hard-prune the following training with ``masks.attach(model, optimizer)``."""
-    if isinstance(targets, dict):
-        targets = TargetSpec(**targets)
-    spec = PruneSpec(structure, sparsity, score, scope, targets or TargetSpec(), overrides or {}, groups=groups,
+    spec = PruneSpec(structure, sparsity, score, scope, TargetSpec.of(targets), overrides or {}, groups=groups,
                      **group_options)
     masks = compute_masks(model, spec)
     if apply:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from prunekit.core.errors import DataError
 from prunekit.data.images import ImageDataset
 from prunekit.data.paths import resolve_data_root
+from prunekit.data.sample import sample_indices
 
 __all__ = ["MEAN", "STD", "CLASSES", "RECORD_BYTES", "SAMPLE_FILE", "SAMPLE_TRAIN", "load_cifar10",
            "read_batches", "random_crop_flip", "find_cifar10_dir", "download"]
@@ -130,12 +131,12 @@ def _class_names(folder: Path) -> tuple[str, ...]:
 
 
 def load_cifar10(root: str | os.PathLike | None = None, split: str = "train", limit: int | None = None,
-                 augment: bool = False) -> ImageDataset:
+                 augment: bool = False, seed: int = 0) -> ImageDataset:
     """CIFAR-10 ``split`` (``train``/``test``) as normalised float32 ``(N, 3, 32, 32)`` images and int64 labels.
 
     Uses the standard batches when the split's files are all there; otherwise the 200-record sample
-    (see the module docstring; ``note`` is set and a warning issued). ``limit`` keeps the first N of
-    the split. ``augment=True`` adds random crop + flip in ``__getitem__`` (train split only).
+    (see the module docstring; ``note`` is set and a warning issued). ``limit`` keeps a seeded,
+    class-stratified sample of N of the split (:func:`~prunekit.data.sample.sample_indices`), in file order. ``augment=True`` adds random crop + flip in ``__getitem__`` (train split only).
     """
     if split not in STANDARD_FILES:
         raise DataError(f"unknown CIFAR-10 split {split!r}; valid: {', '.join(STANDARD_FILES)}")
@@ -146,7 +147,7 @@ def load_cifar10(root: str | os.PathLike | None = None, split: str = "train", li
     present = [p for p in wanted if p.is_file()]
     note = None
     if len(present) == len(wanted):
-        images, labels = read_batches(wanted, limit)
+        images, labels = read_batches(wanted)
         files = wanted
     elif present:
         missing = [p.name for p in wanted if not p.is_file()]
@@ -162,8 +163,6 @@ def load_cifar10(root: str | os.PathLike | None = None, split: str = "train", li
         if hi <= lo:
             raise DataError(f"{sample}: only {len(labels)} records, too few for the {SAMPLE_TRAIN}-record train part")
         images, labels = images[lo:hi], labels[lo:hi]
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
         note = (f"CIFAR-10 standard batches not found in {folder}; using the {split} part "
                 f"(records {lo}-{hi - 1}) of the {SAMPLE_FILE} sample: {len(labels)} images. "
                 "Smoke-test data only; not CIFAR-10 results.")
@@ -172,6 +171,9 @@ def load_cifar10(root: str | os.PathLike | None = None, split: str = "train", li
     else:
         raise DataError(f"{folder}: no CIFAR-10 files ({', '.join(STANDARD_FILES[split])} or {SAMPLE_FILE}); "
                         "run prunekit.data.cifar10.download(root) on a machine with network access")
+    if limit is not None and limit < len(labels):
+        keep = sample_indices(labels.tolist(), limit, seed)
+        images, labels = images[keep], labels[keep]
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0).sub_(mean).div_(std)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from prunekit.core.errors import DataError
+from prunekit.data.sample import sample_indices
 from prunekit.models.user import ModelImportError, call_factory
 
 __all__ = ["FactoryData", "load_factory", "check_examples"]
@@ -32,6 +33,20 @@ class FactoryData:
     eval: Any
     num_classes: int          # 1 for regression
     task_type: str
+    train_labels: list[float | int] = field(default_factory=list)   # every example's label, read once
+    eval_labels: list[float | int] = field(default_factory=list)
+
+    def limited(self, limit: int | None, eval_limit: int | None, seed: int) -> FactoryData:
+        """The splits cut to ``limit`` / ``eval_limit`` examples: the seeded, class-stratified sample of
+        :func:`~prunekit.data.sample.sample_indices` (uniform for regression), as ``Subset`` views."""
+        def cut(ds: Any, labels: list[float | int], n: int | None) -> tuple[Any, list[float | int]]:
+            if n is None or n >= len(labels):
+                return ds, labels
+            idx = sample_indices(None if self.task_type == "regression" else labels, n, seed, size=len(labels))
+            return torch.utils.data.Subset(ds, idx), [labels[i] for i in idx]
+        train, y_train = cut(self.train, self.train_labels, limit)
+        ev, y_eval = cut(self.eval, self.eval_labels, eval_limit)
+        return FactoryData(train, ev, self.num_classes, self.task_type, y_train, y_eval)
 
 
 def _label_value(label: Any, where: str, task_type: str) -> float | int:
@@ -91,7 +106,7 @@ def load_factory(path: str, args: dict | None = None, task_type: str = "classifi
     y_train = check_examples(train, f"{path} train", task_type)
     y_eval = check_examples(ev, f"{path} eval", task_type)
     if task_type == "regression":
-        return FactoryData(train, ev, 1, task_type)
+        return FactoryData(train, ev, 1, task_type, y_train, y_eval)
     classes = getattr(train, "classes", None)
     k = len(classes) if classes is not None else int(max(y_train)) + 1
     for i, y in enumerate(y_eval):
@@ -100,4 +115,4 @@ def load_factory(path: str, args: dict | None = None, task_type: str = "classifi
     bad = next((i for i, y in enumerate(y_train) if y >= k), None)
     if bad is not None:
         raise DataError(f"{path} train[{bad}]: label {y_train[bad]} >= len(train.classes) = {k}")
-    return FactoryData(train, ev, k, task_type)
+    return FactoryData(train, ev, k, task_type, y_train, y_eval)

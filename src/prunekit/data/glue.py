@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from prunekit.core.errors import DataError, UnknownNameError
 from prunekit.data.paths import resolve_data_root
+from prunekit.data.sample import subsample
 
 __all__ = ["GlueTask", "GlueExample", "GlueData", "GLUE_TASKS", "get_task", "list_tasks", "load_glue",
            "read_glue_tsv", "EncodedGlue", "encode_examples", "BucketBatchSampler", "pad_collate", "make_loader"]
@@ -264,8 +265,11 @@ def find_task_dir(task: str | GlueTask, root: str | os.PathLike | None = None) -
 
 
 def load_glue(task: str | GlueTask, root: str | os.PathLike | None = None, split: str = "train",
-              limit: int | None = None) -> GlueData:
-    """Read split ``split`` of GLUE ``task`` (``train``/``dev``; MNLI ``dev`` = ``dev_matched``)."""
+              limit: int | None = None, seed: int = 0) -> GlueData:
+    """Read split ``split`` of GLUE ``task`` (``train``/``dev``; MNLI ``dev`` = ``dev_matched``).
+
+    ``limit`` keeps a sample of ``limit`` examples drawn with ``seed``, stratified by class (STS-B:
+    uniform), in file order (:func:`prunekit.data.sample.subsample`)."""
     task = get_task(task)
     split_key = task.aliases.get(split, split)
     if split_key not in task.files:
@@ -275,7 +279,8 @@ def load_glue(task: str | GlueTask, root: str | os.PathLike | None = None, split
         raise DataError(f"{path}: GLUE {task.display} {split_key} file not found. Get the GLUE data "
                         f"(official download_glue_data.py, see {GLUE_URL}) and put {task.display}/"
                         f"{task.files[split_key]} under <data root>/glue/")
-    return GlueData(task, split_key, path, read_glue_tsv(task, path, limit))
+    data = GlueData(task, split_key, path, read_glue_tsv(task, path))
+    return subsample(data, limit, seed, regression=task.is_regression)
 
 
 # --- tokenisation and loading ---------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 from prunekit.core.errors import DataError
 from prunekit.data.cifar10 import random_crop_flip
 from prunekit.data.images import ImageDataset
+from prunekit.data.sample import sample_indices
 
 __all__ = ["IMAGE_EXTENSIONS", "EVAL_DIRS", "list_classes", "list_images", "read_image", "load_imagefolder"]
 
@@ -92,10 +93,13 @@ def _channel_stats(values: Sequence[float] | None, channels: int, default: float
 
 def load_imagefolder(root: str | os.PathLike, split: str = "train", *, image_size: int | Sequence[int] | None = None,
                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                     grayscale: bool = False, limit: int | None = None, augment: bool = False) -> ImageDataset:
+                     grayscale: bool = False, limit: int | None = None, augment: bool = False,
+                     seed: int = 0) -> ImageDataset:
     """Read split ``train`` or ``val`` (aliases ``test``/``eval``) into an :class:`ImageDataset`.
 
-    ``limit`` keeps the first ``limit`` images in (class, file name) order.  ``augment`` (train only)
+    ``limit`` keeps a seeded, class-stratified sample of ``limit`` images
+    (:func:`~prunekit.data.sample.sample_indices`: every class in proportion to its size, ``seed`` picks
+    the files); only those files are read.  ``augment`` (train only)
     adds the CIFAR-style random crop of the (H/8)-padded image plus a horizontal flip."""
     root = Path(root).expanduser()
     classes = list_classes(root / "train")
@@ -108,8 +112,7 @@ def load_imagefolder(root: str | os.PathLike, split: str = "train", *, image_siz
     files = [(f, classes.index(c)) for c in present for f in list_images(split_dir / c)]
     if not files:
         raise DataError(f"{split_dir}: no images ({'/'.join(IMAGE_EXTENSIONS)}) in the class folders {present}")
-    if limit is not None:
-        files = files[:limit]
+    files = [files[i] for i in sample_indices([y for _, y in files], limit, seed)]
     size = _size(image_size)
     arrays = [read_image(f, size, grayscale) for f, _ in files]
     first = arrays[0].shape

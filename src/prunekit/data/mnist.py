@@ -27,6 +27,7 @@ import torch
 from prunekit.core.errors import DataError
 from prunekit.data.images import ImageDataset
 from prunekit.data.paths import resolve_data_root
+from prunekit.data.sample import sample_indices
 
 __all__ = ["MEAN", "STD", "CLASSES", "SPLITS", "load_mnist", "read_idx", "find_mnist_dir", "download"]
 
@@ -121,9 +122,11 @@ def _file(folder: Path, stem: str) -> Path:
                     "on a machine with network access, or point data.root at a folder with mnist/)")
 
 
-def load_mnist(root: str | os.PathLike | None = None, split: str = "train", limit: int | None = None) -> ImageDataset:
+def load_mnist(root: str | os.PathLike | None = None, split: str = "train", limit: int | None = None,
+               seed: int = 0) -> ImageDataset:
     """MNIST ``split`` (``train``: 60000, ``test``: 10000) as normalised float32 ``(N, 1, 28, 28)``
-    images (mean 0.1307, std 0.3081 of the [0, 1] pixels) and int64 labels; ``limit`` keeps the first N.
+    images (mean 0.1307, std 0.3081 of the [0, 1] pixels) and int64 labels; ``limit`` keeps a seeded,
+    class-stratified sample of N (:func:`~prunekit.data.sample.sample_indices`), in file order.
     """
     if split not in SPLITS:
         raise DataError(f"unknown MNIST split {split!r}; valid: {', '.join(SPLITS)}")
@@ -131,14 +134,17 @@ def load_mnist(root: str | os.PathLike | None = None, split: str = "train", limi
     prefix = SPLITS[split]
     img_path = _file(folder, f"{prefix}-images-idx3-ubyte")
     lbl_path = _file(folder, f"{prefix}-labels-idx1-ubyte")
-    images = read_idx(img_path, _IMAGES_MAGIC, limit)
-    labels = read_idx(lbl_path, _LABELS_MAGIC, limit)
+    images = read_idx(img_path, _IMAGES_MAGIC)
+    labels = read_idx(lbl_path, _LABELS_MAGIC)
     if images.shape[1:] != (28, 28):
         raise DataError(f"{img_path}: images are {images.shape[1:]}, expected (28, 28)")
     if len(images) != len(labels):
         raise DataError(f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels")
     if labels.size and labels.max() > 9:
         raise DataError(f"{lbl_path}: label {int(labels.max())} out of range 0..9")
+    if limit is not None and limit < len(labels):
+        keep = sample_indices(labels.tolist(), limit, seed)
+        images, labels = images[keep], labels[keep]
     x = torch.from_numpy(images).to(torch.float32).unsqueeze(1)  # (N, 1, 28, 28), 0..255
     x.div_(255.0).sub_(MEAN[0]).div_(STD[0])  # in place: the full train set is 188 MB of float32
     y = torch.from_numpy(labels.astype(np.int64))

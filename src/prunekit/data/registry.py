@@ -69,16 +69,17 @@ def canonical_dataset_name(name: str) -> str:
 
 
 def get_dataset(name: str, root: str | os.PathLike | None = None, split: str = "train",
-                limit: int | None = None, **kw: Any):
+                limit: int | None = None, seed: int = 0, **kw: Any):
     """Load dataset ``name`` from the data root.
 
     ``root`` is resolved by :func:`prunekit.data.paths.resolve_data_root` (option, ``$PRUNEKIT_DATA``,
     ``../shared/data``). ``split`` is ``train``/``test`` for images and ``train``/``dev`` (MNLI also
-    ``dev_matched``/``dev_mismatched``) for GLUE. ``limit`` keeps the first ``limit`` examples.
+    ``dev_matched``/``dev_mismatched``) for GLUE. ``limit`` keeps a class-stratified sample of ``limit``
+    examples drawn with ``seed`` (:func:`prunekit.data.sample.sample_indices`; regression: uniform).
     Extra keywords go to the loader (e.g. ``augment=True`` for CIFAR-10).
     Returns an :class:`ImageDataset` for images and a :class:`prunekit.data.glue.GlueData` for GLUE.
     """
     loader = DATASETS.get(canonical_dataset_name(name))
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise DataError(f"limit must be a non-negative int or None, got {limit!r}")
-    return loader(root, split, limit, **kw)
+    return loader(root, split, limit, seed=seed, **kw)

@@ -3,8 +3,10 @@
 Every example has one text column or a pair (``text_columns: [sentence]`` or ``[sentence1, sentence2]``)
 and a label column.  ``task_type: classification`` maps the distinct labels of the **train** split to
 class ids — sorted numerically when every label is an integer (``"0", "1", "10"``), else as strings —
-so an eval label that train lacks is an error naming the file and the row.  ``task_type: regression``
-reads the label as a float target.
+so an eval label that train lacks is an error naming the file and the row.  A label written as an
+integral number (``1``, ``"1"``, ``1.0``, ``"1.0"``) is one class however it is spelled.  A train split
+with more than two classes and more classes than half its rows warns ("regression?").
+``task_type: regression`` reads the label as a float target.
 
 File formats (from the extension, or ``fmt``):
 
@@ -15,7 +17,8 @@ File formats (from the extension, or ``fmt``):
 
 Errors (:class:`DataError`) name the file and, where it applies, the line: a missing file, an empty
 split (no rows under the header), a missing column (with the available ones), a malformed JSONL line,
-a label that is not a number (regression) or not seen in train (classification).  Rows are numbered
+an empty or null label (an empty CSV cell, a JSON ``null``), a label that is not a number (regression)
+or not seen in train (classification).  Rows are numbered
 as lines of the file (the header is line 1).
 """
 from __future__ import annotations
@@ -24,22 +27,23 @@ import csv
 import json
 import math
 import os
-import random
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from prunekit.core.errors import DataError
 from prunekit.data.glue import GlueExample
 
-__all__ = ["TableData", "FORMATS", "TASK_TYPES", "read_table", "label_key", "build_label_map", "to_examples",
-           "load_table", "load_table_splits", "load_hf_disk", "subsample"]
+__all__ = ["TableData", "FORMATS", "TASK_TYPES", "read_table", "label_key", "check_labels", "build_label_map",
+           "to_examples", "load_table", "load_table_splits", "load_hf_disk"]
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
 TASK_TYPES = ("classification", "regression")
 _INT = re.compile(r"[-+]?\d+")
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")   # no nan/inf/underscores
 
 Row = tuple[int, dict[str, Any]]      # (line number, {column: value})
 
@@ -128,7 +132,8 @@ def read_table(path: str | os.PathLike, fmt: str | None = None) -> tuple[list[st
 
 
 def label_key(value: Any) -> int | str:
-    """The canonical form of a raw label: integers (``3``, ``"3"``, ``3.0``) become ``int``, the rest ``str``."""
+    """The canonical form of a raw label: integers (``3``, ``"3"``, ``3.0``, ``"3.0"``, ``"3e0"``) become
+    ``int`` — one class however the file spells it — and the rest ``str``."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, int):
@@ -136,7 +141,33 @@ def label_key(value: Any) -> int | str:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     text = str(value).strip()
-    return int(text) if _INT.fullmatch(text) else text
+    if _INT.fullmatch(text):
+        return int(text)
+    if _DECIMAL.fullmatch(text) and float(text).is_integer():
+        return int(float(text))
+    return text
+
+
+def _is_empty(value: Any) -> bool:
+    """A missing label: JSON ``null``, an empty or blank cell, a float NaN."""
+    return value is None or (isinstance(value, str) and not value.strip()) or (
+        isinstance(value, float) and math.isnan(value))
+
+
+def check_labels(rows: Sequence[Row], path: str, label_column: str) -> None:
+    """:class:`DataError` naming the file and line of the first row whose label is empty or null."""
+    for line, row in rows:
+        if label_column in row and _is_empty(row[label_column]):
+            kind = "null" if row[label_column] is None else "empty"
+            raise DataError(f"{path}:{line}: {kind} label in column {label_column!r}; every example needs a "
+                            "label (remove the row or fill it in)")
+
+
+def _warn_many_classes(n_classes: int, n_rows: int, path: str) -> None:
+    if n_classes > max(2, n_rows / 2):        # two values are a binary task, never a regression
+        warnings.warn(f"{path}: {n_classes} classes in {n_rows} rows (more classes than half the rows) — "
+                      "regression? set data.task_type: regression if the label is a number to predict",
+                      UserWarning, stacklevel=2)
 
 
 def build_label_map(raw: Sequence[Any]) -> tuple[dict[int | str, int], tuple[str, ...]]:
@@ -200,10 +231,12 @@ def _from_rows(columns: Sequence[str], rows: Sequence[Row], path: str, text_colu
     if not rows:
         raise DataError(f"{path}: empty split (no rows{' under the header' if columns else ''})")
     _check_columns(columns, [*text_columns, label_column], path)
+    check_labels(rows, path, label_column)
     names: tuple[str, ...] = ()
     if task_type == "classification":
         if label_map is None:
             label_map, names = build_label_map([r[label_column] for _, r in rows if label_column in r])
+            _warn_many_classes(len(names), len(rows), path)
         else:
             names = tuple(str(k) for k in sorted(label_map, key=label_map.__getitem__))
     label_map = label_map or {}
@@ -226,23 +259,6 @@ def load_table_splits(train: str | os.PathLike, eval: str | os.PathLike, text_co
     tr = load_table(train, text_columns, label_column, task_type, None, fmt)
     ev = load_table(eval, text_columns, label_column, task_type, tr.label_map if not tr.is_regression else None, fmt)
     return tr, ev
-
-
-class _HasExamples(Protocol):
-    examples: list[Any]
-
-
-_D = TypeVar("_D", bound=_HasExamples)
-
-
-def subsample(data: _D, limit: int | None, seed: int) -> _D:
-    """A seeded random subset of ``limit`` examples (order kept); the class list is unchanged.  Works on any
-    data object holding an ``examples`` list (GLUE data too)."""
-    if limit is None or limit >= len(data.examples):
-        return data
-    idx = sorted(random.Random(seed).sample(range(len(data.examples)), limit))
-    data.examples = [data.examples[i] for i in idx]
-    return data
 
 
 # --- datasets.save_to_disk folders ---------------------------------------------------------------

@@ -5,8 +5,8 @@ tensor}``, True = kept; ``None`` = the weights' own zero pattern) and example in
 
 1. the *masked* model (a deep copy with the masks applied) is the reference;
 2. coupled groups come from its traced graph (:func:`prunekit.graph.coupled_groups`) unless given;
-3. a unit of a removable group is removed when it is all False in every slice that has a mask
-   (at least one unit per group is always kept, so every shape stays valid);
+3. units of removable groups are removed as described below (at least one unit per group is always
+   kept, so every shape stays valid);
 4. on a second copy every slice's tensor — parameters and buffers — is ``index_select`` ed along its
    dim (fresh contiguous tensors, ``nn.Parameter`` s replaced, tied parameters stay tied), then module
    attributes are fixed: Linear ``in/out_features``, Conv ``in/out_channels`` (and ``groups`` for
@@ -15,11 +15,24 @@ tensor}``, True = kept; ``None`` = the weights' own zero pattern) and example in
    ``all_head_size``, GPT-2 ``split_size``) and, for HF models where every layer agrees and the family
    reads it, ``config.num_attention_heads`` / ``num_key_value_heads`` / ``head_dim`` /
    ``intermediate_size``;
-5. the compacted copy and the masked reference run on ``example_inputs``; the relative error
-   ``max|out_c - out_m| / max|out_m|`` over all output tensors must be ``<= rtol`` (default 1e-4).
-   Otherwise :class:`CompactionError` names the offending group(s) (each group is then tried alone)
-   and the user's model is left untouched.  On success the user's model object takes the compacted
-   state (``inplace=True``, the default) and :class:`CompactResult` reports per group.
+5. the compacted copy and the masked reference run on ``example_inputs`` and on a second input with
+   one more example (float values jittered) and, for sequence inputs (integer ``(batch, length)``
+   tensors), a shorter length (:func:`second_inputs`; dropped only when the reference model itself
+   does not run on it).  **Every output tensor is compared on its own scale**:
+   ``max|out_c - out_m| <= rtol * max|out_m| + atol`` (defaults 1e-4 and 1e-5), so a small output
+   beside large logits is checked as strictly as they are (:class:`OutputCheck`, ``result.checks``).
+   If removing *dead* units (below) fails the check — an activation that does not map 0 to 0 — they
+   are kept and the rest is tried again; otherwise :class:`CompactionError` names the offending
+   group(s) (each group is then tried alone) and the user's model is left untouched.  On success the
+   user's model object takes the compacted state (``inplace=True``, the default) and
+   :class:`CompactResult` reports per group.
+
+Which units go (:func:`plan_removals`): a unit that is zero in every weight slice (its source rows and
+its consumer columns), unless the group is also read by an op without a weight (``group.readers``: a
+``sum`` over the channels would still see the bias or BatchNorm shift the unit carries); and a *dead*
+unit — zero source rows and zero one-dimensional parameters (bias, BatchNorm weight and bias), so it is
+zero wherever it is read — whatever its consumer columns hold.  Units kept although they look pruned
+somewhere are explained in the group's ``reason``.
 
 :func:`macs` counts multiply-accumulates from the same trace (Linear, Conv, Conv1D, attention).
 """
@@ -39,7 +52,8 @@ from ..core.groups import CoupledGroup
 from ..graph import analyze_model, build_groups, call_model, macs_of
 from ..graph import macs as graph_macs
 
-__all__ = ["compact", "CompactResult", "GroupReport", "CompactionError", "macs", "apply_keeps"]
+__all__ = ["compact", "CompactResult", "GroupReport", "CompactionError", "OutputCheck", "macs", "apply_keeps",
+           "second_inputs", "plan_removals", "unit_status"]
 
 macs = graph_macs
 
@@ -73,6 +87,7 @@ class CompactResult:
     notes: list[str] = field(default_factory=list)
     keeps: dict[tuple[str, int], Tensor] = field(default_factory=dict, repr=False)   # (tensor, dim) → kept bool
     attrs: dict[str, dict[str, int]] = field(default_factory=dict)                    # module → head attributes
+    checks: list[OutputCheck] = field(default_factory=list, repr=False)   # every output on every input
 
     @property
     def removed(self) -> dict[str, int]:
@@ -87,8 +102,8 @@ def _state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _mask_dict(model: nn.Module, masks: Any) -> dict[str, Tensor]:
-    if masks is None:
-        return {n: p.detach() != 0 for n, p in model.named_parameters()}
+    if masks is None:   # the weights' own zero pattern; biases and norm parameters ride along (see unit_status)
+        return {n: p.detach() != 0 for n, p in model.named_parameters() if p.dim() >= 2}
     items = masks.items() if hasattr(masks, "items") else masks
     return {k: torch.as_tensor(v).bool() for k, v in items}
 
@@ -105,46 +120,109 @@ def _apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
         t.mul_(m.to(t.device, t.dtype))
 
 
-def unit_status(g: CoupledGroup, masks: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, list[str]]:
-    """``(pruned, partial, kept_in)`` per unit of ``g``.
+@dataclass
+class UnitStatus:
+    """Per unit of a group (``(count,)`` bool tensors), see :func:`unit_status`."""
 
-    A unit is *pruned* when it is zero in every weight slice (a parameter of 2+ dims: the mask, or the
-    values where there is no mask) and all False in every other slice that has a mask; biases, norm
-    parameters and buffers without masks ride along (whatever they hold only reaches zero weights).
-    *partial*: zero in some weight slice but not in all — kept; ``kept_in`` names where it is kept."""
-    pruned = torch.ones(g.count, dtype=torch.bool)
-    some = torch.zeros(g.count, dtype=torch.bool)
-    kept_in: list[str] = []
+    pruned: Tensor          # zero in every weight slice (masks, else values)
+    dead: Tensor            # provably zero: zero sources and zero 1-D parameters
+    zero_sources: Tensor    # the rows that write the unit are zero
+    some_zero: Tensor       # zero in at least one weight slice
+    alive_in: dict[str, Tensor]   # weight → its units that are nonzero there
+    sources: set[str]       # the weights that write the units
+
+    def kept_in(self, units: Tensor, readers_only: bool = False) -> list[str]:
+        """The weights where some of ``units`` are nonzero (only the reading ones: not sources)."""
+        return [t for t, a in self.alive_in.items() if (a & units).any() and not (readers_only and t in self.sources)]
+
+    def removable(self, readers: Sequence[str], use_dead: bool = True) -> Tensor:
+        """Dead units (unless ``use_dead`` is False), and pruned ones when nothing reads the units
+        without a weight."""
+        return (self.dead & use_dead) | (self.pruned & (not readers))
+
+
+def unit_status(g: CoupledGroup, masks: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> UnitStatus:
+    """Which units of ``g`` are pruned / dead (``state`` holds the masked values).
+
+    *pruned*: zero in every weight slice (a parameter of 2+ dims: the mask, or the values where there
+    is no mask) and all False in every other slice that has a mask — biases, norm parameters and
+    buffers without masks ride along, since whatever they hold only reaches zero weights.
+    *dead*: provably zero wherever it is read — every source slice (``g.sources``: the rows that write
+    the unit) and every one-dimensional parameter slice (bias, norm affine) is zero; a BatchNorm without
+    affine parameters in the group also needs a zero ``running_mean``."""
+    n = g.count
+    pruned, some = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    dead, zero_src = torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
+    alive_in: dict[str, Tensor] = {}
+    sources = {(x.tensor, x.dim) for x in g.sources}
+    affine = {x.tensor.rsplit(".", 1)[0] for x in g.slices if x.tensor.endswith(".weight")}
     for s in g.slices:
         t, m = state.get(s.tensor), masks.get(s.tensor)
-        if m is None and (t is None or not isinstance(t, nn.Parameter) or t.dim() < 2):
+        if t is None:
             continue
-        alive = s.unit_view(m.bool() if m is not None else cast(Tensor, t).detach() != 0, g.count).any(1)   # t: a Parameter here
-        if isinstance(t, nn.Parameter) and t.dim() >= 2:
+        nonzero = s.unit_view(t.detach() != 0, n).any(1)
+        is_param, is_weight = isinstance(t, nn.Parameter), isinstance(t, nn.Parameter) and t.dim() >= 2
+        if (s.tensor, s.dim) in sources:
+            zero_src &= ~nonzero
+        if (s.tensor, s.dim) in sources or (is_param and t.dim() == 1) or \
+                (s.tensor.endswith("running_mean") and s.tensor.rsplit(".", 1)[0] not in affine):
+            dead &= ~nonzero
+        if m is None and not is_weight:
+            continue
+        alive = s.unit_view(m.bool(), n).any(1) if m is not None else nonzero
+        if is_weight:
             some |= ~alive
-        if (alive & some).any() or alive.any():
-            kept_in.append(s.tensor)
+            alive_in[s.tensor] = alive_in.get(s.tensor, torch.zeros(n, dtype=torch.bool)) | alive
         pruned &= ~alive
-    partial = some & ~pruned
-    return pruned, partial, [k for k in dict.fromkeys(kept_in)]
+    if not g.sources:
+        dead = torch.zeros(n, dtype=torch.bool)
+    return UnitStatus(pruned, dead, zero_src & bool(g.sources), some, alive_in, {x.tensor for x in g.sources})
 
 
-def plan_removals(groups: Sequence[CoupledGroup], masks: Mapping[str, Tensor],
-                  state: Mapping[str, Tensor]) -> tuple[list[tuple[CoupledGroup, Tensor]], dict[str, str]]:
+def _which(names: Sequence[str], k: int = 4) -> str:
+    return ", ".join(names[:k]) + (", ..." if len(names) > k else "")
+
+
+def _stay_note(g: CoupledGroup, st: UnitStatus) -> str:
+    """Why units that look pruned somewhere stay (empty when none do)."""
+    stay = ~st.removable(g.readers)
+    notes = []
+    read = stay & st.pruned
+    if read.any():
+        notes.append(f"{int(read.sum())} units are zero in every weight but read by {_which(list(g.readers), 2)} "
+                     "and not provably zero (a bias or BatchNorm shift reaches it): they stay")
+    const = stay & ~st.pruned & st.zero_sources
+    if const.any():
+        notes.append(f"{int(const.sum())} units have zero source rows but a nonzero bias or norm affine, read by "
+                     f"{_which(st.kept_in(const, readers_only=True))}: they carry a constant and stay (zero the bias and the BatchNorm "
+                     "weight and bias too to remove them)")
+    partner = stay & ~st.pruned & ~st.zero_sources & st.some_zero
+    if partner.any():
+        notes.append(f"{int(partner.sum())} units are zero in some weights but kept in coupled tensors "
+                     f"({_which(st.kept_in(partner))}), e.g. a residual partner: they stay")
+    return "; ".join(notes)
+
+
+def plan_removals(groups: Sequence[CoupledGroup], masks: Mapping[str, Tensor], state: Mapping[str, Tensor],
+                  use_dead: bool = True) -> tuple[list[tuple[CoupledGroup, Tensor]], dict[str, str]]:
     """``(group, keep)`` for every removable group with units to remove (at least one unit kept), and
-    per group a note on units pruned in some weight slices but kept in coupled ones."""
+    per group a note on units that look pruned somewhere but stay.
+
+    A unit goes when it is dead (:func:`unit_status`: provably zero, whatever its consumers hold), or
+    when it is pruned in every weight slice and nothing reads the units without a weight
+    (``g.readers``: a ``sum`` over them would see a bias or BatchNorm shift that no weight multiplies)."""
     plan, notes = [], {}
     for g in groups:
         if not g.removable:
             continue
-        pruned, partial, kept_in = unit_status(g, masks, state)
-        if partial.any():
-            notes[g.name] = (f"{int(partial.sum())} units are zero in some weights but kept in coupled tensors "
-                             f"({', '.join(kept_in[:4])}{', ...' if len(kept_in) > 4 else ''}), e.g. a residual "
-                             "partner: they stay")
-        if not pruned.any():
+        st = unit_status(g, masks, state)
+        note = _stay_note(g, st)
+        if note:
+            notes[g.name] = note
+        remove = st.removable(g.readers, use_dead)
+        if not remove.any():
             continue
-        keep = ~pruned
+        keep = ~remove
         if not keep.any():
             keep[0] = True
         plan.append((g, keep))
@@ -357,33 +435,108 @@ def _tensors(out: Any) -> list[Tensor]:
     return []
 
 
-def _errors(ref: nn.Module, new: nn.Module, example_inputs: Any) -> tuple[float, float]:
-    """``(max_abs_diff, rel_err)`` between two models' outputs; ``inf`` when shapes differ."""
-    a = _tensors(call_model(ref, example_inputs))
-    b = _tensors(call_model(new, example_inputs))
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-        return float("inf"), float("inf")
-    diff = max((float((x.float() - y.float()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
-    scale = max((float(x.float().abs().max()) for x in a if x.numel()), default=0.0)
-    return diff, diff / max(scale, 1e-12)
+def _vary(t: Any, extra: int, length: int | None, seed: int) -> Any:
+    """``t`` with ``extra`` more rows (the first rows again, float values jittered) and, for an integer
+    ``(batch, length, ...)`` tensor, the sequence cut to ``length``."""
+    if not isinstance(t, Tensor) or t.dim() == 0:
+        return t
+    out = torch.cat([t, t[:1].expand(extra, *t.shape[1:])]) if extra else t
+    if t.is_floating_point():
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(out.shape, generator=g, dtype=torch.float32).to(out.device, out.dtype)
+        out = out + 0.1 * (float(t.float().std()) if t.numel() > 1 else 1.0) * noise
+    elif length is not None and out.dim() >= 2:
+        out = out[:, :length]
+    return out.contiguous()
 
 
-def _try(ref: nn.Module, plan, example_inputs: Any) -> tuple[nn.Module | None, float, float, str]:
+def second_inputs(x: Any) -> Any:
+    """The check's second input: one more example (batch ``b+1``) and, for sequence inputs (integer
+    ``(batch, length)`` tensors such as ``input_ids`` / ``attention_mask``), a shorter length."""
+    leaves = [v for v in (x.values() if isinstance(x, Mapping) else x if isinstance(x, (tuple, list)) else [x])]
+    seqs = [v for v in leaves if isinstance(v, Tensor) and v.dim() == 2 and not v.is_floating_point()]
+    length = int(seqs[0].shape[1]) - max(1, int(seqs[0].shape[1]) // 4) if seqs and seqs[0].shape[1] > 1 else None
+    if isinstance(x, Mapping):
+        return {k: _vary(v, 1, length if v is not None and getattr(v, "dim", lambda: 0)() == 2 else None, i)
+                for i, (k, v) in enumerate(x.items())}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_vary(v, 1, length, i) for i, v in enumerate(x))
+    return _vary(x, 1, length, 0)
+
+
+@dataclass
+class OutputCheck:
+    """One output tensor on one input: ``max|new - ref| <= rtol * max|ref| + atol``."""
+
+    input: int
+    output: int
+    shape: tuple[int, ...]
+    max_abs_diff: float
+    scale: float
+    ok: bool
+
+    @property
+    def rel_err(self) -> float:
+        return self.max_abs_diff / max(self.scale, 1e-12)
+
+    def describe(self) -> str:
+        return (f"output {self.output} on input {self.input} (shape {list(self.shape)}): max abs diff "
+                f"{self.max_abs_diff:.3g}, relative {self.rel_err:.3g} of its own scale {self.scale:.3g}")
+
+
+def _compare(a: Any, b: Any, i: int, rtol: float, atol: float) -> list[OutputCheck]:
+    xs, ys = _tensors(a), _tensors(b)
+    if len(xs) != len(ys):
+        return [OutputCheck(i, -1, (), float("inf"), 0.0, False)]
+    out = []
+    for k, (x, y) in enumerate(zip(xs, ys)):
+        if x.shape != y.shape:
+            out.append(OutputCheck(i, k, tuple(y.shape), float("inf"), 0.0, False))
+            continue
+        diff = float((x.float() - y.float()).abs().max()) if x.numel() else 0.0
+        scale = float(x.float().abs().max()) if x.numel() else 0.0
+        out.append(OutputCheck(i, k, tuple(x.shape), diff, scale, diff <= rtol * scale + atol))
+    return out
+
+
+def reference_outputs(ref: nn.Module, example_inputs: Any) -> list[tuple[Any, Any]]:
+    """``(input, outputs of ref)`` for the example input and its variant (:func:`second_inputs`); the
+    variant is dropped when the reference model itself does not run on it."""
+    pairs = [(example_inputs, call_model(ref, example_inputs))]
+    try:
+        x2 = second_inputs(example_inputs)
+        pairs.append((x2, call_model(ref, x2)))
+    except Exception:  # noqa: BLE001 - a model fixed to one shape is checked on its own input only
+        pass
+    return pairs
+
+
+def check_outputs(refs: Sequence[tuple[Any, Any]], new: nn.Module, rtol: float, atol: float) -> list[OutputCheck]:
+    """Every output tensor of ``new`` against the reference on every input, each on its own scale."""
+    return [c for i, (x, want) in enumerate(refs) for c in _compare(want, call_model(new, x), i, rtol, atol)]
+
+
+def _try(ref: nn.Module, plan, refs, rtol: float, atol: float) -> tuple[nn.Module | None, list[OutputCheck], str]:
     new = copy.deepcopy(ref)
     try:
         _apply(new, plan)
-        diff, rel = _errors(ref, new, example_inputs)
+        checks = check_outputs(refs, new, rtol, atol)
     except Exception as e:  # noqa: BLE001 - any failure of the compacted model is a refusal
-        return None, float("inf"), float("inf"), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    return new, diff, rel, ""
+        return None, [], f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return new, checks, ""
 
 
-def _culprits(ref: nn.Module, plan, example_inputs: Any, rtol: float) -> list[str]:
+def _failed(checks: Sequence[OutputCheck]) -> list[OutputCheck]:
+    return [c for c in checks if not c.ok]
+
+
+def _culprits(ref: nn.Module, plan, refs, rtol: float, atol: float) -> list[str]:
     bad = []
     for g, keep in plan:
-        _, _, rel, err = _try(ref, [(g, keep)], example_inputs)
-        if err or rel > rtol:
-            bad.append(f"{g.name} ({err or f'relative error {rel:.3g}'})")
+        _, checks, err = _try(ref, [(g, keep)], refs, rtol, atol)
+        worst = _failed(checks)
+        if err or worst:
+            bad.append(f"{g.name} ({err or worst[0].describe()})")
     return bad
 
 
@@ -399,13 +552,34 @@ def _nparams(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------- entry
-def compact(model: nn.Module, masks: Any, example_inputs: Any, *, groups: Sequence[CoupledGroup] | None = None,
-            rtol: float = 1e-4, inplace: bool = True, count_macs: bool = True) -> CompactResult:
-    """Remove the fully pruned units of every removable coupled group, verified (module docstring).
+def _verified(ref: nn.Module, groups, mdict, refs, rtol: float, atol: float):
+    """``(new, plan, notes, checks)``: the compacted copy that passes the check.  When removing the dead
+    units (zero sources, consumer columns not zero) fails it — an activation that maps 0 elsewhere —
+    they are kept and the rest is tried again.  Raises :class:`CompactionError` naming the groups."""
+    state = _state(ref)
+    plan, notes = plan_removals(groups, mdict, state)
+    new, checks, err = _try(ref, plan, refs, rtol, atol)
+    if new is not None and not _failed(checks):
+        return new, plan, notes, checks
+    plan2, notes2 = plan_removals(groups, mdict, state, use_dead=False)
+    if [(g.name, k.tolist()) for g, k in plan2] != [(g.name, k.tolist()) for g, k in plan]:
+        new2, checks2, err2 = _try(ref, plan2, refs, rtol, atol)
+        if new2 is not None and not _failed(checks2):
+            return new2, plan2, notes2, checks2
+    bad = _culprits(ref, plan, refs, rtol, atol) or [g.name for g, _ in plan]
+    why = err or "; ".join(c.describe() for c in _failed(checks)[:3]) + f" > rtol {rtol:g} + atol {atol:g}"
+    raise CompactionError(f"compaction refused, the model is unchanged: {why}; offending group(s): " + "; ".join(bad))
 
-    Raises :class:`CompactionError` (model untouched) when the compacted model's outputs differ from
-    the masked model's by more than ``rtol`` (relative to the largest output), naming the group(s);
-    :class:`prunekit.graph.TraceError` when the model cannot be traced."""
+
+def compact(model: nn.Module, masks: Any, example_inputs: Any, *, groups: Sequence[CoupledGroup] | None = None,
+            rtol: float = 1e-4, atol: float = 1e-5, inplace: bool = True, count_macs: bool = True) -> CompactResult:
+    """Remove the fully pruned and the dead units of every removable coupled group, verified (module
+    docstring).
+
+    Raises :class:`CompactionError` (model untouched) when an output tensor of the compacted model
+    differs from the masked model's by more than ``rtol`` × its own largest value + ``atol``, on the
+    example input or its variant with another batch size (and sequence length), naming the group(s);
+    :class:`prunekit.graph.TraceError` (a :class:`ModelError`) when the model cannot be traced."""
     training = model.training
     ref = copy.deepcopy(model).eval()
     mdict = _mask_dict(ref, masks)
@@ -414,21 +588,19 @@ def compact(model: nn.Module, masks: Any, example_inputs: Any, *, groups: Sequen
     if groups is None:
         assert analysis is not None
         groups = build_groups(analysis)
-    plan, partial = plan_removals(groups, mdict, _state(ref))
-    new, diff, rel, err = _try(ref, plan, example_inputs)
-    if new is None or rel > rtol:
-        bad = _culprits(ref, plan, example_inputs, rtol) or [g.name for g, _ in plan]
-        why = err or f"relative output error {rel:.3g} > rtol {rtol:g} (max abs diff {diff:.3g})"
-        raise CompactionError(f"compaction refused, the model is unchanged: {why}; offending group(s): "
-                              + "; ".join(bad))
+    refs = reference_outputs(ref, example_inputs)
+    new, plan, partial, checks = _verified(ref, groups, mdict, refs, rtol, atol)
     updates, notes = _update_config(new, groups, plan)
     keep_of = {g.name: keep for g, keep in plan}
     reports = [GroupReport(g.name, g.kind, g.count, int((~keep_of[g.name]).sum()) if g.name in keep_of else 0,
                            int(keep_of[g.name].sum()) if g.name in keep_of else g.count,
-                           g.removable and g.name not in partial, g.reason or partial.get(g.name, ""))
+                           g.removable and (g.name not in partial or g.name in keep_of),
+                           g.reason or partial.get(g.name, ""))
                for g in groups]
+    diff = max((c.max_abs_diff for c in checks), default=0.0)
+    rel = max((c.rel_err for c in checks), default=0.0)
     res = CompactResult(new, reports, _nparams(ref), _nparams(new), diff, rel, config_updates=updates, notes=notes,
-                        keeps=_keep_vectors(plan, _state(ref)), attrs=_head_attrs(new, plan))
+                        keeps=_keep_vectors(plan, _state(ref)), attrs=_head_attrs(new, plan), checks=checks)
     if count_macs:
         assert analysis is not None
         res.macs_before = macs_of(analysis.traced)["total"]

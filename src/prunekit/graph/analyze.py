@@ -8,7 +8,9 @@ fresh spaces, so an unknown op can only make groups non-removable, never wrong):
 * ``conv*`` — dense: out channels ≡ weight dim 0 (producer), in channels ≡ weight dim 1; depthwise:
   the channel passes through (input ≡ output ≡ weight dim 0); other grouped convs are flagged;
 * batch norm ≡ per channel (weight, bias, running stats); layer/group/RMS norm, ``mean``/``var``,
-  ``softmax``, ``cumsum`` over a dim — flagged (removing units changes the statistics);
+  ``softmax``, ``cumsum`` over a dim — flagged (removing units changes the statistics); ``sum`` over a
+  dim and a ``matmul`` contracting two activations — *read* (a consumer without a weight: units go only
+  when provably zero);
 * elementwise ops with broadcasting (``add`` makes residual streams one space), activations, dropout;
 * ``view``/``reshape``/``flatten``/``unflatten`` — products (heads, flatten into a Linear);
   ``permute``/``transpose``/``unsqueeze``/``squeeze``/``expand`` (``repeat_kv``) — dimension moves;
@@ -43,6 +45,7 @@ class Analysis:
     dims: dict[str, Any] = field(default_factory=dict)
     tensor_dims: dict[str, Dims] = field(default_factory=dict)
     producers: dict[tuple[str, int], str] = field(default_factory=dict)   # (tensor, dim) -> op kind
+    addends: set[str] = field(default_factory=set)   # parameters/buffers added to activations (write the units too)
     attention: dict[int, tuple[str, int]] = field(default_factory=dict)   # heads space -> (module, head_dim)
     kv_heads: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # kv space -> (module, head_dim, n_rep)
 
@@ -73,6 +76,14 @@ class Analysis:
         for i in idx:
             if -len(dims) <= i < len(dims) and self.spaces.size[self.spaces.find(dims[i])] > 1:
                 self.spaces.flag(dims[i], why)
+
+    def read_dims(self, dims: Dims | None, idx, why: str) -> None:
+        """Record a weight-less consumer (a sum over the units) of ``dims[i]`` for ``i`` in ``idx``."""
+        if dims is None:
+            return
+        for i in idx:
+            if -len(dims) <= i < len(dims) and self.spaces.size[self.spaces.find(dims[i])] > 1:
+                self.spaces.read(dims[i], why)
 
     def unite(self, a: int, b: int) -> None:
         self.spaces.union(a, b)

@@ -10,7 +10,7 @@ from prunekit.core.errors import ModelError
 from prunekit.core.groups import CoupledGroup, Slice
 from prunekit.core.masks import MaskSet
 from prunekit.core.scoring import resolve_score, select_keep
-from prunekit.core.targets import TargetSpec, hf_conv1d, linear_types
+from prunekit.core.targets import TargetSpec, block_lists, block_targets  # noqa: F401  (block_lists: re-exported)
 
 # --------------------------------------------------------------------------------------------- targets
 _FAMILIES: dict[str, tuple[str, ...]] = {
@@ -36,32 +36,18 @@ def encoder_family(model: nn.Module) -> str:
                      "give prune.targets explicitly")
 
 
-def block_lists(model: nn.Module) -> list[str]:
-    """Names of the model's lists of repeated blocks (transformer layers): every ``nn.ModuleList`` whose
-    children are all of one class and hold at least two Linear / HF Conv1D layers, outermost only
-    (ALBERT's shared layer group counts once; an encoder-decoder has two)."""
-    linear = linear_types()
-    found: list[str] = []
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) == 0 or any(name.startswith(f + ".") for f in found):
-            continue
-        kinds = {type(c) for c in m}
-        if len(kinds) == 1 and sum(isinstance(x, linear) for x in m[0].modules()) >= 2:
-            found.append(name)
-    return found
-
-
 def default_targets(model: nn.Module) -> TargetSpec:
     """Every Linear / HF Conv1D inside the repeated blocks — all attention and MLP matrices of every
     layer (BERT/MiniLM/RoBERTa/ELECTRA/DeBERTa/ViT/DistilBERT: 6, ALBERT: the 6 shared ones, GPT-2: 4,
-    Llama/Qwen2: 7); embeddings, LM head, pooler and classifier stay dense unless a recipe asks."""
-    lists = block_lists(model)
-    if not lists:
+    Llama/Qwen2: 7); embeddings, LM head, pooler and classifier stay dense unless a recipe asks.  The same
+    targets every entry point uses for the default ``include: ["*"]`` (:func:`prunekit.core.targets.resolve_targets`)."""
+    spec = block_targets(model)
+    if spec is None:
         mt = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ModelError(f"no list of repeated transformer blocks found in a {mt!r} model; give prune.targets "
                          "explicitly (module name patterns)")
-    include = [rf"re:^{re.escape(name)}\.\d+\." for name in lists]
-    return TargetSpec(include, [], ["Linear"] + (["HFConv1D"] if hf_conv1d() is not None else []))
+    return spec
+
 
 
 # --------------------------------------------------------------------------------------------- heads / neurons

@@ -10,7 +10,8 @@ buffers (offset and width from the products and concatenations above it).  Kinds
 * ``channels`` — a conv output, or a space with an embedding or more than two producers (the
   residual stream); ``neurons`` — the rest (Linear outputs: FFN, gated MLP).
 
-A group is not removable when any flag of its space (or of a space it is part of) says why: a norm or
+A group's ``readers`` are the weight-less consumers recorded on its space (a ``sum`` over the units):
+its units then go only when provably zero.  A group is not removable when any flag of its space (or of a space it is part of) says why: a norm or
 mean over it, a model input/output, an op with no rule, a grouped convolution, or units interleaved
 with another dimension in some tensor.
 """
@@ -61,7 +62,7 @@ def _module(tensor: str) -> str:
 
 
 def _one_group(a: Analysis, leaf: int, items: list[tuple[Slice, bool]], flags: list[str],
-               head: tuple | None) -> CoupledGroup | None:
+               head: tuple | None, reads: list[str]) -> CoupledGroup | None:
     producers = [s for s, ok in items if ok and (s.tensor, s.dim) in a.producers]
     slices = tuple(dict.fromkeys(s for s, ok in items if ok))
     if not producers or not slices:
@@ -77,18 +78,22 @@ def _one_group(a: Analysis, leaf: int, items: list[tuple[Slice, bool]], flags: l
                      removable=not reasons, reason="; ".join(dict.fromkeys(reasons)), modules=modules,
                      attention=head[1] if head else "", head_dim=head[2] if head else 0,
                      heads_per_unit=head[3] if head else 0, kv_per_unit=1 if head else 0,
-                     producers=tuple(dict.fromkeys(_module(s.tensor) for s in producers)))
+                     producers=tuple(dict.fromkeys(_module(s.tensor) for s in producers)),
+                     sources=tuple(dict.fromkeys(producers + [s for s in slices if s.tensor in a.addends])),
+                     readers=tuple(dict.fromkeys(reads)))
     return g
 
 
 def build_groups(a: Analysis) -> list[CoupledGroup]:
     """All coupled groups of an analysed graph, in the order their tensors appear."""
     flags = a.spaces.inherited_flags()
+    reads = a.spaces.inherited_flags(a.spaces.reads)
     heads = _head_leaves(a)
     out: list[CoupledGroup] = []
     seen: dict[str, int] = {}
     for leaf, items in _occurrences(a).items():
-        g = _one_group(a, leaf, items, flags.get(a.spaces.find(leaf), []), heads.get(leaf))
+        root = a.spaces.find(leaf)
+        g = _one_group(a, leaf, items, flags.get(root, []), heads.get(leaf), reads.get(root, []))
         if g is None:
             continue
         n = seen.get(g.name, 0)

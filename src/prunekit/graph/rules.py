@@ -68,6 +68,8 @@ def _unary(a: Analysis, node: fx.Node) -> Any:
 @rule(*_BINARY)
 def _binary(a: Analysis, node: fx.Node) -> Any:
     out = a.fresh(node)
+    if op_is(node, "add", "sub", "rsub", "where", "masked_fill", "addcmul", "lerp", "maximum", "minimum"):
+        a.addends.update(t for t in (a.tensor_of(v) for v in node.args) if t is not None)
     if isinstance(out, list) and (not out or isinstance(out[0], int)):
         broadcast(a, out, [a.d(v) for v in list(node.args) + list(node.kwargs.values())])
     return out
@@ -141,8 +143,10 @@ def _matmul(a: Analysis, node: fx.Node) -> Any:
     broadcast(a, out[:-2], [x[:-2], y[:-2]])
     if a.tensor_of(_arg(node, 1)) is not None:
         a.producer(_arg(node, 1), -1, "linear")
-    elif a.tensor_of(_arg(node, 0)) is None and len(out) >= 3 and a.spaces.size[a.spaces.find(out[-3])] > 1:
-        a.attention[a.spaces.find(out[-3])] = (a.traced.module_of(node), _shape(_arg(node, 0).meta["val"])[-1])
+    elif a.tensor_of(_arg(node, 0)) is None:
+        a.read_dims(x, [-1], f"contracted with an activation by {_where(a, node)}")
+        if len(out) >= 3 and a.spaces.size[a.spaces.find(out[-3])] > 1:
+            a.attention[a.spaces.find(out[-3])] = (a.traced.module_of(node), _shape(_arg(node, 0).meta["val"])[-1])
     return out
 
 
@@ -249,7 +253,9 @@ def _reduce(a: Analysis, node: fx.Node) -> Any:
     if x is None or not isinstance(out, list) or (out and not isinstance(out[0], int)):
         return out if x is None else _opaque_fallback(a, node)
     red = _dims_arg(node, 1 if not op_is(node, "linalg_vector_norm", "norm") else 2, len(x))
-    if not op_is(node, "sum"):   # a zero unit changes a mean/max/norm but not a sum
+    if op_is(node, "sum"):   # a zero unit changes a mean/max/norm but not a sum: the sum *reads* the units
+        a.read_dims(x, red, f"summed over by {_where(a, node)}")
+    else:
         a.flag_dims(x, red, f"reduced over by {_where(a, node)}")
     kept = [d for i, d in enumerate(x) if i not in red]
     if len(out) == len(x):

@@ -11,7 +11,10 @@ are united.  A space can be *refined*:
 
 Uniting two refined spaces unites their children (aligning products factor by factor).  Flags on a
 space (``"normalised by layer_norm in ..."``) record why its units cannot be removed; a flag on a
-refined space applies to everything below it.
+refined space applies to everything below it.  *Reads* (``"summed over by sum in ..."``) record
+weight-less consumers of a space's units (a reduction that adds them up): such units may be removed
+only when their value is provably zero, not merely when every weight slice is; they are kept and
+inherited like flags.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class Spaces:
         self.size: list[int] = []
         self.ref: dict[int, tuple[str, tuple[int, ...]]] = {}
         self.flags: dict[int, list[str]] = {}
+        self.reads: dict[int, list[str]] = {}
 
     # -- basics ----------------------------------------------------------------------------------
     def new(self, size: int) -> int:
@@ -49,6 +53,11 @@ class Spaces:
         if why not in lst:
             lst.append(why)
 
+    def read(self, a: int, why: str) -> None:
+        lst = self.reads.setdefault(self.find(a), [])
+        if why not in lst:
+            lst.append(why)
+
     def refinement(self, a: int) -> tuple[str, tuple[int, ...]] | None:
         return self.ref.get(self.find(a))
 
@@ -62,6 +71,8 @@ class Spaces:
         self.parent[rb] = ra
         for why in self.flags.pop(rb, []):
             self.flag(ra, why)
+        for why in self.reads.pop(rb, []):
+            self.read(ra, why)
         fa, fb = self.ref.pop(ra, None), self.ref.pop(rb, None)
         if fa is not None:
             self.ref[ra] = fa
@@ -209,9 +220,11 @@ class Spaces:
                 for leaf, o, w, ok in self.positions(c):
                     yield leaf, o * inner, w * inner, ok and outer == 1
 
-    def inherited_flags(self) -> dict[int, list[str]]:
-        """Flags of every root, plus those of every space it is a part of."""
-        out = {r: list(v) for r, v in self.flags.items() if self.find(r) == r}
+    def inherited_flags(self, table: dict[int, list[str]] | None = None) -> dict[int, list[str]]:
+        """Flags (or the entries of another ``table`` such as :attr:`reads`) of every root, plus those of
+        every space it is a part of."""
+        table = self.flags if table is None else table
+        out = {r: list(v) for r, v in table.items() if self.find(r) == r}
         order = [r for r in self.ref if self.find(r) == r]
         seen: set[tuple[int, tuple[str, ...]]] = set()
 

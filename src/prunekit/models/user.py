@@ -7,7 +7,9 @@
   ``factory(**model.args)`` must return an :class:`torch.nn.Module`.  **This runs the user's code**
   with the rights of the ``prunekit`` process: only name modules you trust.  The module must be
   importable: installed, on ``$PYTHONPATH``, or in the current directory (appended to ``sys.path``
-  last, so it never shadows an installed package);
+  last, so it never shadows an installed package).  A factory that rejects ``model.args`` or raises is a
+  one-line :class:`~prunekit.core.errors.ModelError` naming it (the cause chained), as is a built-in
+  model given an argument it does not take;
 * for text data, a Hugging Face hub name or local model folder (see :mod:`prunekit.adapters.hf`).
 
 ``model.checkpoint`` is a ``.safetensors`` file (a plain state dict, e.g. written by
@@ -19,6 +21,7 @@ error names the first offending key.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -32,10 +35,10 @@ from torch import nn
 
 from prunekit.core.errors import CheckpointError, ModelError, UnknownNameError
 from prunekit.io.checkpoint import load_checkpoint, load_into
-from prunekit.models.registry import get_model, list_models
+from prunekit.models.registry import MODELS, list_models
 
-__all__ = ["ModelImportError", "is_import_path", "import_object", "build_user_model", "build_model",
-           "load_weights"]
+__all__ = ["ModelImportError", "is_import_path", "import_object", "call_checked", "call_factory", "build_user_model",
+           "build_model", "load_weights"]
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
@@ -78,16 +81,36 @@ def import_object(path: str, what: str = "object") -> Any:
     return obj
 
 
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {' / '.join(lines)}" if lines else type(e).__name__
+
+
+def call_checked(fn: Callable[..., Any], args: dict | None, label: str, args_key: str,
+                 error: type[ModelError] = ModelError) -> Any:
+    """``fn(**args)``; ``error`` (one line, the cause chained) names ``label`` when ``fn`` does not take
+    the arguments (given as ``args_key``) or raises anything while building."""
+    kw = dict(args or {})
+    try:
+        inspect.signature(fn).bind(**kw)
+    except TypeError as e:
+        raise error(f"{label} rejected {args_key} {sorted(kw)}: {e}") from e
+    except ValueError:          # no signature to check (a builtin): the call below says it
+        pass
+    try:
+        return fn(**kw)
+    except Exception as e:  # noqa: BLE001 - the user's code raised: one line naming it, the cause kept
+        raise error(f"{label} raised {_one_line(e)}") from e
+
+
 def call_factory(path: str, args: dict | None, what: str, args_key: str) -> Any:
     """Import ``path`` and call it with ``args`` as keyword arguments; :class:`ModelImportError` names the
-    path when it cannot be imported, is not callable, or rejects the arguments (given as ``args_key``)."""
+    path when it cannot be imported, is not callable, rejects the arguments (given as ``args_key``) or
+    raises (the exception's type and message, the cause chained)."""
     factory: Callable[..., Any] = import_object(path, what)
     if not callable(factory):
         raise ModelImportError(f"{what} {path!r} is not callable (it is a {type(factory).__name__})")
-    try:
-        return factory(**dict(args or {}))
-    except TypeError as e:
-        raise ModelImportError(f"{what} {path!r} rejected {args_key} {sorted(args or {})}: {e}") from e
+    return call_checked(factory, args, f"{what} {path!r}", args_key, ModelImportError)
 
 
 def build_user_model(path: str, args: dict | None = None) -> nn.Module:
@@ -108,7 +131,7 @@ def build_model(name: str, args: dict | None = None, num_classes: int | None = N
     kw = dict(args or {})
     if num_classes is not None:
         kw.setdefault("num_classes", num_classes)
-    return get_model(name, **kw)
+    return call_checked(MODELS.get(name), kw, f"built-in model {name!r}", "model.args")
 
 
 def load_weights(model: nn.Module, checkpoint: str | Path) -> str:

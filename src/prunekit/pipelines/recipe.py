@@ -30,7 +30,8 @@ from prunekit.models.user import is_import_path
 from prunekit.training.config import TrainConfig, _choice, _range
 
 __all__ = ["RecipeError", "Recipe", "TrainConfig", "ModelConfig", "DataConfig", "PruneConfig", "TargetsConfig",
-           "AlgorithmConfig", "CalibrationConfig", "LogConfig", "load_recipe", "parse_recipe", "apply_overrides", "from_dict", "to_dict"]
+           "AlgorithmConfig", "CalibrationConfig", "LogConfig", "load_recipe", "parse_recipe", "apply_overrides", "from_dict", "to_dict",
+           "code_to_run"]
 
 
 @dataclass
@@ -45,7 +46,7 @@ class ModelConfig:
 class DataConfig:
     name: str = "mnist"
     root: str | None = None          # data folder; else $PRUNEKIT_DATA; else ../shared/data
-    limit: int | None = None         # cap examples per split
+    limit: int | None = None         # cap examples per split (seeded, class-stratified sample)
     eval_limit: int | None = None    # cap dev/test examples (default: limit)
     batch_size: int = 64
     eval_batch_size: int = 256
@@ -331,6 +332,20 @@ def parse_recipe(raw: dict, overrides: list[str] | None = None) -> Recipe:
         except UnknownNameError as e:
             raise RecipeError(f"data.name: {e}") from None
     return recipe
+
+
+def code_to_run(recipe: Recipe) -> list[str]:
+    """What building ``recipe``'s workload would run besides prunekit: the import paths of its model and
+    data factories and a Hugging Face repository's own code (``model.trust_remote_code``).  Opening a
+    stored run folder (``prunekit compact`` / ``bench``) needs the user's consent for each."""
+    out = []
+    if is_import_path(recipe.model.name):
+        out.append(f"import the model factory {recipe.model.name!r} (model.name)")
+    if recipe.data.factory and is_import_path(recipe.data.factory):
+        out.append(f"import the data factory {recipe.data.factory!r} (data.factory)")
+    if recipe.model.trust_remote_code:
+        out.append(f"run the Hugging Face repository code of {recipe.model.name!r} (model.trust_remote_code)")
+    return out
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -49,6 +49,7 @@ from prunekit.io.checkpoint import (
     flatten_state,
     save_checkpoint,
 )
+from prunekit.models.user import load_weights
 from prunekit.pipelines.recipe import Recipe, from_dict, to_dict
 from prunekit.pipelines.stages import Dense, HardPrune, Retrain, Search, Stage
 from prunekit.pipelines.workloads import Workload, build_workload
@@ -59,7 +60,7 @@ from prunekit.training.loop import NonFiniteLoss, fit, rng_state, seed_everythin
 from prunekit.training.progress import TensorBoardLogger
 
 __all__ = ["Workload", "build_workload", "prune_spec_from", "validate_recipe", "machine_info", "run_pipeline",
-           "run_stages", "RunContext", "ResumeError", "STATE_DIR", "KILL_ENV"]
+           "run_stages", "RunContext", "ResumeError", "STATE_DIR", "KILL_ENV", "discard_failed_start"]
 
 STATE_DIR = "state"                          # out_dir/state/ckpt-NNNNNN: resumable run state
 KILL_ENV = "PRUNEKIT_TEST_KILL_AT_STEP"      # tests: SIGKILL self after this optimizer step ("N" or "phase:N")
@@ -265,6 +266,7 @@ class RunContext:
     test_hooks: list = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     runtime: Runtime = field(default_factory=Runtime)
+    created: bool = False               # open_run made ``out`` (so a failed start may remove it)
 
     @property
     def model(self) -> nn.Module:
@@ -355,9 +357,9 @@ def _open_store(out: Path, resolved: dict, resume: bool, log) -> tuple[StateStor
 def open_run(recipe: Recipe, out_dir, *, resolved: dict | None = None, resume: bool = False,
              checkpoint_every: int | None = None, log: Callable[[str], None] = print,
              spec: PruneSpec | None = None, overwrite: bool = False) -> tuple[RunContext, dict | None]:
-    """Start (or reopen) a run: device and threads, state store, seeded workload, validated spec and
-    algorithm — and only then the output folder with the resolved ``recipe.yaml`` (a recipe that fails
-    validation leaves nothing behind).  Returns the context and the checkpoint to resume (or None)."""
+    """Start (or reopen) a run: device and threads, state store, seeded workload (model built, data read),
+    ``model.checkpoint`` loaded, validated spec and algorithm — and only then the output folder with the
+    resolved ``recipe.yaml`` (a recipe that fails any of these leaves nothing behind).  Returns the context and the checkpoint to resume (or None)."""
     device = run_device(recipe)
     D.init_from_env(device)
     is_main = D.rank() == 0
@@ -374,6 +376,8 @@ def open_run(recipe: Recipe, out_dir, *, resolved: dict | None = None, resume: b
     store, state = (StateStore(out / STATE_DIR), None) if overwrite else _open_store(out, resolved, resume, log)
     seed_everything(recipe.seed)
     wl = build_workload(recipe)
+    if recipe.model.checkpoint:                 # strictly (names, shapes, checksums), before the folder exists
+        log(f"loaded dense weights from {load_weights(wl.model, recipe.model.checkpoint)}")
     wl.train_loader = _resumable_loader(wl.train_loader, recipe.seed)
     spec, algo = validate_recipe(recipe, wl, spec)
     for row in group_table(spec, wl.model):
@@ -383,24 +387,37 @@ def open_run(recipe: Recipe, out_dir, *, resolved: dict | None = None, resume: b
     algo.calibration = recipe.calibration       # ... as the recipe's calibration section says
     wl.model.to(device)                         # the teacher, masks and algorithm state follow it
     D.barrier()
+    created = False
     if is_main:                                 # validated: only now does the output folder appear
         if overwrite:
             clear_out_dir(out)
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    ctx = RunContext(recipe, resolved, wl, spec, algo, out, log, {}, store, every=every, is_main=is_main,
-                     device=device, runtime=Runtime(recipe.precision, recipe.log.progress_every_s,
-                                                    recipe.log.progress_every_steps))
-    ctx.test_hooks = _extra_hooks(recipe, ctx)
+    try:
+        ctx = RunContext(recipe, resolved, wl, spec, algo, out, log, {}, store, every=every, is_main=is_main,
+                         device=device, runtime=Runtime(recipe.precision, recipe.log.progress_every_s,
+                                                        recipe.log.progress_every_steps), created=created)
+        ctx.test_hooks = _extra_hooks(recipe, ctx)
+    except BaseException:
+        discard_failed_start(out, created)
+        raise
     return ctx, state
 
 
-def run_stages(ctx: RunContext, stages: list[Stage], state: dict | None, *,
-               results_file: str = "results.json") -> dict:
-    """Run ``stages`` in order; on a resume skip those finished before the checkpoint's stage and restore it.
-    A stage that trains is preceded by a checkpoint (except the first).  At the end: ``seconds.total``,
-    ``out/results_file``, and the run state is removed."""
-    t_start = time.perf_counter()
+def _empty_tree(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and all(_empty_tree(c) for c in path.iterdir())
+
+
+def discard_failed_start(out: Path, created: bool) -> None:
+    """After a failure: remove ``out`` if this run created it and it holds nothing but ``recipe.yaml`` and
+    empty folders — a run that fails to start leaves no folder behind.  A folder that existed before the
+    run, or one holding anything the run wrote (checkpoints, dense weights, logs, results), is kept."""
+    if created and out.is_dir() and all(c.name == "recipe.yaml" or _empty_tree(c) for c in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _run_each(ctx: RunContext, stages: list[Stage], state: dict | None) -> None:
     names = [s.name for s in stages]
     start = names.index(state["stage"]) if state is not None else 0
     for i, st in enumerate(stages):
@@ -419,6 +436,21 @@ def run_stages(ctx: RunContext, stages: list[Stage], state: dict | None, *,
             where = (f"the last good checkpoint is {last[-1]} (read it with prunekit.io.checkpoint.load_state)"
                      if last else "no checkpoint had been written yet")
             raise NonFiniteLoss(f"{e}. Stopped; {where}") from None
+
+
+def run_stages(ctx: RunContext, stages: list[Stage], state: dict | None, *,
+               results_file: str = "results.json") -> dict:
+    """Run ``stages`` in order; on a resume skip those finished before the checkpoint's stage and restore it.
+    A stage that trains is preceded by a checkpoint (except the first).  At the end: ``seconds.total``,
+    ``out/results_file``, and the run state is removed.  A run that fails before writing anything but
+    ``recipe.yaml`` removes the folder it created (:func:`discard_failed_start`)."""
+    t_start = time.perf_counter()
+    try:
+        _run_each(ctx, stages, state)
+    except BaseException:
+        if ctx.is_main:
+            discard_failed_start(ctx.out, ctx.created)
+        raise
     for h in ctx.test_hooks:
         getattr(h, "close", lambda: None)()
     ctx.results.setdefault("seconds", {})["total"] = (ctx.results.get("seconds", {}).get("total", 0.0)

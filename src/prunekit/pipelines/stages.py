@@ -23,7 +23,6 @@ from prunekit.algorithms.shared_levels import FreezeShared, JointLevels, LevelVi
 from prunekit.core.masks import MaskSet
 from prunekit.core.nested import NestedMasks, nested_masks
 from prunekit.io.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from prunekit.models.user import load_weights
 from prunekit.training import distributed as D
 
 __all__ = ["Stage", "Dense", "Search", "HardPrune", "Retrain", "JointBase", "SharedLevel", "JointLevelsStage",
@@ -80,11 +79,6 @@ class Dense(Stage):
     def _trains(self, ctx) -> bool:
         return ctx.recipe.phase("dense").epochs > 0 and not ctx.recipe.model.checkpoint
 
-    def _load_given(self, ctx) -> None:
-        if ctx.recipe.model.checkpoint:          # checked (names, shapes, checksums) before any training
-            # a prunekit run folder or a .safetensors file, loaded strictly (prunekit.models.user)
-            ctx.log(f"loaded dense weights from {load_weights(ctx.model, ctx.recipe.model.checkpoint)}")
-
     def _keep(self, ctx) -> None:
         if self.keep:
             ctx.dense = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
@@ -92,14 +86,12 @@ class Dense(Stage):
     def skip(self, ctx) -> None:
         if self._trains(ctx):
             load_checkpoint(ctx.out / "dense", ctx.model)
-        else:
-            self._load_given(ctx)       # else: the seeded initial weights, rebuilt identically
+        # else: model.checkpoint (loaded by open_run) or the seeded initial weights, rebuilt identically
         self._keep(ctx)
 
     def run(self, ctx) -> dict:
         t0 = time.perf_counter()
-        out: dict[str, Any] = {}
-        self._load_given(ctx)
+        out: dict[str, Any] = {}              # model.checkpoint, if given, was loaded by open_run
         if self._trains(ctx):
             r = ctx.fit(ctx.recipe.phase("dense"), desc="dense")
             out["history"] = {"dense": r["history"]}

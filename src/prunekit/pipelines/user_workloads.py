@@ -19,7 +19,8 @@ from prunekit.core.errors import DataError, RecipeError
 from prunekit.data.factory import load_factory
 from prunekit.data.glue import encode_examples, make_loader
 from prunekit.data.imagefolder import load_imagefolder
-from prunekit.data.table import load_hf_disk, load_table_splits, subsample
+from prunekit.data.sample import subsample
+from prunekit.data.table import load_hf_disk, load_table_splits
 from prunekit.data.task_metrics import primary_metric, task_metrics
 from prunekit.data.user import TEXT_DATASETS, user_data_kind
 from prunekit.graph.families import default_targets
@@ -129,9 +130,9 @@ def _check_outputs(model: nn.Module, x: Any, n_out: int, what: str) -> None:
 def _image_workload(recipe: Recipe) -> UserWorkload:
     d = recipe.data
     assert d.root is not None, "imagefolder needs data.root (checked with the recipe)"
-    train = load_imagefolder(d.root, "train", limit=d.limit, augment=d.augment,
+    train = load_imagefolder(d.root, "train", limit=d.limit, augment=d.augment, seed=recipe.seed,
                              image_size=d.image_size, mean=d.mean, std=d.std, grayscale=d.grayscale)
-    val = load_imagefolder(d.root, "val", limit=d.eval_limit or d.limit,
+    val = load_imagefolder(d.root, "val", limit=d.eval_limit or d.limit, seed=recipe.seed,
                            image_size=d.image_size, mean=d.mean, std=d.std, grayscale=d.grayscale)
     model = build_model(recipe.model.name, recipe.model.args, num_classes=train.num_classes)
     x0 = train.images[:1]
@@ -147,13 +148,8 @@ def _image_workload(recipe: Recipe) -> UserWorkload:
 def _factory_workload(recipe: Recipe) -> UserWorkload:
     d = recipe.data
     assert d.factory is not None, "a factory workload needs data.factory (checked with the recipe)"
-    fd = load_factory(d.factory, d.factory_args, d.task_type)
+    fd = load_factory(d.factory, d.factory_args, d.task_type).limited(d.limit, d.eval_limit or d.limit, recipe.seed)
     train, ev = fd.train, fd.eval
-    if d.limit is not None and d.limit < len(train):
-        train = torch.utils.data.Subset(train, range(d.limit))
-    eval_limit = d.eval_limit or d.limit
-    if eval_limit is not None and eval_limit < len(ev):
-        ev = torch.utils.data.Subset(ev, range(eval_limit))
     n_classes = None if d.task_type == "regression" else fd.num_classes
     model = build_model(recipe.model.name, recipe.model.args, num_classes=n_classes)
     x0 = torch.utils.data.default_collate([train[0]])[0]
@@ -180,10 +176,9 @@ def _text_splits(recipe: Recipe):
         assert d.train is not None and d.eval is not None, "table needs data.train and data.eval (checked with the recipe)"
         train, ev = load_table_splits(_table_path(d, d.train), _table_path(d, d.eval), d.text_columns,
                                       d.label_column, d.task_type, d.format)
-    train = subsample(train, d.limit, recipe.seed)
-    if (d.eval_limit or d.limit) is not None:
-        ev.examples = ev.examples[: d.eval_limit or d.limit]
-    return train, ev
+    regression = d.task_type == "regression"
+    return (subsample(train, d.limit, recipe.seed, regression=regression),
+            subsample(ev, d.eval_limit or d.limit, recipe.seed, regression=regression))
 
 
 def _text_workload(recipe: Recipe) -> UserWorkload:

@@ -14,7 +14,6 @@ from prunekit.core.errors import RecipeError
 from prunekit.core.registry import Registry
 from prunekit.data.glue import encode_examples, get_task, load_glue, make_loader
 from prunekit.data.registry import get_dataset
-from prunekit.data.table import subsample
 from prunekit.data.user import is_user_data
 from prunekit.graph.families import default_targets
 from prunekit.models.user import build_model
@@ -26,9 +25,9 @@ from prunekit.training.tasks import ClassificationTask
 def build_glue_workload(recipe: Recipe):
     """Model + tokenised GLUE loaders for a ``task: glue`` recipe (called by the runner).
 
-    ``data.limit`` = a random subset (seeded by ``recipe.seed``) of the training set; dev is capped by
-    ``data.eval_limit`` (default: ``data.limit``, as for every dataset — set ``eval_limit`` high to
-    score on the full dev set).  Batches are length-bucketed and padded per batch
+    ``data.limit`` = a class-stratified random subset (seeded by ``recipe.seed``) of the training set; dev
+    is cut the same way to ``data.eval_limit`` (default: ``data.limit``, as for every dataset — set
+    ``eval_limit`` high to score on the full dev set).  Batches are length-bucketed and padded per batch
     (:func:`prunekit.data.glue.make_loader`); sequences are truncated to ``data.max_length``.
     When the recipe's targets are the default (``["*"]``), they become :func:`default_targets`."""
 
@@ -37,8 +36,8 @@ def build_glue_workload(recipe: Recipe):
         spec = get_task(d.name)
     except (KeyError, ValueError) as e:
         raise RecipeError(f"data.name: {e.args[0]}") from None
-    train = subsample(load_glue(spec, d.root, "train"), d.limit, recipe.seed)
-    dev = load_glue(spec, d.root, "dev", limit=d.eval_limit or d.limit)
+    train = load_glue(spec, d.root, "train", limit=d.limit, seed=recipe.seed)
+    dev = load_glue(spec, d.root, "dev", limit=d.eval_limit or d.limit, seed=recipe.seed)
     args = dict(recipe.model.args)
     num_labels = int(args.pop("num_labels", spec.num_labels))
     if num_labels != spec.num_labels:
@@ -83,8 +82,9 @@ class Workload:
 def _classification_workload(recipe: Recipe) -> Workload:
 
     d = recipe.data
-    train = get_dataset(d.name, root=d.root, split="train", limit=d.limit, **({"augment": True} if d.augment else {}))
-    test = get_dataset(d.name, root=d.root, split="test", limit=d.eval_limit or d.limit)
+    train = get_dataset(d.name, root=d.root, split="train", limit=d.limit, seed=recipe.seed,
+                        **({"augment": True} if d.augment else {}))
+    test = get_dataset(d.name, root=d.root, split="test", limit=d.eval_limit or d.limit, seed=recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
     train_loader = torch.utils.data.DataLoader(train, batch_size=d.batch_size, shuffle=True, generator=g)
     eval_loader = torch.utils.data.DataLoader(test, batch_size=d.eval_batch_size)

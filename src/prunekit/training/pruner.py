@@ -16,15 +16,28 @@ hand-written loop reproduces it (same masks, same weights for the same seed and 
     ... retrain with the same loop (pruner.loss / pruner.step keep pruned weights at exactly 0) ...
     pruner.detach()
 
+Masks are exact in every loop.  Hard-pruning masks the gradients (after every backward, so also every
+micro-batch of gradient accumulation) and re-masks the weights after every step of *any* torch optimizer
+that updates a masked parameter (the one given here or to :meth:`finalize` / :meth:`set_optimizer`, or
+one never shown to the Pruner), and zeroes that optimizer's momentum / Adam moments at the pruned
+positions; the Parameters stay the same objects, so your optimizer stays valid.  Hence the order of
+``pruner.step()`` and ``optimizer.step()`` does not matter for exactness.  Call ``pruner.step()`` once per
+*optimizer* step (not per micro-batch when accumulating gradients): it advances the schedules
+(``total_steps`` / ``steps_per_epoch`` count optimizer steps) and the multipliers.
+
 Post-training algorithms (``sparsegpt``, ``wanda``, ``obs_structured``) have no search phase:
 ``Pruner(model, spec, algorithm="sparsegpt", calibration_data=train_loader, calibration={"samples": 128})``
 then ``finalize()`` prunes (and updates) the weights from those calibration batches.
+
+Targets: a spec whose targets are the default ``["*"]`` on a Hugging Face model prunes the matrices of its
+repeated blocks only — embeddings and the LM head stay dense unless named (as ``prunekit run`` does).
 
 Distillation: pass ``teacher=`` (a model; a frozen copy is kept) and optionally ``distill={alpha, temperature,
 stages}``; its term is added by :meth:`loss` in the stages it is configured for.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -34,8 +47,9 @@ from prunekit.algorithms import get_algorithm_class
 from prunekit.algorithms.calibration import CalibrationConfig, PostTraining
 from prunekit.algorithms.distill import DistillConfig, Distiller
 from prunekit.algorithms.hooks import Hook, TrainContext
+from prunekit.core.errors import RecipeError
 from prunekit.core.masks import HardPrune, MaskSet
-from prunekit.core.plan import PruneSpec
+from prunekit.core.plan import PruneSpec, target_plan
 from prunekit.core.targets import TargetSpec
 from prunekit.training.device import device_of, to_device
 
@@ -46,9 +60,15 @@ def as_prune_spec(spec: PruneSpec | dict) -> PruneSpec:
     """A :class:`PruneSpec` from itself or a dict like a recipe's ``prune:`` section."""
     if isinstance(spec, PruneSpec):
         return spec
+    if not isinstance(spec, dict):
+        raise RecipeError(f"prune spec: expected a PruneSpec, a recipe or a dict like a recipe's prune: section; "
+                          f"got {type(spec).__name__}")
     d = dict(spec)
-    t = d.pop("targets", None)
-    targets = t if isinstance(t, TargetSpec) else TargetSpec(**t) if t else TargetSpec()
+    valid = {f.name for f in dataclasses.fields(PruneSpec)}
+    bad = sorted(set(map(str, d)) - valid)
+    if bad:
+        raise RecipeError(f"prune spec: unknown keys {bad}; valid: {', '.join(sorted(valid))}")
+    targets = TargetSpec.of(d.pop("targets", None))
     return PruneSpec(d.pop("structure", "unstructured"), float(d.pop("sparsity", 0.5)), d.pop("score", "l2"),
                      d.pop("scope", "layer"), targets, dict(d.pop("overrides", {}) or {}), **d)
 
@@ -69,6 +89,7 @@ class Pruner:
                  steps_per_epoch: int = 0, calibration_data: Any = None,
                  calibration: CalibrationConfig | dict | None = None):
         self.model, self.spec = model, as_prune_spec(spec)
+        target_plan(model, self.spec)        # targets/overrides that match nothing fail here, not at finalize()
         cls = get_algorithm_class(algorithm)
         if params is None or isinstance(params, dict):
             params = cls.Params(**(params or {}))
@@ -104,12 +125,17 @@ class Pruner:
         opt = inner_optimizer(optimizer)
         if masks is not None and len(masks):
             masks.to(device_of(self.model))
-            self.hard_prune = HardPrune(masks, self.model, opt)   # re-masks after every optimizer step
+            # re-masks after every step of any torch optimizer that updates a masked parameter (the given one
+            # or any other: a retraining optimizer made later needs no call), weights and gradients now
+            self.hard_prune = HardPrune(masks, self.model)
+            if opt is not None:
+                self.hard_prune.clear_state(opt)              # its momentum / Adam moments at pruned positions
         self.masks = masks
         self.ctx.optimizer, self.ctx.masks, self.ctx.hard_prune = optimizer, masks, self.hard_prune
 
     def set_optimizer(self, optimizer) -> None:
-        """Bind (another) optimizer: hard-prune re-masks after its steps."""
+        """Use (another) optimizer: its state is zeroed at the pruned positions now (re-masking follows the
+        steps of every optimizer that updates a masked parameter anyway)."""
         self._attach(self.masks, optimizer)
 
     # -- the calls of a training loop ---------------------------------------------------------------
@@ -123,7 +149,8 @@ class Pruner:
         return loss
 
     def step(self) -> None:
-        """After ``optimizer.step()``: re-mask, advance schedules / multipliers."""
+        """Once per optimizer step (before or after ``optimizer.step()``; once per accumulated batch when
+        accumulating gradients): re-mask, advance schedules / multipliers."""
         if self.hard_prune is not None:
             self.hard_prune.reapply()      # idempotent; also covers optimizers whose step hooks do not fire
         self.ctx.step += 1
@@ -144,8 +171,10 @@ class Pruner:
         return self.algorithm.final_masks(self.model)
 
     def finalize(self, optimizer: torch.optim.Optimizer | None = None) -> MaskSet:
-        """Hard-prune: zero the pruned weights and keep the masks attached (weights, gradients and after
-        every step of ``optimizer`` — default: the current one) for retraining.  Returns the masks."""
+        """Hard-prune: zero the pruned weights and keep the masks attached (weights, gradients, and after
+        every step of any optimizer that updates a masked parameter) for retraining; the state (momentum,
+        Adam moments) of ``optimizer`` — default: the current one — is zeroed at the pruned positions now,
+        that of any other optimizer after its first step.  Returns the masks."""
         if self.finalized:
             if optimizer is not None:
                 self.set_optimizer(optimizer)
