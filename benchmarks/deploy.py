@@ -250,8 +250,11 @@ def merge(files: list[Path], out: Path) -> int:
     doc = {"command": "python benchmarks/deploy.py --merge " + " ".join(map(str, files)),
            "commands": [d["command"] for d in docs], "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "machine": docs[0]["machine"], "machines": [d["machine"] for d in docs], "baseline": BASE,
-           "settings": [d["settings"] for d in docs], "parts": {k: v for d in docs for k, v in d["parts"].items()},
+           "settings": [d["settings"] for d in docs], "parts": {},
            "complete": all(d.get("complete") for d in docs)}
+    for d in docs:            # a part measured twice (e.g. bertbase at two layer counts) keeps both
+        for k, v in d["parts"].items():
+            doc["parts"][k if k not in doc["parts"] else f"{k}_{len(doc['parts'])}"] = v
     atomic_write_json(out, doc)
     print(f"wrote {out}")
     return 0
