@@ -30,13 +30,14 @@ from typing import Any
 import torch
 
 from prunekit.algorithms.calibration import collect_batches, model_inputs
-from prunekit.core.errors import CheckpointError, RecipeError
+from prunekit.cli.compact import add_trust_flag
+from prunekit.core.errors import CheckpointError, RecipeError, UntrustedCodeError
 from prunekit.deploy.export import INT8_MODES, ExportError, OrtModel, check_onnx, export, ort_latency_ms
 from prunekit.deploy.surgery import compact
 from prunekit.deploy.timing import repeat_batch
 from prunekit.graph import TraceError
 from prunekit.io.checkpoint import atomic_write_json, load_checkpoint, read_manifest
-from prunekit.pipelines.recipe import parse_recipe
+from prunekit.pipelines.recipe import code_to_run, parse_recipe
 from prunekit.pipelines.workloads import Workload, build_workload
 
 FORMATS = ("onnx",)
@@ -68,16 +69,22 @@ def add_parser(sub):
                    help="token models: positions of the timed input (default: the recipe's data.max_length; the "
                         "example sentence is tiled, all positions attended)")
     p.add_argument("--no-compact", action="store_true", help="export the masked model without compaction")
+    add_trust_flag(p)
     p.set_defaults(func=run)
 
 
-def load_run_workload(run_dir: str | os.PathLike) -> tuple[Workload, Any, Any]:
+def load_run_workload(run_dir: str | os.PathLike, *, trust_code: bool = False) -> tuple[Workload, Any, Any]:
     """The run's workload (dev set as the recipe sets it) with the run's weights and masks loaded and
-    applied: ``(workload, masks, recipe)``."""
+    applied: ``(workload, masks, recipe)``.  A recipe that names code to import or remote code to run raises
+    :class:`UntrustedCodeError` before anything is imported, unless ``trust_code`` (as ``prunekit compact``)."""
     raw = read_manifest(run_dir).get("recipe")
     if not isinstance(raw, dict):
         raise RecipeError(f"{Path(run_dir) / 'manifest.json'} holds no recipe; is it the folder of a `prunekit run`?")
     recipe = parse_recipe(raw, ["model.checkpoint=null"])
+    needs = code_to_run(recipe)
+    if needs and not trust_code:
+        raise UntrustedCodeError(f"opening {run_dir} would {'; '.join(needs)} — code stored in the run folder's "
+                                 "recipe; pass --trust-code (Python: trust_code=True) if you trust it")
     wl = build_workload(recipe)
     _, masks, _ = load_checkpoint(run_dir, wl.model)
     wl.model.eval()
@@ -130,7 +137,7 @@ def _latency(path: Path, model: Any, x0: Any, batches: tuple[int, ...], threads:
 def export_run(run_dir: str | os.PathLike, *, int8: str | None = None, out: str | os.PathLike | None = None,
                tolerance: float = 1.0, rtol: float = 1e-4, calibration_samples: int | None = None,
                batches: tuple[int, ...] = (1, 32), threads: tuple[int, ...] = (1,), repeats: int = 10,
-               no_compact: bool = False, seq: int | None = None, log=print) -> dict:
+               no_compact: bool = False, seq: int | None = None, trust_code: bool = False, log=print) -> dict:
     """Compact, export, evaluate and time a run (module docstring); returns the record written into
     ``results.json`` under ``export[<key>]``.  Raises :class:`ExportError` when the fp32 graph does not
     reproduce PyTorch (nothing kept)."""
@@ -139,7 +146,7 @@ def export_run(run_dir: str | os.PathLike, *, int8: str | None = None, out: str 
     if not res_file.is_file():
         raise CheckpointError(f"{res_file} not found: export a finished `prunekit run` folder")
     out = Path(out) if out is not None else run_dir / "export"
-    wl, masks, recipe = load_run_workload(run_dir)
+    wl, masks, recipe = load_run_workload(run_dir, trust_code=trust_code)
     x = repeat_batch(wl.example_input, 2)          # batch 2: the exported batch axis stays dynamic
     model, comp = _compacted(wl, masks, x, no_compact)
     key = "onnx-fp32" if int8 is None else f"onnx-int8-{int8}"
@@ -196,6 +203,7 @@ def run(args) -> int:
     r = export_run(args.run_dir, int8=args.int8, out=args.out, tolerance=args.tolerance, rtol=args.rtol,
                    calibration_samples=args.calibration_samples, batches=ints(args.batches),
                    threads=ints(args.threads), repeats=args.repeats, no_compact=args.no_compact, seq=args.seq,
+                   trust_code=args.trust_code,
                    log=lambda *a, **k: print(*a, **k))
     print(format_record("onnx-fp32" if args.int8 is None else f"onnx-int8-{args.int8}", r))
     return 0
