@@ -77,7 +77,7 @@ def test_conv1d_structures_run_along_the_input_as_for_linear(structure):
 
 
 HEADS = {"albert", "bert", "distilbert", "electra", "gpt2", "roberta", "vit"}   # "heads"; Llama/Qwen2: KV groups
-RELOADS = {"llama", "qwen2", "deberta-v2"}    # config can express the result (no head-size derivation note)
+RELOADS = {"llama", "qwen2", "deberta-v2", "vit"}    # config can express the result (ViT, too, reads config.head_dim)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -190,7 +190,7 @@ def test_global_nested_levels_use_the_one_global_selection():
 
 def test_registries_and_syntax():
     assert isinstance(STRUCTURES, Registry) and isinstance(SCORES, Registry)
-    assert STRUCTURES.names() == ["block", "column", "groups", "nm", "pattern", "row", "unstructured"]
+    assert STRUCTURES.names() == ["block", "column", "groups", "nm", "pattern", "row", "transposed", "unstructured"]
     help_ = structure_syntax()
     for name in STRUCTURES:
         cls = STRUCTURES.get(name)

@@ -13,7 +13,10 @@ The core API::
     small = prunekit.load_compacted("small/", lambda: MyNet())    # rebuilt from a fresh dense model
     with masks.attach(model, optimizer):                          # hard-prune while retraining
         train(...)
+    prunekit.prune_offloaded("llama_dir", "out_dir", algo, batches, activation_budget="1GB")
+                                            # a model larger than memory, one block at a time (docs/big_models.md)
 """
+from prunekit.algorithms.offload import prune_offloaded
 from prunekit.api import Pruner, compact, export, groups_of, load_compacted, prune, save_compacted
 from prunekit.core.masks import HardPrune, MaskSet
 from prunekit.core.plan import PruneSpec, compute_masks, mask_for
@@ -34,5 +37,5 @@ from prunekit.core.version import __version__
 __all__ = [
     "mask_for", "prune", "compute_masks", "PruneSpec", "MaskSet", "HardPrune", "TargetSpec", "find_targets",
     "parse_structure", "Structure", "Unstructured", "Row", "Column", "Block", "NM", "Pattern", "__version__", "Pruner",
-    "GroupStructure", "compact", "groups_of", "save_compacted", "load_compacted", "export",
+    "GroupStructure", "compact", "groups_of", "save_compacted", "load_compacted", "prune_offloaded", "export",
 ]

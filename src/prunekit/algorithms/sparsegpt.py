@@ -46,7 +46,7 @@ def inverse_cholesky(H: Tensor, percdamp: float) -> Tensor:
     H = H.double().clone()
     n = H.shape[0]
     damp = float(percdamp) * float(H.diagonal().mean())
-    eye = torch.eye(n, dtype=H.dtype)
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
     for _ in range(5):
         L, info = torch.linalg.cholesky_ex(H + damp * eye)
         if int(info) == 0:
@@ -104,7 +104,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstruct
     if blocksize < 1:
         raise RecipeError(f"blocksize must be >= 1, got {blocksize}")
     W = W.detach().float().clone()
-    H = H.detach().float().clone()
+    H = H.detach().float().clone().to(W.device)          # statistics may live on CPU while the block is on a GPU
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise RecipeError(f"Hessian shape {tuple(H.shape)} does not match {cols} weight columns")

@@ -10,8 +10,10 @@ into ``--out`` (default ``RUN_DIR/compact``):
 * ``model.safetensors`` + ``compact.json`` — the compacted model and its manifest (format
   ``prunekit-compact/2``: kept indices per cut tensor; ``prunekit.deploy.compact.load_compacted(DIR,
   factory)`` rebuilds it with a strict load);
-* ``hf/`` — for a Hugging Face model whose config can express the new sizes (uniform head / FFN counts):
-  ``save_pretrained``, reloadable with ``from_pretrained``;
+* ``hf/`` — for a Hugging Face model whose config can express the new sizes (uniform head / KV-head
+  counts with an explicit ``head_dim``, uniform FFN widths): ``save_pretrained``, written only after
+  ``from_pretrained`` of it gave the compacted model's outputs
+  (:func:`prunekit.deploy.hf_folder.save_hf_folder`); otherwise a note says why and how to deploy instead;
 * ``sparse.safetensors`` — the compacted weights with the remaining zeros encoded by
   ``prunekit.deploy.storage.encode_state_dict`` (best encoding per tensor; metadata key ``prunekit``).
 
@@ -37,6 +39,7 @@ from safetensors.torch import save_file
 from prunekit.core.errors import RecipeError, UntrustedCodeError
 from prunekit.deploy import surgery
 from prunekit.deploy.compact import graph_manifest, save_compacted
+from prunekit.deploy.hf_folder import DEPLOY_INSTEAD, is_hf_model, save_hf_folder
 from prunekit.deploy.storage import encode_state_dict
 from prunekit.graph import TraceError
 from prunekit.io.checkpoint import MODEL_FILE, _atomic_replace, load_checkpoint, read_manifest
@@ -119,12 +122,13 @@ def compact_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
                   config_updates=res.config_updates, rel_err=res.rel_err,
                   params={"before": res.params_before, "after": res.params_after},
                   macs={"before": res.macs_before, "after": res.macs_after})
-    if hasattr(model, "save_pretrained") and getattr(model, "config", None) is not None:
-        if res.notes:
-            log("not written with save_pretrained: " + "; ".join(res.notes))
+    if is_hf_model(model):   # written only when from_pretrained gives back the compacted outputs
+        hf, why = save_hf_folder(model, out / "hf", x)
+        if hf is not None:
+            result["hf"] = str(hf)
         else:
-            model.save_pretrained(out / "hf")
-            result["hf"] = str(out / "hf")
+            said = any(DEPLOY_INSTEAD in n for n in res.notes)
+            result["notes"] = [*res.notes, why.replace(f"; {DEPLOY_INSTEAD}", "") if said else why]
     tensors, meta = encode_state_dict({k: v.contiguous() for k, v in model.state_dict().items()}, "best")
     _atomic_replace(out / "sparse.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"prunekit": meta}))
     sparse_masked, meta2 = encode_state_dict(masked_sd, "best")

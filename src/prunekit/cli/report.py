@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from prunekit.core.errors import RecipeError
-from prunekit.reporting.runs import build_report, levels_table, load_run
+from prunekit.reporting.runs import LOWER_IS_BETTER, build_report, levels_table, load_run
 from prunekit.reporting.tables import format_table
 
 
@@ -37,6 +37,8 @@ def load_results(run_dir: str | Path) -> dict:
 def render(res: dict, run_dir: str | Path | None = None) -> str:
 
     m = res.get("metric", "metric")
+    if m in LOWER_IS_BETTER:
+        m = f"{m} (lower is better)"
     if "score" not in res and res.get("levels") and run_dir is not None:   # shared-weight run
         dense = res.get("dense_score")
         return (f"## {res.get('name', 'run')} (shared weights, {len(res['levels'])} levels)\n\n"

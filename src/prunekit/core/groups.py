@@ -23,6 +23,8 @@ read by an LM head tied to the embedding); they may be scored but are never phys
 """
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +33,9 @@ from torch import Tensor
 
 from prunekit.core.errors import RecipeError
 
-__all__ = ["Slice", "CoupledGroup", "groups_by_kind"]
+__all__ = ["Slice", "CoupledGroup", "groups_by_kind", "units_to_prune"]
+
+_log = logging.getLogger("prunekit")
 
 
 @dataclass(frozen=True)
@@ -146,3 +150,22 @@ class CoupledGroup:
 def groups_by_kind(groups: Sequence[CoupledGroup], kind: str, removable_only: bool = True) -> list[CoupledGroup]:
     """The groups of one ``kind`` (removable ones only by default), in graph order."""
     return [g for g in groups if g.kind == kind and (g.removable or not removable_only)]
+
+
+def units_to_prune(planned: Sequence[tuple[CoupledGroup, float]]) -> dict[str, int]:
+    """``round(sparsity * count)`` units to prune per group (by name).  Where a positive sparsity rounds to
+    zero units (``kv_groups`` at 25 % of 2 KV heads), nothing is pruned there: one ``UserWarning`` (and a
+    ``prunekit`` log line) per kind, count and sparsity names the groups, e.g. ``"kv_groups: 25% of 2 groups
+    rounds to 0 — nothing pruned in model.layers.0.self_attn"``."""
+    out: dict[str, int] = {}
+    zero: dict[tuple[str, int, float], list[str]] = {}
+    for g, sp in planned:
+        out[g.name] = int(round(float(sp) * g.count))
+        if out[g.name] == 0 and sp > 0:
+            zero.setdefault((g.kind, g.count, float(sp)), []).append(g.name.split(":", 1)[-1])
+    for (kind, count, sp), where in zero.items():
+        shown = ", ".join(where[:6]) + (f" and {len(where) - 6} more" if len(where) > 6 else "")
+        msg = f"{kind}: {sp:.0%} of {count} groups rounds to 0 — nothing pruned in {shown}"
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        _log.warning(msg)
+    return out

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.core.errors import RecipeError
-from prunekit.core.groups import CoupledGroup
+from prunekit.core.groups import CoupledGroup, units_to_prune
 from prunekit.core.masks import MaskSet
 from prunekit.core.scoring import Score, ScoreFn, _prune_lowest, group_scores, resolve_score, select_keep_global
 from prunekit.core.structures import GroupStructure, Structure, Transposed, parse_structure
@@ -167,7 +167,7 @@ class PruneSpec:
                     else:
                         sp = float(ov)
                     break
-            st = Transposed(st) if n in transposed else st
+            st = Transposed(st) if n in transposed and not isinstance(st, Transposed) else st
             plan[n] = (st, sp if sparsity is None else scaled_sparsity(sp, self.sparsity, sparsity))
         unused = set(self.overrides) - used
         if unused:
@@ -284,9 +284,9 @@ def group_masks(spec: PruneSpec, params: Mapping[str, Tensor], sparsity: float |
     scores = {g.name: _group_scores(g, params, imp, spec.score) for g, _, _ in plan}
     want: dict[str, int] = {}
     ranked = [(g, sp) for g, sp, ov in plan if spec.scope == "global" and not ov]
-    for g, sp, ov in plan:
-        if not (spec.scope == "global" and not ov):
-            want[g.name] = g.count - int(round(sp * g.count))
+    local = [(g, sp) for g, sp, ov in plan if not (spec.scope == "global" and not ov)]
+    pruned = units_to_prune(local)
+    want.update({g.name: g.count - pruned[g.name] for g, _ in local})
     gsp = float(spec.sparsity if sparsity is None else sparsity)
     for kind in dict.fromkeys(g.kind for g, _ in ranked):
         gs = [g for g, _ in ranked if g.kind == kind]
@@ -340,26 +340,29 @@ def global_masks(plan: dict[str, tuple[Structure, float]], weights: dict[str, Te
                  base: MaskSet | None = None) -> MaskSet:
     """Global scope: one ranking over the groups of every planned tensor (one whole-group structure
     for all), ``round(sparsity * weights)`` weights pruned overall; ``base`` masks stay kept."""
-    sts = {str(st) for st, _ in plan.values()}
-    st = next(iter(plan.values()))[0]
-    if len(sts) != 1 or not st.selects_groups:
+    sts = {str(_unwrapped(st)) for st, _ in plan.values()}
+    if len(sts) != 1 or not next(iter(plan.values()))[0].selects_groups:
         raise RecipeError("global scope needs one group structure (unstructured/row/column/block) for all targets")
     imp = importance or {}
     scores, sizes = [], []
-    for n in plan:
+    for n, (st, _) in plan.items():   # each tensor's own orientation (an HF Conv1D's is Transposed)
         sc = st.scores(weights[n], imp.get(n, score))
         if base is not None:
             sc = sc.masked_fill(st.partition(base[n].to(torch.uint8)).sum(1) > 0, math.inf)
         scores.append(sc)
         sizes.append(st.valid(weights[n].shape).sum(1))
     masks = MaskSet()
-    for n, keep in zip(plan, select_keep_global(scores, sizes, sparsity)):
+    for (n, (st, _)), keep in zip(plan.items(), select_keep_global(scores, sizes, sparsity)):
         shape = weights[n].shape
         m = st.unpartition(st.valid(shape) & keep[:, None], shape).bool()
         if base is not None and bool((base[n] & ~m).any()):
             raise RecipeError(f"global sparsity {sparsity} keeps fewer weights than the sparser level; levels must get denser")
         masks.set(n, m, str(st))
     return masks
+
+
+def _unwrapped(st: Structure) -> Structure:
+    return st.inner if isinstance(st, Transposed) else st
 
 
 def compute_masks(model: nn.Module, spec: PruneSpec, sparsity: float | None = None,

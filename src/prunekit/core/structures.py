@@ -36,6 +36,7 @@ Strings are parsed once, at the boundary, with :func:`parse_structure`; the stru
 in :data:`STRUCTURES` with their syntax and a one-line description (:func:`structure_syntax`)::
 
     unstructured | row | column | block:RxC | nm:N:M | pattern[:K[:P]] [ (Linear tile) @RxC ] [+conn]
+    transposed:S   (S on a weight stored (in, out), HF Conv1D; what a Conv1D's mask structure prints as)
 
 N:M means **N kept** in every M consecutive weights along the input dimension (NVIDIA's 2:4 = 2 kept).
 """
@@ -239,14 +240,30 @@ def _swap(shape: Sequence[int]) -> tuple[int, int]:
 class Transposed(Structure):
     """``inner`` on a weight stored ``(in, out)`` — HF GPT-2 ``Conv1D`` — so every structure keeps its
     meaning: rows are output units, N:M and blocks run along the input dimension as for ``nn.Linear``.
-    Not registered: the orientation belongs to the module (see :meth:`PruneSpec.layer_plan`), so the
-    string form is the inner structure's."""
+    :meth:`PruneSpec.layer_plan` wraps a Conv1D's structure in it.  Its string form is
+    ``transposed:INNER`` (e.g. ``transposed:nm:2:4``), which parses back to this object, so a
+    :class:`~prunekit.core.masks.MaskSet`'s structure strings keep the axis of the stored tensor."""
 
     inner: Structure = field(default_factory=lambda: Unstructured())
 
+    syntax: ClassVar[str] = "transposed:S"
+    help: ClassVar[str] = "S on a weight stored (in, out) (HF Conv1D): rows stay output units"
+    order: ClassVar[int] = 7
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inner, Transposed) or self.inner.coupled:
+            raise RecipeError(f"transposed:{self.inner}: the inner structure must be a per-tensor structure "
+                              "(unstructured, row, column, block, nm, pattern)")
+
+    @classmethod
+    def parse(cls, text: str) -> Structure | None:
+        if not text.startswith("transposed:"):
+            return None
+        return cls(parse_structure(text.removeprefix("transposed:")))
+
     @property
     def name(self) -> str:  # type: ignore[override]
-        return str(self.inner)
+        return f"transposed:{self.inner}"
 
     @property
     def selects_groups(self) -> bool:  # type: ignore[override]
@@ -275,6 +292,10 @@ class Transposed(Structure):
 
     def fixed_sparsity(self, shape: Sequence[int]) -> float | None:
         return self.inner.fixed_sparsity(_swap(shape))
+
+
+STRUCTURES.register("transposed")(Transposed)
+
 
 @STRUCTURES.register("unstructured", aliases=("irregular",))
 class Unstructured(Structure):

@@ -386,42 +386,98 @@ def _uniform(values: Iterable[int]) -> int | None:
     return vals.pop() if len(vals) == 1 else None
 
 
+DEPLOY_INSTEAD = ("deploy it with prunekit's own format instead (model.safetensors + compact.json: "
+                  "prunekit.deploy.compact.save_compacted / load_compacted(DIR, factory), written by `prunekit "
+                  "compact`) or as ONNX (prunekit.deploy.export.export_onnx)")
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (has a config and ``save_pretrained`` / ``from_pretrained``)."""
+    return getattr(model, "config", None) is not None and hasattr(model, "save_pretrained") \
+        and hasattr(type(model), "from_pretrained")
+
+
+def config_mismatches(model: nn.Module, updates: Mapping[str, Any] | None = None) -> list[str]:
+    """``"name: config gives (a, b), compacted (c, d)"`` for every tensor of ``model`` that a fresh
+    ``type(model)(config)`` (``config`` + ``updates``, built on the meta device) shapes differently; a
+    one-item list naming the error when the model cannot be built from its config."""
+    cfg = copy.deepcopy(model.config)
+    for k, v in (updates or {}).items():
+        setattr(cfg, k, v)
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(cfg)
+    except Exception as e:  # noqa: BLE001 - any failure to build means the config does not express the model
+        return [f"{type(model).__name__}(config) fails: {type(e).__name__}: {str(e).splitlines()[0][:200]}"]
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return [f"{k}: config gives {tuple(v.shape)}, compacted {want[k]}"
+            for k, v in fresh.state_dict().items() if k in want and tuple(v.shape) != want[k]]
+
+
 def _update_config(model: nn.Module, groups: Sequence[CoupledGroup], plan) -> tuple[dict, list[str]]:
-    """Set HF config sizes when every layer agrees and the family reads them (see module doc)."""
+    """Set HF config sizes where every layer agrees and the family's config can express them: head and KV-head
+    counts with an explicit ``head_dim`` (checked by building the model from the config on the meta device),
+    the FFN width (``intermediate_size`` / ``n_inner`` / ``hidden_dim`` ...).  The notes say what the config
+    cannot express (then :func:`prunekit.deploy.hf_folder.save_hf_folder` writes no HF folder)."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         return {}, []
     keep_of = {g.name: keep for g, keep in plan}
     kept = {g.name: int(keep_of[g.name].sum()) if g.name in keep_of else g.count for g in groups if g.removable}
-    upd: dict[str, int | None] = {}
-    notes: list[str] = []
-    kv = _uniform(kept[g.name] for g in groups if g.kind == "kv_groups" and g.name in kept)
-    heads = _uniform(kept[g.name] for g in groups if g.kind == "heads" and g.name in kept)
-    attn = [g for g in groups if g.kind in ("heads", "kv_groups") and g.name in kept]
-    if attn and (kv is not None or heads is not None):
-        if hasattr(cfg, "head_dim") and hasattr(cfg, "num_attention_heads"):
-            g0 = attn[0]
-            upd["head_dim"] = g0.head_dim
-            upd["num_attention_heads"] = (kv * g0.heads_per_unit) if kv is not None else heads
-            if hasattr(cfg, "num_key_value_heads"):
-                upd["num_key_value_heads"] = kv if kv is not None else heads
-        elif any(g.name in keep_of for g in attn):
-            notes.append(f"{type(cfg).__name__} derives head size from hidden_size / heads: config head "
-                         "counts left as they are; the compacted model does not reload with from_pretrained")
-    elif attn:
-        notes.append("head counts differ across layers: config left as it is (per-layer attributes set)")
-    key = next((k for k in _FFN_KEYS if isinstance(getattr(cfg, k, None), int)), None)
-    if key is not None:
-        old = getattr(cfg, key)
-        ffn = [kept[g.name] for g in groups if g.kind == "neurons" and g.count == old and g.name in kept]
-        size = _uniform(ffn)
-        if size is not None and size != old:
-            upd[key] = size
-        elif ffn and size is None:
-            notes.append(f"FFN sizes differ across layers: config.{key} left as it is")
+    heads, notes = _head_updates(cfg, groups, kept, keep_of)
+    ffn, ffn_notes = _ffn_update(cfg, groups, kept, keep_of)
+    notes += ffn_notes
+    if heads and is_hf_model(model):
+        attn = {s.tensor for g in groups if g.name in keep_of and g.attention for s in g.slices}
+        bad = [b for b in config_mismatches(model, {**heads, **ffn}) if b.split(":", 1)[0] in attn]
+        if bad:
+            notes.append(f"{type(cfg).__name__} cannot express the removed heads for from_pretrained ({bad[0]}): "
+                         "this family derives "
+                         "the head size from hidden_size / num_attention_heads and transformers 5 has no "
+                         "prune_heads / pruned_heads")
+            heads = {}
+    upd = {**heads, **ffn}
     for k, v in upd.items():
         setattr(cfg, k, v)
+    if notes:
+        notes.append(f"the compacted model does not reload with from_pretrained: {DEPLOY_INSTEAD}")
     return upd, notes
+
+
+def _head_updates(cfg: Any, groups: Sequence[CoupledGroup], kept: Mapping[str, int],
+                  keep_of: Mapping[str, Tensor]) -> tuple[dict[str, int], list[str]]:
+    attn = [g for g in groups if g.kind in ("heads", "kv_groups") and g.name in kept]
+    if not any(g.name in keep_of for g in attn):
+        return {}, []
+    counts = {kind: sorted({kept[g.name] for g in attn if g.kind == kind}) for kind in ("heads", "kv_groups")}
+    kv, heads = _uniform(counts["kv_groups"]), _uniform(counts["heads"])
+    if kv is None and heads is None:
+        per = "; ".join(f"{k}: {v}" for k, v in counts.items() if v)
+        return {}, [f"attention head counts differ across layers ({per} kept): one config.num_attention_heads "
+                    "cannot express them"]
+    g0, units = attn[0], kv if kv is not None else heads
+    assert units is not None                                     # one of them is uniform (checked above)
+    upd = {"head_dim": g0.head_dim, "num_attention_heads": units * g0.heads_per_unit if kv is not None else units}
+    if hasattr(cfg, "num_key_value_heads"):
+        upd["num_key_value_heads"] = units
+    return upd, []
+
+
+def _ffn_update(cfg: Any, groups: Sequence[CoupledGroup], kept: Mapping[str, int],
+                keep_of: Mapping[str, Tensor]) -> tuple[dict[str, int], list[str]]:
+    key = next((k for k in _FFN_KEYS if hasattr(cfg, k)), None)
+    neurons = [g for g in groups if g.kind == "neurons" and g.name in kept]
+    if key is None or not any(g.name in keep_of for g in neurons):
+        return {}, []
+    old = getattr(cfg, key)
+    ffn = [g for g in neurons if g.count == old] if isinstance(old, int) else neurons   # GPT-2 n_inner=None: 4*hidden
+    sizes = sorted({kept[g.name] for g in ffn})
+    if not any(g.name in keep_of for g in ffn):
+        return {}, []
+    if len(sizes) > 1:
+        return {}, [f"FFN widths differ across layers ({sizes[0]} to {sizes[-1]} neurons kept): one "
+                    f"config.{key} cannot express them"]
+    return ({key: sizes[0]} if sizes[0] != old else {}), []
 
 
 # ------------------------------------------------------------------------------------------- verify

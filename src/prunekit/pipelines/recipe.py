@@ -23,6 +23,7 @@ from prunekit.algorithms.calibration import MOVED_TO_CALIBRATION, CalibrationCon
 from prunekit.core.errors import RecipeError, UnknownNameError
 from prunekit.core.plan import validate_overrides
 from prunekit.core.structures import parse_structure
+from prunekit.core.targets import DEFAULT_TYPES
 from prunekit.data.registry import canonical_dataset_name
 from prunekit.data.user import is_user_data, validate_user_data
 from prunekit.models.registry import list_models
@@ -60,7 +61,7 @@ class DataConfig:
     format: str | None = None        # table: csv | tsv | jsonl (default: from the file extension)
     text_columns: list[str] = field(default_factory=list)   # table/hf_disk: [text] or [text_a, text_b]
     label_column: str = "label"      # table/hf_disk
-    task_type: str = "classification"  # user data: classification | regression
+    task_type: str = "classification"  # user data: classification | regression | causal_lm (text: language modelling)
     image_size: int | list[int] | None = None   # imagefolder: resize to N x N or [H, W]
     mean: list[float] | None = None  # imagefolder: per-channel normalisation (after scaling to [0, 1])
     std: list[float] | None = None
@@ -74,9 +75,9 @@ class DataConfig:
         _range("batch_size", self.batch_size, 1, None)
         _range("eval_batch_size", self.eval_batch_size, 1, None)
         _range("max_length", self.max_length, 8, None)
-        _choice("task_type", self.task_type, ("classification", "regression"))
+        _choice("task_type", self.task_type, ("classification", "regression", "causal_lm"))
         if self.format is not None:
-            _choice("format", self.format, ("csv", "tsv", "jsonl"))
+            _choice("format", self.format, ("csv", "tsv", "jsonl", "txt"))
         if isinstance(self.image_size, list) and len(self.image_size) != 2:
             raise RecipeError(f"image_size: expected an int or [height, width], got {self.image_size!r}")
         for v in [self.image_size] if isinstance(self.image_size, int) else (self.image_size or []):
@@ -89,7 +90,7 @@ class DataConfig:
 class TargetsConfig:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
-    types: list[str] = field(default_factory=lambda: ["Linear", "Conv2d", "HFConv1D"])
+    types: list[str] = field(default_factory=lambda: list(DEFAULT_TYPES))
 
     @property
     def is_default(self) -> bool:

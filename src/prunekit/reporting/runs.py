@@ -35,7 +35,7 @@ from prunekit.io.checkpoint import atomic_write_text
 from prunekit.reporting import plots
 from prunekit.reporting.tables import display_score, format_table
 
-__all__ = ["RunRecord", "load_run", "load_runs", "methods_tasks_table", "levels_table", "layers_markdown",
+__all__ = ["LOWER_IS_BETTER", "RunRecord", "load_run", "load_runs", "methods_tasks_table", "levels_table", "layers_markdown",
            "summary_table", "build_report", "render_report", "display_score"]
 
 
@@ -172,7 +172,8 @@ def _fmt_cr(values: list[float | None]) -> str:
 _TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
                "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI", "mnist": "MNIST", "cifar10": "CIFAR-10"}
 _METRIC_NAMES = {"accuracy": "acc", "f1": "F1", "matthews_correlation": "MCC", "combined": "Pearson/Spearman",
-                 "pearson": "Pearson", "spearmanr": "Spearman"}
+                 "pearson": "Pearson", "spearmanr": "Spearman", "perplexity": "perplexity ↓"}
+LOWER_IS_BETTER = ("perplexity",)   # metrics where less is better (causal LMs); every other one: more is better
 
 
 def task_header(task: str, metric: str) -> str:
@@ -281,7 +282,8 @@ def render_report(runs: list[RunRecord], images: dict[str, str] | None = None) -
     """The markdown of ``report.md`` (``images``: title → relative PNG path)."""
     parts = ["# prunekit report", "", f"{len(runs)} runs: " + ", ".join(f"`{r.path}`" for r in runs), "",
              "## Methods × tasks", "", methods_tasks_table(runs), "",
-             "Scores: percentages (GLUE metrics and image classification accuracy). Compression rate = dense "
+             "Scores: percentages (GLUE metrics and image classification accuracy), except perplexity per token "
+             "(language models; lower is better). Compression rate = dense "
              "parameter count / nonzero parameter count (whole model).", "",
              "## Runs", "", summary_table(runs), ""]
     for r in runs:
