@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -275,10 +276,16 @@ def _pre_process(src: Path, dst: Path) -> None:
     symbolic shape inference where it cannot handle the graph."""
     from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
 
-    try:
-        quant_pre_process(str(src), str(dst))
-    except Exception:  # noqa: BLE001  (symbolic shape inference does not cover every exporter op)
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="prunekit-quant-") as tmp:
+        os.chdir(tmp)   # a failed symbolic shape inference saves its partial model into the working directory
+        try:
+            quant_pre_process(str(src), str(dst))
+        except Exception:  # noqa: BLE001  (symbolic shape inference does not cover every exporter op)
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        finally:
+            os.chdir(old)
 
 
 def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, mode: str,
