@@ -17,9 +17,10 @@ The core API::
                                             # a model larger than memory, one block at a time (docs/big_models.md)
 """
 from prunekit.algorithms.offload import prune_offloaded
-from prunekit.api import Pruner, compact, export, groups_of, load_compacted, prune, save_compacted
+from prunekit.api import Pruner, compact, export, groups_of, load_compacted, prune, quantize, save_compacted
 from prunekit.core.masks import HardPrune, MaskSet
 from prunekit.core.plan import PruneSpec, compute_masks, mask_for
+from prunekit.core.quant import ConstraintSet, QCodes, Quantizer, QuantSpec, parse_quantizer
 from prunekit.core.structures import (
                                       NM,
                                       Block,
@@ -38,4 +39,5 @@ __all__ = [
     "mask_for", "prune", "compute_masks", "PruneSpec", "MaskSet", "HardPrune", "TargetSpec", "find_targets",
     "parse_structure", "Structure", "Unstructured", "Row", "Column", "Block", "NM", "Pattern", "__version__", "Pruner",
     "GroupStructure", "compact", "groups_of", "save_compacted", "load_compacted", "prune_offloaded", "export",
+    "quantize", "parse_quantizer", "Quantizer", "QuantSpec", "QCodes", "ConstraintSet",
 ]

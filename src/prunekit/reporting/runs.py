@@ -321,3 +321,26 @@ def build_report(run_dirs, out_dir: str | Path | None = None) -> dict[str, Any]:
     atomic_write_text(out / "report.md", md + "\n")
     files.insert(0, str(out / "report.md"))
     return {"out": str(out), "markdown": md, "files": files}
+
+
+def quant_markdown(q: dict) -> str:
+    """The quantized artefact of a run (``results.json`` → ``quant``): the two compression figures, the byte
+    breakdown and bits per weight per layer (docs/quantization.md)."""
+    b = q.get("bytes", {})
+    lines = [f"### quantized artefact ({q.get('artefact', 'model.pkq')}: {q['file_bytes']:,} bytes; "
+             f"{q.get('scheme')}, {q.get('method')})", "",
+             f"- weight data compression {q['weight_data_compression']:.1f}× (dense fp32 weight bytes "
+             f"{q['dense_fp32_weight_bytes']:,} / codes + scales + positions); without positions "
+             f"{q.get('weight_values_compression', float('nan')):.1f}×",
+             f"- whole artefact compression {q['whole_artefact_compression']:.1f}× (fp32 state dict "
+             f"{q['dense_fp32_bytes']:,} bytes / every byte of the file)",
+             "- bytes: " + ", ".join(f"{k} {v:,}" for k, v in b.items()), "",
+             "| layer | quantizer | kept / numel | positions | codes B | scales B | positions B | bits/weight | "
+             "bits/kept weight | Shannon bound of codes B |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for layer in q.get("layers", []):
+        lines.append(f"| {layer['name']} | {layer['quantizer']} | {layer['kept']:,} / {layer['numel']:,} | "
+                     f"{layer['positions']} | {layer.get('codes_bytes', 0):,} | {layer.get('scales_bytes', 0):,} | "
+                     f"{layer.get('positions_bytes', 0):,} | {layer['bits_per_weight']:.4f} | "
+                     f"{layer['bits_per_kept_weight']:.2f} | {layer['shannon_code_bytes']:.1f} |")
+    return "\n".join(lines) + "\n"
