@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from hf_tiny import tiny
 from prunekit.cli.main import main
 from prunekit.core.errors import DataError, RecipeError
 from prunekit.data.lm_text import read_texts, token_windows
@@ -134,3 +135,20 @@ def test_cli_sparsegpt_24_lm_end_to_end(tmp_path):
     assert main(["compact", str(out), "--out", str(tmp_path / "cmp")]) == 0
     sparse = load_file(str(tmp_path / "cmp" / "model.safetensors"))
     assert torch.equal(sparse["model.layers.0.mlp.down_proj.weight"], state["model.layers.0.mlp.down_proj.weight"])
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_naming_both_sizes():
+    """A folder whose tokenizer gained a token (e.g. an added eos) would index past the embedding deep in the forward;
+    prunekit refuses it before any work, in memory and offloaded alike (both call check_vocab)."""
+    from prunekit.pipelines.user_workloads import check_vocab
+    model = tiny("llama")
+    rows = int(model.get_input_embeddings().weight.shape[0])
+
+    class Tok:
+        def __len__(self):
+            return rows + 1
+
+    with pytest.raises(RecipeError, match=f"has {rows} token embeddings but its tokenizer {rows + 1} tokens"):
+        check_vocab(model, Tok(), "my-folder")
+    Tok.__len__ = lambda self: rows                       # type: ignore[method-assign]
+    check_vocab(model, Tok(), "my-folder")                # equal sizes pass

@@ -40,7 +40,7 @@ from prunekit.io.checkpoint import atomic_write_text
 from prunekit.io.sharded import ShardReader
 from prunekit.pipelines.recipe import Recipe, from_dict, to_dict
 from prunekit.pipelines.runner import machine_info, prune_spec_from, run_device
-from prunekit.pipelines.user_workloads import is_lm_recipe, lm_windows
+from prunekit.pipelines.user_workloads import check_vocab, is_lm_recipe, lm_windows
 from prunekit.training.tasks import CausalLMTask
 
 __all__ = ["run_offloaded"]
@@ -118,7 +118,8 @@ def run_offloaded(recipe: Recipe, out_dir: str | Path, *, log: Callable[[str], N
     out = Path(out_dir)
     if (out / "model" / STATE_DIR).is_dir() and not resume:
         raise RecipeError(f"{out} holds an unfinished offloaded run; pass --resume to continue it")
-    train, ev, _tok = lm_windows(recipe)
+    train, ev, tok = lm_windows(recipe)
+    check_vocab(empty_model(folder, recipe.model.trust_remote_code), tok, recipe.model.name)
     algo = _algorithm(recipe, folder)
     c = recipe.calibration
     loader = torch.utils.data.DataLoader(train, batch_size=c.batch_size)

@@ -255,6 +255,14 @@ def lm_windows(recipe: Recipe) -> tuple[LMWindows, LMWindows, Any]:
     return LMWindows(train_w, tpath), LMWindows(eval_w[: d.eval_limit or d.limit], epath), tok
 
 
+def check_vocab(model: nn.Module, tokenizer: Any, name: str) -> None:
+    """Refuse a tokenizer that produces ids the model has no embedding for (an IndexError deep in the forward)."""
+    emb = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
+    if emb < len(tokenizer):
+        raise RecipeError(f"model {name!r} has {emb} token embeddings but its tokenizer {len(tokenizer)} tokens "
+                          "(ids up to the tokenizer's size would index past the embedding)")
+
+
 def _lm_workload(recipe: Recipe) -> UserWorkload:
     """Token windows (:func:`lm_windows`), a causal LM, perplexity per token."""
     d = recipe.data
@@ -263,9 +271,7 @@ def _lm_workload(recipe: Recipe) -> UserWorkload:
     train_w, tpath, epath = train.windows, train.path, ev.path
     model = load_causal_lm(recipe.model.name, len(tok), trust_remote_code=trust, eos_token_id=separator_id(tok),
                            **dict(recipe.model.args))
-    emb = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
-    if emb < len(tok):
-        raise RecipeError(f"model {recipe.model.name!r} has {emb} token embeddings but its tokenizer {len(tok)} tokens")
+    check_vocab(model, tok, recipe.model.name)
     if recipe.prune.targets.is_default:
         ts = default_targets(model)
         recipe.prune.targets.include, recipe.prune.targets.types = list(ts.include), list(ts.types)
