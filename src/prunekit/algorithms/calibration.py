@@ -458,6 +458,7 @@ def propagate(block: nn.Module, i: int, recorded: list[RecordedBatch], hidden: l
 
 
 PruneBlock = Callable[[dict[str, nn.Module], dict[str, LayerStats]], None]
+MakePruneBlock = Callable[[MaskSet], PruneBlock]   # the prune_block of an algorithm, recording into a MaskSet
 
 
 @torch.no_grad()
@@ -522,6 +523,8 @@ class CalibrationConfig:
     batch_size: int = 8
     max_length: int | None = 128
     seed: int = 0
+    offload: bool = False               # prune block by block from the model folder's shards (prunekit.algorithms.offload)
+    max_memory: int | str | None = None   # bytes of calibration activations kept in memory ("1GB"), rest on disk; implies offload
 
     def __post_init__(self) -> None:
         for k in ("samples", "batch_size"):
@@ -614,10 +617,20 @@ class PostTraining(Algorithm[PT]):
 
     def final_masks(self, model: nn.Module) -> MaskSet:
         batches = self.calibration_batches()
+        targets, make_prune_block = self.block_pruner(model, batches)
+        masks = MaskSet()
+        run_blockwise(model, batches, targets, make_prune_block(masks), hessian=self.hessian)
+        return masks
+
+    def block_pruner(self, model: nn.Module, batches: list[Any]) -> tuple[dict[str, nn.Module], MakePruneBlock]:
+        """``(targets, make_prune_block)``: the target modules and a factory of the ``prune_block`` callback of
+        :func:`run_blockwise` that records the masks into the given :class:`MaskSet` (the offloaded driver,
+        :mod:`prunekit.algorithms.offload`, gives each block its own set and writes it to disk)."""
         plan = self.layer_plan(model, batches)
         targets = {n: m for n, m in self.targets(model).items() if n in plan}
-        masks = MaskSet()
+        return targets, lambda masks: self._prune_block(plan, masks)
 
+    def _prune_block(self, plan: dict[str, tuple[Structure, float]], masks: MaskSet) -> PruneBlock:
         def prune_block(mods: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:
             for name, mod in mods.items():
                 st, sp = plan[name]
@@ -627,9 +640,7 @@ class PostTraining(Algorithm[PT]):
                 W_new = W_new * keep
                 set_weight_matrix(mod, W_new)
                 masks.set(name, matrix_to_param(mod, keep).bool(), str(Transposed(st) if is_hf_conv1d(mod) else st))
-
-        run_blockwise(model, batches, targets, prune_block, hessian=self.hessian)
-        return masks
+        return prune_block
 
     def prune_matrix(self, W: Tensor, stats: LayerStats, structure: Structure, sparsity: float,
                      shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:

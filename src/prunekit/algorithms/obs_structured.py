@@ -33,8 +33,10 @@ from prunekit.algorithms.base import register
 from prunekit.algorithms.calibration import (
     CONV_TYPES,
     LayerStats,
+    MakePruneBlock,
     PostTraining,
     PostTrainingParams,
+    PruneBlock,
     is_hf_conv1d,
     matrix_to_param,
     model_inputs,
@@ -58,7 +60,7 @@ def _damped(H: Tensor, percdamp: float) -> Tensor:
     H = H.double().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
-    return H + float(percdamp) * float(H.diagonal().mean()) * torch.eye(H.shape[0], dtype=H.dtype)
+    return H + float(percdamp) * float(H.diagonal().mean()) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
 
 
 def _group_saliency(W: Tensor, Hinv: Tensor, idx: Tensor) -> Tensor:
@@ -74,13 +76,14 @@ def _group_saliency(W: Tensor, Hinv: Tensor, idx: Tensor) -> Tensor:
 
 def obs_group_saliency(W: Tensor, Hinv: Tensor, count: int, size: int) -> Tensor:
     """``(count,)`` OBS loss of removing each group of ``size`` consecutive columns (see module doc)."""
-    return _group_saliency(W, Hinv, torch.arange(count * size).reshape(count, size))
+    return _group_saliency(W, Hinv, torch.arange(count * size, device=W.device).reshape(count, size))
 
 
 def least_squares_refit(W: Tensor, H: Tensor, keep_cols: Tensor, percdamp: float = 0.01) -> Tensor:
     """``W H_:,K (H_KK + λI)⁻¹`` on the kept columns ``K``, zeros elsewhere."""
+    H = H.to(W.device)
     Hd = _damped(H, percdamp)
-    K = keep_cols.nonzero().squeeze(1)
+    K = keep_cols.to(W.device).nonzero().squeeze(1)
     out = torch.zeros_like(W, dtype=torch.float64)
     if K.numel():
         rhs = (W.double() @ H.double()[:, K]).t()                              # (|K|, rows)
@@ -106,10 +109,11 @@ def obs_group_prune(W: Tensor, H: Tensor, count: int, size: int, n_prune: int, p
         raise RecipeError(f"cannot prune {n_prune} of {count} groups")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise RecipeError(f"rounds must be a positive integer, got {rounds!r}")
+    H = H.to(W.device)                                    # statistics may live on CPU while the block is on a GPU
     Hinv = torch.linalg.inv(_damped(H, percdamp))
     Wc = W.double().clone()
-    removed = torch.zeros(count, dtype=torch.bool)
-    groups = offset + torch.arange(count * size).reshape(count, size)
+    removed = torch.zeros(count, dtype=torch.bool, device=W.device)
+    groups = offset + torch.arange(count * size, device=W.device).reshape(count, size)
     rounds = min(rounds, max(n_prune, 1))
     for r in range(rounds):
         k = (n_prune * (r + 1)) // rounds - (n_prune * r) // rounds
@@ -173,14 +177,18 @@ class OBSStructured(PostTraining["OBSStructured.Params"]):
     def final_masks(self, model: nn.Module) -> MaskSet:
         batches = self.calibration_batches()
         masks = MaskSet()
-        if self.params.kinds == "columns":
-            self._columns(model, batches, masks)
-        else:
-            self._coupled(model, batches, masks)
+        targets, make_prune_block = self.block_pruner(model, batches)
+        run_blockwise(model, batches, targets, make_prune_block(masks))
         return masks
 
-    def _columns(self, model: nn.Module, batches: list[Any], masks: MaskSet) -> None:
-        targets = find_targets(model, self.spec.targets)
+    def block_pruner(self, model: nn.Module, batches: list[Any]) -> tuple[dict[str, nn.Module], MakePruneBlock]:
+        """As :meth:`PostTraining.block_pruner` (heads/neurons need the traced graph of the whole model, so only
+        ``kinds: columns`` runs offloaded)."""
+        if self.params.kinds == "columns":
+            return find_targets(model, self.spec.targets), self._columns
+        return self._coupled(model, batches)
+
+    def _columns(self, masks: MaskSet) -> PruneBlock:
         sp = float(self.spec.sparsity)
 
         def prune_block(mods: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:
@@ -193,24 +201,24 @@ class OBSStructured(PostTraining["OBSStructured.Params"]):
                 cols = keep.repeat_interleave(size)[None, :].expand_as(W)
                 set_weight_matrix(mod, W_new * cols)
                 masks.set(name, matrix_to_param(mod, cols).bool(), str(Transposed(Column()) if is_hf_conv1d(mod) else Column()))
+        return prune_block
 
-        run_blockwise(model, batches, targets, prune_block)
-
-    def _coupled(self, model: nn.Module, batches: list[Any], masks: MaskSet) -> None:
+    def _coupled(self, model: nn.Module, batches: list[Any]) -> tuple[dict[str, nn.Module], MakePruneBlock]:
         modules = dict(model.named_modules())
         consumers: dict[str, list[tuple[CoupledGroup, Slice, int]]] = {}
         for g, n_prune in self._groups(model, batches).items():
             name, s = consumer_slice(g, modules)
             consumers.setdefault(name, []).append((g, s, n_prune))
         targets = {n: modules[n.removesuffix(".weight")] for n in consumers}
-        params = dict(model.named_parameters())
 
-        def prune_block(mods: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:
-            for name, mod in mods.items():
-                for g, s, n_prune in consumers[name]:
-                    self._prune_group(g, s, n_prune, mod, stats[name], params, masks)
-
-        run_blockwise(model, batches, targets, prune_block)
+        def make(masks: MaskSet) -> PruneBlock:
+            def prune_block(mods: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:
+                params = dict(model.named_parameters())
+                for name, mod in mods.items():
+                    for g, s, n_prune in consumers[name]:
+                        self._prune_group(g, s, n_prune, mod, stats[name], params, masks)
+            return prune_block
+        return targets, make
 
     def _groups(self, model: nn.Module, batches: list[Any]) -> dict[CoupledGroup, int]:
         """The removable coupled groups of the asked kinds from the model's traced graph (on the first

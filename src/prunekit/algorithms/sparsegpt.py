@@ -21,12 +21,21 @@ Mask selection:
   element score ``|w| / U_jj`` (whose grouped L2 norm is the summed saliency), chosen once before the
   sweep; the sweep then only compensates.
 
+**Joint sparsity + quantization** (the paper's §"joint sparsification & quantization", 50 % + 4 bits; the
+rounding is GPTQ's, Frantar et al. ICLR 2023): with a quantizer, each kept weight of the visited column is
+rounded to the nearest level of its row's grid (fitted once on the layer's weights before the sweep,
+:meth:`prunekit.core.quant.Quantizer.levels`; > 8-bit quantizers such as ``fp16`` round element-wise) instead of
+being kept as is, and the rounding error is compensated by the same OBS update as the pruning error.  Kept
+weights that round to 0 are counted as pruned.  The recipe's ``quant.scheme`` (ADMM-style: set on the
+algorithm's ``quant``) turns it on; the pipeline's quantize stage then re-fits each layer's grid on its kept
+weights (a no-op where the sweep's grid is recovered, a re-rounding where the grid's outermost level ended unused).
+
 Dampening: ``H += percdamp · mean(diag H) · I``; inputs that never fire (``H_jj = 0``) get ``H_jj = 1`` and
 a zero weight column.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +44,7 @@ from torch import Tensor
 from prunekit.algorithms.base import register
 from prunekit.algorithms.calibration import LayerStats, PostTraining, PostTrainingParams
 from prunekit.core.errors import RecipeError
+from prunekit.core.quant import Quantizer, QuantSpec, parse_quantizer
 from prunekit.core.structures import NM, Structure, Unstructured, parse_structure
 
 __all__ = ["SparseGPT", "inverse_cholesky", "sparsegpt_prune"]
@@ -46,7 +56,7 @@ def inverse_cholesky(H: Tensor, percdamp: float) -> Tensor:
     H = H.double().clone()
     n = H.shape[0]
     damp = float(percdamp) * float(H.diagonal().mean())
-    eye = torch.eye(n, dtype=H.dtype)
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
     for _ in range(5):
         L, info = torch.linalg.cholesky_ex(H + damp * eye)
         if int(info) == 0:
@@ -92,10 +102,12 @@ def _lowest_per_row(sal: Tensor, k: int) -> Tensor:
 
 @torch.no_grad()
 def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstructured", sparsity: float = 0.5,
-                    percdamp: float = 0.01, blocksize: int = 128, shape: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+                    percdamp: float = 0.01, blocksize: int = 128, shape: Sequence[int] | None = None,
+                    quant: str | Quantizer | None = None) -> tuple[Tensor, Tensor]:
     """Prune the ``(rows, cols)`` matrix ``W`` with input Hessian ``H`` (``cols × cols``); returns
     ``(W_new, keep)`` — the compensated weights (zero where pruned) and the keep-mask.  ``shape`` is the
-    weight's own shape (e.g. a conv's 4-D shape) that the structure sees; default ``W.shape``."""
+    weight's own shape (e.g. a conv's 4-D shape) that the structure sees; default ``W.shape``.  ``quant``:
+    also round the kept weights onto that grid (joint mode, see the module docstring)."""
     st = parse_structure(structure)
     shape = tuple(shape or W.shape)
     st.check_shape(shape)
@@ -104,7 +116,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstruct
     if blocksize < 1:
         raise RecipeError(f"blocksize must be >= 1, got {blocksize}")
     W = W.detach().float().clone()
-    H = H.detach().float().clone()
+    H = H.detach().float().clone().to(W.device)          # statistics may live on CPU while the block is on a GPU
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise RecipeError(f"Hessian shape {tuple(H.shape)} does not match {cols} weight columns")
@@ -119,6 +131,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstruct
         blocksize = max(st.m, blocksize // st.m * st.m)     # N:M groups never straddle two blocks
     elif not isinstance(st, Unstructured):
         keep_fixed = _structure_keep(W, U, st, sparsity, shape)
+    rnd = _rounder(W, quant)
     counts = _block_counts(rows, cols, blocksize, float(sparsity))
     pruned = torch.zeros_like(W, dtype=torch.bool)
     for b, i1 in enumerate(range(0, cols, blocksize)):
@@ -138,7 +151,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstruct
                 sal = W1[:, i:i + k].pow(2) / d[i:i + k].pow(2)[None, :]
                 P1[:, i:i + k] = _lowest_per_row(sal, k - min(nm_keep, k))
             w = W1[:, i]
-            q = w.masked_fill(P1[:, i], 0.0)
+            q = (w if rnd is None else rnd(w)).masked_fill(P1[:, i], 0.0)
             err = (w - q) / d[i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             W1[:, i] = q
@@ -147,7 +160,22 @@ def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstruct
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
         pruned[:, i1:i2] = P1
     W[pruned] = 0.0
-    return W, ~pruned
+    return W, ~pruned & (W != 0) if rnd is not None else ~pruned
+
+
+def _rounder(W: Tensor, quant: str | Quantizer | None) -> Callable[[Tensor], Tensor] | None:
+    """Column → nearest level of each row's grid (fitted on ``W``), or None without a quantizer."""
+    if quant is None:
+        return None
+    qz = parse_quantizer(quant)
+    if qz.bits > 8:
+        return lambda w: qz.project(w[:, None]).reshape(-1)
+    levels = qz.levels(qz.encode(W))          # (rows, n_codes)
+
+    def nearest(w: Tensor) -> Tensor:
+        idx = (w[:, None] - levels).abs().argmin(dim=1, keepdim=True)
+        return levels.gather(1, idx).reshape(-1)
+    return nearest
 
 
 @register
@@ -157,6 +185,7 @@ class SparseGPT(PostTraining["SparseGPT.Params"]):
 
     name = "sparsegpt"
     hessian = True
+    quant: QuantSpec | None = None     # joint 50 % + K-bit mode: the recipe's quant.scheme (set by the runner)
 
     @dataclass
     class Params(PostTrainingParams):
@@ -172,4 +201,6 @@ class SparseGPT(PostTraining["SparseGPT.Params"]):
 
     def prune_matrix(self, W: Tensor, stats: LayerStats, structure: Structure, sparsity: float,
                      shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        return sparsegpt_prune(W, stats.H, structure, sparsity, self.params.percdamp, self.params.blocksize, shape)
+        q = self.quant.scheme if self.quant is not None else None
+        return sparsegpt_prune(W, stats.H, structure, sparsity, self.params.percdamp, self.params.blocksize, shape,
+                               quant=q)

@@ -28,7 +28,7 @@ def wanda_scores(W: Tensor, col_norms: Tensor) -> Tensor:
     """``|W_ij| · ‖X_j‖₂`` for an ``(out, in)`` matrix and the per-input norms ``(in,)``."""
     if col_norms.shape != (W.shape[1],):
         raise RecipeError(f"input norms of shape {tuple(col_norms.shape)} do not match {W.shape[1]} weight columns")
-    return W.detach().abs().float() * col_norms.float()[None, :]
+    return W.detach().abs().float() * col_norms.float().to(W.device)[None, :]
 
 
 def wanda_mask(W: Tensor, col_norms: Tensor, structure: str | Structure = "unstructured",

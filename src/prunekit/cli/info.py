@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from prunekit.algorithms import list_algorithms
+from prunekit.core.quant import quantizer_syntax
 from prunekit.core.scoring import SCORES
 from prunekit.core.structures import structure_syntax
 from prunekit.data.registry import list_datasets
@@ -17,6 +18,7 @@ def add_parser(sub):
 def run(args) -> int:
 
     print("structures:", structure_syntax())
+    print("quantizers:", quantizer_syntax())
     print("scores:    ", ", ".join(sorted(SCORES)))
     print("algorithms:", ", ".join(list_algorithms()))
     print("models:    ", ", ".join(list_models()))

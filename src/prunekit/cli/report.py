@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from prunekit.core.errors import RecipeError
-from prunekit.reporting.runs import build_report, levels_table, load_run
+from prunekit.reporting.runs import LOWER_IS_BETTER, build_report, levels_table, load_run, quant_markdown
 from prunekit.reporting.tables import format_table
 
 
@@ -37,6 +37,8 @@ def load_results(run_dir: str | Path) -> dict:
 def render(res: dict, run_dir: str | Path | None = None) -> str:
 
     m = res.get("metric", "metric")
+    if m in LOWER_IS_BETTER:
+        m = f"{m} (lower is better)"
     if "score" not in res and res.get("levels") and run_dir is not None:   # shared-weight run
         dense = res.get("dense_score")
         return (f"## {res.get('name', 'run')} (shared weights, {len(res['levels'])} levels)\n\n"
@@ -49,6 +51,8 @@ def render(res: dict, run_dir: str | Path | None = None) -> str:
     if "flops" in res:
         head.append(f"- FLOPs {res['flops']:,} dense, {res['nonzero_flops']:,} nonzero ({res['flop_reduction']:.2f}× fewer)")
     out = "\n".join(head) + "\n\n" + format_table(res["layers"]) + "\n"
+    if res.get("quant"):
+        out += "\n" + quant_markdown(res["quant"])
     if res.get("levels") and run_dir is not None:
         out += "\n" + levels_table(load_run(run_dir)) + "\n"
     return out

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from prunekit.core.errors import RecipeError
+from prunekit.pipelines.offloaded import run_offloaded
 from prunekit.pipelines.recipe import load_recipe
 from prunekit.pipelines.runner import run_pipeline
 
@@ -118,8 +119,12 @@ def run(args) -> int:
     out = Path(args.out or Path("runs") / recipe.name)
     if args.nproc > 1:
         return _interruptible(args, out, lambda: _spawn(args))
-    res = _interruptible(args, out, lambda: run_pipeline(recipe, out, resume=args.resume, overwrite=args.overwrite,
-                                                         checkpoint_every=args.checkpoint_every))
+    if recipe.calibration.offload or recipe.calibration.max_memory is not None:   # block by block from the shards
+        res = _interruptible(args, out, lambda: run_offloaded(recipe, out, resume=args.resume))
+    else:
+        res = _interruptible(args, out, lambda: run_pipeline(recipe, out, resume=args.resume,
+                                                             overwrite=args.overwrite,
+                                                             checkpoint_every=args.checkpoint_every))
     if isinstance(res, int):
         return res
     if int(os.environ.get("RANK", "0")) != 0:

@@ -24,7 +24,7 @@ from torch import nn
 
 from prunekit.core.errors import RecipeError
 
-__all__ = ["TargetSpec", "find_targets", "MODULE_TYPES", "linear_types", "hf_conv1d", "block_lists", "block_targets",
+__all__ = ["DEFAULT_TYPES", "TargetSpec", "find_targets", "MODULE_TYPES", "linear_types", "hf_conv1d", "block_lists", "block_targets",
            "resolve_targets"]
 
 MODULE_TYPES: dict[str, type[nn.Module]] = {
@@ -34,6 +34,8 @@ MODULE_TYPES: dict[str, type[nn.Module]] = {
     "Conv3d": nn.Conv3d,
 }
 # HF GPT-2 style Conv1D is registered lazily (transformers is optional)
+DEFAULT_TYPES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d", "HFConv1D")
+"""Module types targeted unless a spec names others: every weight layer prunekit can partition."""
 
 
 def hf_conv1d() -> type[nn.Module] | None:
@@ -74,7 +76,7 @@ def _match(pattern: str, name: str) -> bool:
 class TargetSpec:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
-    types: list[str] = field(default_factory=lambda: ["Linear", "Conv2d", "HFConv1D"])
+    types: list[str] = field(default_factory=lambda: list(DEFAULT_TYPES))
 
     def __post_init__(self) -> None:
         for key in ("include", "exclude", "types"):

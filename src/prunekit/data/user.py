@@ -13,8 +13,14 @@ table          HF: minilm-l6, *-config, folder, hub name   train, eval (files; r
                                                            format, text_columns, label_column, task_type
 hf_disk        HF (as table)                               root (save_to_disk folder), train/eval (split
                                                            names), text_columns, label_column, task_type
+text           HF causal LM: llama-config, gpt2-config,   train, eval (txt / jsonl / csv / tsv files),
+               a model folder, hub name                    format, text_columns ([field]), max_length
 (factory)      built-in name or import path                factory, factory_args, task_type
 =============  ==========================================  ==============================================
+
+``task_type: causal_lm`` (language modelling; implied by ``data.name: text`` and by a model whose config
+names an ``*ForCausalLM`` architecture) reads ``text`` files or an ``hf_disk`` folder as token windows
+(:mod:`prunekit.data.lm_text`) and scores perplexity per token (lower is better).
 
 Import paths (``model.name`` and ``data.factory``) **import and run the user's code**.  The readers are
 :mod:`prunekit.data.imagefolder`, :mod:`prunekit.data.table` and :mod:`prunekit.data.factory`; the
@@ -30,8 +36,8 @@ from prunekit.models.user import is_import_path
 
 __all__ = ["USER_DATASETS", "TEXT_DATASETS", "user_data_kind", "is_user_data", "validate_user_data"]
 
-USER_DATASETS = ("imagefolder", "table", "hf_disk")
-TEXT_DATASETS = ("table", "hf_disk")
+USER_DATASETS = ("imagefolder", "table", "hf_disk", "text")
+TEXT_DATASETS = ("table", "hf_disk", "text")
 _IMAGE_KEYS = ("image_size", "mean", "std", "grayscale")
 
 
@@ -58,7 +64,9 @@ def _check_data_keys(d: Any, kind: str) -> None:
     set_image = [k for k in _IMAGE_KEYS if getattr(d, k) not in (None, False)]
     if set_image and kind != "imagefolder":
         raise RecipeError(f"data.{set_image[0]} is an imagefolder option; data.name is {kind!r}")
-    if kind in TEXT_DATASETS:
+    if kind == "text" or d.task_type == "causal_lm":
+        _check_lm_keys(d, kind)
+    elif kind in TEXT_DATASETS:
         if not 1 <= len(d.text_columns) <= 2:
             raise RecipeError(f"data.text_columns: {kind} needs one text column or a pair, e.g. [sentence] or "
                               f"[sentence1, sentence2]; got {d.text_columns}")
@@ -71,6 +79,20 @@ def _check_data_keys(d: Any, kind: str) -> None:
                           f"{'holding train/ and val/' if kind == 'imagefolder' else 'written by save_to_disk'}")
     if kind == "imagefolder" and d.task_type != "classification":
         raise RecipeError("data.task_type: imagefolder is classification only")
+
+
+def _check_lm_keys(d: Any, kind: str) -> None:
+    if kind not in ("text", "hf_disk"):
+        raise RecipeError(f"data.task_type causal_lm reads text files (data.name: text) or an hf_disk folder, "
+                          f"not {kind!r}")
+    if kind == "text" and d.task_type not in ("classification", "causal_lm"):
+        raise RecipeError(f"data.name text is language modelling (task_type causal_lm), got task_type {d.task_type!r}")
+    if len(d.text_columns) > 1:
+        raise RecipeError(f"data.text_columns: language modelling reads one text field, got {d.text_columns}")
+    if kind == "text" and not (d.train and d.eval):
+        raise RecipeError("data.train and data.eval: a text data set needs both files (txt, jsonl, csv or tsv)")
+    if d.format not in (None, "txt", "jsonl", "csv", "tsv"):
+        raise RecipeError(f"data.format: {d.format!r} is not one of ['txt', 'jsonl', 'csv', 'tsv']")
 
 
 def validate_user_data(data: Any, model_name: str) -> None:

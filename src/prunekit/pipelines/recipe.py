@@ -22,7 +22,9 @@ from prunekit.algorithms import get_algorithm_class
 from prunekit.algorithms.calibration import MOVED_TO_CALIBRATION, CalibrationConfig
 from prunekit.core.errors import RecipeError, UnknownNameError
 from prunekit.core.plan import validate_overrides
+from prunekit.core.quant import QuantSpec
 from prunekit.core.structures import parse_structure
+from prunekit.core.targets import DEFAULT_TYPES, TargetSpec
 from prunekit.data.registry import canonical_dataset_name
 from prunekit.data.user import is_user_data, validate_user_data
 from prunekit.models.registry import list_models
@@ -60,7 +62,7 @@ class DataConfig:
     format: str | None = None        # table: csv | tsv | jsonl (default: from the file extension)
     text_columns: list[str] = field(default_factory=list)   # table/hf_disk: [text] or [text_a, text_b]
     label_column: str = "label"      # table/hf_disk
-    task_type: str = "classification"  # user data: classification | regression
+    task_type: str = "classification"  # user data: classification | regression | causal_lm (text: language modelling)
     image_size: int | list[int] | None = None   # imagefolder: resize to N x N or [H, W]
     mean: list[float] | None = None  # imagefolder: per-channel normalisation (after scaling to [0, 1])
     std: list[float] | None = None
@@ -74,9 +76,9 @@ class DataConfig:
         _range("batch_size", self.batch_size, 1, None)
         _range("eval_batch_size", self.eval_batch_size, 1, None)
         _range("max_length", self.max_length, 8, None)
-        _choice("task_type", self.task_type, ("classification", "regression"))
+        _choice("task_type", self.task_type, ("classification", "regression", "causal_lm"))
         if self.format is not None:
-            _choice("format", self.format, ("csv", "tsv", "jsonl"))
+            _choice("format", self.format, ("csv", "tsv", "jsonl", "txt"))
         if isinstance(self.image_size, list) and len(self.image_size) != 2:
             raise RecipeError(f"image_size: expected an int or [height, width], got {self.image_size!r}")
         for v in [self.image_size] if isinstance(self.image_size, int) else (self.image_size or []):
@@ -89,7 +91,7 @@ class DataConfig:
 class TargetsConfig:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
-    types: list[str] = field(default_factory=lambda: ["Linear", "Conv2d", "HFConv1D"])
+    types: list[str] = field(default_factory=lambda: list(DEFAULT_TYPES))
 
     @property
     def is_default(self) -> bool:
@@ -136,6 +138,47 @@ class PruneConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Joint pruning + quantization (docs/quantization.md).  ``scheme`` (a quantizer string: ``int:4``,
+    ``pow2:3``, ``binary``, ``ternary``, ``cluster:16``, ``fp16``…; none = no quantization) for every target,
+    ``overrides`` ``{name_pattern: quantizer}``, ``targets`` (default: prune's), ``method`` — how the kept
+    weights reach the grid after hard-pruning: ``qat`` (retraining with a straight-through estimator),
+    ``share`` (Deep Compression weight sharing, ``cluster:K``), ``rtn`` (round-to-nearest, no training) —
+    ``schedule``: the schemes of the earlier stages of an ADMM search (e.g. ``[int:8, int:4]``), ``reduce``:
+    ``mean`` | ``sum`` of the members' updates (``share``), ``entropy``: ``huffman`` or ``lzma`` to entropy-code the artefact."""
+
+    scheme: str | None = None
+    overrides: dict = field(default_factory=dict)
+    targets: TargetsConfig | None = None
+    method: str = "qat"
+    schedule: list = field(default_factory=list)
+    reduce: str = "mean"
+    entropy: str | None = None       # None | huffman | lzma: entropy-code codes and gaps in the artefact (model.pkq)
+    polarize: int = 0                # FORMS sign polarization: K consecutive weights of a column share one sign
+
+    def __post_init__(self):
+        _choice("quant.method", self.method, ("qat", "share", "rtn"))
+        if self.entropy is not None:
+            _choice("quant.entropy", self.entropy, ("huffman", "lzma"))
+        _choice("quant.reduce", self.reduce, ("mean", "sum"))
+        if self.scheme is not None:
+            self.spec(None)
+        elif self.overrides or self.schedule or self.polarize:
+            raise RecipeError("quant.overrides/schedule need quant.scheme")
+
+    def spec(self, default_targets) -> QuantSpec:
+        """The :class:`QuantSpec` (``default_targets``: prune's :class:`TargetSpec`, used without quant.targets)."""
+        t = self.targets
+        targets = TargetSpec(list(t.include), list(t.exclude), list(t.types)) if t is not None else default_targets
+        try:
+            return QuantSpec(str(self.scheme), dict(self.overrides), targets, [str(x) for x in self.schedule],
+                             self.polarize)
+        except RecipeError as e:
+            msg = str(e)
+            raise RecipeError(msg if msg.startswith("quant.") else f"quant.scheme: {msg}") from None
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = "oneshot"
     params: dict = field(default_factory=dict)  # validated by the algorithm's own Params dataclass
@@ -161,6 +204,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)     # quantization of the kept weights (optional)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)   # post-training algorithms' data
     train: TrainConfig = field(default_factory=TrainConfig)
     dense: dict = field(default_factory=dict)     # TrainConfig keys overriding `train` for dense training

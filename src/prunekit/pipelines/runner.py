@@ -40,6 +40,7 @@ from prunekit.core.stats import model_summary
 from prunekit.core.structures import GroupStructure, parse_structure
 from prunekit.core.targets import TargetSpec, find_targets
 from prunekit.deploy import surgery
+from prunekit.deploy.quant_storage import artefact_report, encode_artefact, save_artefact
 from prunekit.graph import TraceError, coupled_groups
 from prunekit.io.checkpoint import (
     CheckpointError,
@@ -51,7 +52,7 @@ from prunekit.io.checkpoint import (
 )
 from prunekit.models.user import load_weights
 from prunekit.pipelines.recipe import Recipe, from_dict, to_dict
-from prunekit.pipelines.stages import Dense, HardPrune, Retrain, Search, Stage
+from prunekit.pipelines.stages import Dense, HardPrune, Quantize, Retrain, Search, Stage
 from prunekit.pipelines.workloads import Workload, build_workload
 from prunekit.training import distributed as D
 from prunekit.training.config import Runtime
@@ -164,6 +165,14 @@ def validate_recipe(recipe: Recipe, workload: Workload, spec: PruneSpec | None =
         raise RecipeError(f"prune.structure {spec.structure}: the model has no prunable group of these kinds; "
                           f"groups: {group_table(spec, workload.model)}")
     algo = cls(from_dict(cls.Params, recipe.algorithm.params, "algorithm.params"), spec)
+    if recipe.quant.scheme is not None:
+        qspec = recipe.quant.spec(spec.targets)
+        qspec.plan(workload.model)                   # targets and overrides match the model
+        if hasattr(algo, "quant"):                   # ADMM family: the Z-step projects onto pruned + quantized
+            algo.quant = qspec
+        elif qspec.schedule:
+            raise RecipeError(f"quant.schedule: algorithm {recipe.algorithm.name} has no quantized search "
+                              "(use admm or admm_progressive)")
     return spec, algo
 
 
@@ -498,7 +507,25 @@ class Report(Stage):
         if ctx.is_main:
             save_checkpoint(ctx.out, model, masks, recipe=ctx.resolved,
                             extra={"stage": "final", "metric": metric, "score": final[metric]})
+        if "qcodes" in ctx.cache:
+            out["quant"] = _quant_artefact(ctx)
         return out
+
+
+def _quant_artefact(ctx: RunContext) -> dict:
+    """``out/model.pkq`` (bit-packed codes, scales, positions, the rest raw; checked to reload bit for bit) and
+    its byte breakdown and compression figures (docs/quantization.md)."""
+    q = ctx.recipe.quant
+    state = {k: v.detach().cpu() for k, v in ctx.model.state_dict().items()}
+    path = ctx.out / "model.pkq"
+    if ctx.is_main:
+        rep = save_artefact(path, state, ctx.cache["qcodes"], entropy=q.entropy)
+    else:
+        rep = artefact_report(encode_artefact(state, ctx.cache["qcodes"], q.entropy))
+    ctx.log(f"quantized artefact {path}: {rep['file_bytes']} bytes; weight data {rep['weight_data_compression']}×, "
+            f"whole artefact {rep['whole_artefact_compression']}×")
+    return {"scheme": q.scheme, "overrides": dict(q.overrides), "method": q.method, "schedule": list(q.schedule),
+            "artefact": "model.pkq", **rep}
 
 
 def _graph_macs(model: nn.Module, masks: MaskSet, example_input, log) -> dict:
@@ -534,6 +561,8 @@ def pipeline_stages(recipe: Recipe, algo) -> list[Stage]:
     """dense → the algorithm's search → hard-prune → retrain → report.  The dense weights are kept (the
     teacher) when anything distils."""
     keep = bool(recipe.distill) or callable(getattr(algo, "set_teacher", None))
+    if recipe.quant.scheme is not None:
+        return [Dense(keep=keep), Search(), HardPrune(), Retrain(final=False), Quantize(), Report()]
     return [Dense(keep=keep), Search(), HardPrune(), Retrain(), Report()]
 
 

@@ -18,6 +18,7 @@ import torch
 
 from prunekit.algorithms.calibration import PostTraining
 from prunekit.algorithms.distill import make_distiller
+from prunekit.algorithms.quantize import QuantTrainer, check_quantized, quantize
 from prunekit.algorithms.sensitivity import allocate_budget, layer_sensitivity, overrides_yaml
 from prunekit.algorithms.shared_levels import FreezeShared, JointLevels, LevelView
 from prunekit.core.masks import MaskSet
@@ -25,7 +26,7 @@ from prunekit.core.nested import NestedMasks, nested_masks
 from prunekit.io.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from prunekit.training import distributed as D
 
-__all__ = ["Stage", "Dense", "Search", "HardPrune", "Retrain", "JointBase", "SharedLevel", "JointLevelsStage",
+__all__ = ["Stage", "Dense", "Search", "HardPrune", "Retrain", "Quantize", "quant_spec", "JointBase", "SharedLevel", "JointLevelsStage",
            "SensitivitySweep", "teacher_model", "level_nested"]
 
 
@@ -169,12 +170,42 @@ class Retrain(Stage):
         cfg, out = ctx.recipe.phase("retrain"), {}
         if cfg.epochs > 0:
             base = ctx.results.get("metrics", {}).get("after_hard_prune")
-            r = ctx.fit(cfg, desc=self.desc, hooks=_distill_hooks(ctx, "retrain"), masks=ctx.masks,
-                        restore_best=True, baseline=base)
+            hooks = _distill_hooks(ctx, "retrain")
+            q = ctx.recipe.quant
+            if q.scheme is not None and q.method in ("qat", "share"):
+                # quantization-aware: the weights stay on the grid; the unquantized entry weights are no baseline
+                hooks = [*hooks, QuantTrainer(quant_spec(ctx), "ste" if q.method == "qat" else "share", q.reduce)]
+                base = None
+            r = ctx.fit(cfg, desc=self.desc, hooks=hooks, masks=ctx.masks, restore_best=True, baseline=base)
             out["history"] = {self.history_key: r["history"]}
         if self.final:
             out["metrics"] = _evaluated(ctx, "final", f"final {ctx.task.metric}")
         out["seconds"] = {self.seconds_key: time.perf_counter() - t0}
+        return out
+
+
+def quant_spec(ctx):
+    """The recipe's quantization spec (targets default to prune's)."""
+    return ctx.recipe.quant.spec(ctx.spec.targets)
+
+
+class Quantize(Stage):
+    """The kept weights onto their grids (round-to-nearest; a no-op on weights that quantization-aware
+    retraining left on the grid), masks updated with the kept weights the grid sent to 0, every weight
+    checked to equal ``decode(codes)`` bit for bit; then the final evaluation (``metrics.final``)."""
+
+    name = "quantize"
+
+    def run(self, ctx) -> dict:
+        t0 = time.perf_counter()
+        qs = quant_spec(ctx)
+        before = ctx.masks.sparsity()
+        quantize(ctx.model, qs, ctx.masks)
+        ctx.cache["qcodes"] = check_quantized(ctx.model, qs, ctx.masks)
+        ctx.log(f"quantized {len(ctx.cache['qcodes'])} weights ({ctx.recipe.quant.scheme}, {ctx.recipe.quant.method}); "
+                f"sparsity {before:.4f} → {ctx.masks.sparsity():.4f} (kept weights rounded to 0 counted as pruned)")
+        out = {"metrics": _evaluated(ctx, "final", f"final {ctx.task.metric} (quantized)")}
+        out["seconds"] = {"quantize": time.perf_counter() - t0}
         return out
 
 

@@ -14,11 +14,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from prunekit.adapters.hf import load_model, load_tokenizer, uses_token_types
+from prunekit.adapters.hf import is_causal_lm_source, load_causal_lm, load_model, load_tokenizer, uses_token_types
 from prunekit.core.errors import DataError, RecipeError
 from prunekit.data.factory import load_factory
 from prunekit.data.glue import encode_examples, make_loader
 from prunekit.data.imagefolder import load_imagefolder
+from prunekit.data.lm_text import LMWindows, read_hf_disk_texts, read_texts, separator_id, token_windows
+from prunekit.data.paths import resolve_data_root
 from prunekit.data.sample import subsample
 from prunekit.data.table import load_hf_disk, load_table_splits
 from prunekit.data.task_metrics import primary_metric, task_metrics
@@ -26,8 +28,9 @@ from prunekit.data.user import TEXT_DATASETS, user_data_kind
 from prunekit.graph.families import default_targets
 from prunekit.models.user import build_model
 from prunekit.pipelines.recipe import Recipe
+from prunekit.training.tasks import CausalLMTask
 
-__all__ = ["UserTask", "UserWorkload", "build_user_workload"]
+__all__ = ["UserTask", "UserWorkload", "build_user_workload", "is_lm_recipe", "lm_windows"]
 
 
 class UserWorkload(NamedTuple):
@@ -210,9 +213,84 @@ def _text_workload(recipe: Recipe) -> UserWorkload:
                     make_loader(enc_eval, d.eval_batch_size), example, info)
 
 
+def is_lm_recipe(recipe: Recipe) -> bool:
+    """Language modelling: ``task_type: causal_lm``, ``data.name: text``, or a decoder model on hf_disk text."""
+    kind = user_data_kind(recipe.data)
+    return (recipe.data.task_type == "causal_lm" or kind == "text"
+            or (kind == "hf_disk" and is_causal_lm_source(recipe.model.name)))
+
+
+def _lm_path(d, path: str) -> Path:
+    """A text file: absolute, relative to ``data.root``, to the working folder, else to the data root."""
+    p = _table_path(d, path)
+    if p.is_absolute() or d.root or p.exists():
+        return p
+    return Path(resolve_data_root(None)) / p
+
+
+def _lm_texts(recipe: Recipe) -> tuple[list[str], list[str], str, str]:
+    d = recipe.data
+    col = d.text_columns[0] if d.text_columns else None
+    if user_data_kind(d) == "hf_disk":
+        assert d.root is not None, "hf_disk needs data.root (checked with the recipe)"
+        tr, ev = d.train or "train", d.eval or "validation"
+        return (read_hf_disk_texts(d.root, tr, col), read_hf_disk_texts(d.root, ev, col), f"{d.root}[{tr}]",
+                f"{d.root}[{ev}]")
+    assert d.train is not None and d.eval is not None, "text needs data.train and data.eval (checked with the recipe)"
+    tp, ep = _lm_path(d, d.train), _lm_path(d, d.eval)
+    return read_texts(tp, d.format, col), read_texts(ep, d.format, col), str(tp), str(ep)
+
+
+def lm_windows(recipe: Recipe) -> tuple[LMWindows, LMWindows, Any]:
+    """``(train, eval, tokenizer)``: token windows of ``data.max_length`` from the train/eval texts.
+    ``data.limit`` = a seeded random subset of the train windows; ``eval_limit`` = the first eval windows."""
+    d = recipe.data
+    tok = load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
+    train_texts, eval_texts, tpath, epath = _lm_texts(recipe)
+    train_w = token_windows(train_texts, tok, d.max_length)
+    eval_w = token_windows(eval_texts, tok, d.max_length)
+    if d.limit is not None and d.limit < len(train_w):
+        g = torch.Generator().manual_seed(recipe.seed)
+        train_w = train_w[torch.randperm(len(train_w), generator=g)[:d.limit]]
+    return LMWindows(train_w, tpath), LMWindows(eval_w[: d.eval_limit or d.limit], epath), tok
+
+
+def check_vocab(model: nn.Module, tokenizer: Any, name: str) -> None:
+    """Refuse a tokenizer that produces ids the model has no embedding for (an IndexError deep in the forward)."""
+    emb = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
+    if emb < len(tokenizer):
+        raise RecipeError(f"model {name!r} has {emb} token embeddings but its tokenizer {len(tokenizer)} tokens "
+                          "(ids up to the tokenizer's size would index past the embedding)")
+
+
+def _lm_workload(recipe: Recipe) -> UserWorkload:
+    """Token windows (:func:`lm_windows`), a causal LM, perplexity per token."""
+    d = recipe.data
+    trust = recipe.model.trust_remote_code
+    train, ev, tok = lm_windows(recipe)
+    train_w, tpath, epath = train.windows, train.path, ev.path
+    model = load_causal_lm(recipe.model.name, len(tok), trust_remote_code=trust, eos_token_id=separator_id(tok),
+                           **dict(recipe.model.args))
+    check_vocab(model, tok, recipe.model.name)
+    if recipe.prune.targets.is_default:
+        ts = default_targets(model)
+        recipe.prune.targets.include, recipe.prune.targets.types = list(ts.include), list(ts.types)
+    g = torch.Generator().manual_seed(recipe.seed)
+    info = {"data": user_data_kind(d), "train": tpath, "eval": epath, "task_type": "causal_lm",
+            "window": d.max_length, "train_windows": len(train), "eval_windows": len(ev),
+            "eval_tokens_predicted": len(ev) * (d.max_length - 1), "tokenizer": type(tok).__name__,
+            "model": recipe.model.name, "targets": list(recipe.prune.targets.include)}
+    return UserWorkload(model, CausalLMTask(),
+                        torch.utils.data.DataLoader(train, batch_size=d.batch_size, shuffle=True, generator=g),
+                        torch.utils.data.DataLoader(ev, batch_size=d.eval_batch_size), {"input_ids": train_w[:1]},
+                        info)
+
+
 def build_user_workload(recipe: Recipe) -> UserWorkload:
     """The workload parts of a user-data recipe (see :mod:`prunekit.data.user`)."""
     kind = user_data_kind(recipe.data)
+    if is_lm_recipe(recipe):
+        return _lm_workload(recipe)
     if kind == "imagefolder":
         return _image_workload(recipe)
     if kind == "factory":

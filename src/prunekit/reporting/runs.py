@@ -35,7 +35,7 @@ from prunekit.io.checkpoint import atomic_write_text
 from prunekit.reporting import plots
 from prunekit.reporting.tables import display_score, format_table
 
-__all__ = ["RunRecord", "load_run", "load_runs", "methods_tasks_table", "levels_table", "layers_markdown",
+__all__ = ["LOWER_IS_BETTER", "RunRecord", "load_run", "load_runs", "methods_tasks_table", "levels_table", "layers_markdown",
            "summary_table", "build_report", "render_report", "display_score"]
 
 
@@ -172,7 +172,8 @@ def _fmt_cr(values: list[float | None]) -> str:
 _TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
                "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI", "mnist": "MNIST", "cifar10": "CIFAR-10"}
 _METRIC_NAMES = {"accuracy": "acc", "f1": "F1", "matthews_correlation": "MCC", "combined": "Pearson/Spearman",
-                 "pearson": "Pearson", "spearmanr": "Spearman"}
+                 "pearson": "Pearson", "spearmanr": "Spearman", "perplexity": "perplexity ↓"}
+LOWER_IS_BETTER = ("perplexity",)   # metrics where less is better (causal LMs); every other one: more is better
 
 
 def task_header(task: str, metric: str) -> str:
@@ -281,7 +282,8 @@ def render_report(runs: list[RunRecord], images: dict[str, str] | None = None) -
     """The markdown of ``report.md`` (``images``: title → relative PNG path)."""
     parts = ["# prunekit report", "", f"{len(runs)} runs: " + ", ".join(f"`{r.path}`" for r in runs), "",
              "## Methods × tasks", "", methods_tasks_table(runs), "",
-             "Scores: percentages (GLUE metrics and image classification accuracy). Compression rate = dense "
+             "Scores: percentages (GLUE metrics and image classification accuracy), except perplexity per token "
+             "(language models; lower is better). Compression rate = dense "
              "parameter count / nonzero parameter count (whole model).", "",
              "## Runs", "", summary_table(runs), ""]
     for r in runs:
@@ -319,3 +321,26 @@ def build_report(run_dirs, out_dir: str | Path | None = None) -> dict[str, Any]:
     atomic_write_text(out / "report.md", md + "\n")
     files.insert(0, str(out / "report.md"))
     return {"out": str(out), "markdown": md, "files": files}
+
+
+def quant_markdown(q: dict) -> str:
+    """The quantized artefact of a run (``results.json`` → ``quant``): the two compression figures, the byte
+    breakdown and bits per weight per layer (docs/quantization.md)."""
+    b = q.get("bytes", {})
+    lines = [f"### quantized artefact ({q.get('artefact', 'model.pkq')}: {q['file_bytes']:,} bytes; "
+             f"{q.get('scheme')}, {q.get('method')})", "",
+             f"- weight data compression {q['weight_data_compression']:.1f}× (dense fp32 weight bytes "
+             f"{q['dense_fp32_weight_bytes']:,} / codes + scales + positions); without positions "
+             f"{q.get('weight_values_compression', float('nan')):.1f}×",
+             f"- whole artefact compression {q['whole_artefact_compression']:.1f}× (fp32 state dict "
+             f"{q['dense_fp32_bytes']:,} bytes / every byte of the file)",
+             "- bytes: " + ", ".join(f"{k} {v:,}" for k, v in b.items()), "",
+             "| layer | quantizer | kept / numel | positions | codes B | scales B | positions B | bits/weight | "
+             "bits/kept weight | Shannon bound of codes B |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for layer in q.get("layers", []):
+        lines.append(f"| {layer['name']} | {layer['quantizer']} | {layer['kept']:,} / {layer['numel']:,} | "
+                     f"{layer['positions']} | {layer.get('codes_bytes', 0):,} | {layer.get('scales_bytes', 0):,} | "
+                     f"{layer.get('positions_bytes', 0):,} | {layer['bits_per_weight']:.4f} | "
+                     f"{layer['bits_per_kept_weight']:.2f} | {layer['shannon_code_bytes']:.1f} |")
+    return "\n".join(lines) + "\n"

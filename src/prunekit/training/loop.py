@@ -33,6 +33,7 @@ from prunekit.training import distributed as D
 from prunekit.training.config import Runtime, TrainConfig
 from prunekit.training.device import Amp, device_of, to_device
 from prunekit.training.progress import make_progress
+from prunekit.training.tasks import better
 
 __all__ = ["seed_everything", "TrainContext", "Hook", "fit", "make_optimizer", "make_scheduler", "NonFiniteLoss",
     "rng_state", "set_rng_state"]
@@ -283,7 +284,7 @@ def _evaluate(lp: _Loop, bar) -> None:
     lp.history.append(metrics)
     for h in lp.hooks:                                   # optional: duck-typed hooks may lack it
         getattr(h, "evaluated", lambda *_: None)(ctx, metrics)
-    if lp.best is None or metrics[task.metric] > lp.best[task.metric]:
+    if lp.best is None or better(task, metrics[task.metric], lp.best[task.metric]):
         lp.best, lp.bad_evals = dict(metrics), 0
         if lp.restore_best:
             lp.best_state = _weights_copy(lp.model)

@@ -29,6 +29,12 @@ Post-training algorithms (``sparsegpt``, ``wanda``, ``obs_structured``) have no 
 ``Pruner(model, spec, algorithm="sparsegpt", calibration_data=train_loader, calibration={"samples": 128})``
 then ``finalize()`` prunes (and updates) the weights from those calibration batches.
 
+Joint pruning + quantization: ``quant="int:4"`` (or a ``quant:`` dict / :class:`~prunekit.core.quant.QuantSpec`)
+makes an ADMM algorithm's Z-step project onto "pruned and quantized" during the search, and :meth:`finalize`
+then retrains quantization-aware (``quant_method="qat"``: straight-through estimator; ``"share"``: Deep
+Compression weight sharing) or rounds to nearest at once (``"rtn"``); :meth:`quantized` returns the codes
+every quantized weight equals, bit for bit.
+
 Targets: a spec whose targets are the default ``["*"]`` on a Hugging Face model prunes the matrices of its
 repeated blocks only — embeddings and the LM head stay dense unless named (as ``prunekit run`` does).
 
@@ -47,9 +53,11 @@ from prunekit.algorithms import get_algorithm_class
 from prunekit.algorithms.calibration import CalibrationConfig, PostTraining
 from prunekit.algorithms.distill import DistillConfig, Distiller
 from prunekit.algorithms.hooks import Hook, TrainContext
+from prunekit.algorithms.quantize import QuantTrainer, as_quant_spec, check_quantized, quantize
 from prunekit.core.errors import RecipeError
 from prunekit.core.masks import HardPrune, MaskSet
 from prunekit.core.plan import PruneSpec, target_plan
+from prunekit.core.quant import QCodes, QuantSpec
 from prunekit.core.targets import TargetSpec
 from prunekit.training.device import device_of, to_device
 
@@ -87,13 +95,24 @@ class Pruner:
                  algorithm: str = "oneshot", params: Any = None, teacher: nn.Module | None = None,
                  distill: dict | DistillConfig | None = None, task: Any = None, total_steps: int = 0,
                  steps_per_epoch: int = 0, calibration_data: Any = None,
-                 calibration: CalibrationConfig | dict | None = None):
+                 calibration: CalibrationConfig | dict | None = None,
+                 quant: QuantSpec | str | dict | None = None, quant_method: str = "qat", quant_reduce: str = "mean"):
         self.model, self.spec = model, as_prune_spec(spec)
         target_plan(model, self.spec)        # targets/overrides that match nothing fail here, not at finalize()
+        self.quant = as_quant_spec(quant, self.spec.targets) if quant is not None else None
+        self.quant_method = quant_method
+        if quant_method not in ("qat", "share", "rtn"):
+            raise ValueError(f"quant_method: {quant_method!r} is not one of ['qat', 'share', 'rtn']")
+        self.quant_hook: QuantTrainer | None = None
+        if self.quant is not None:
+            self.quant_hook = None if quant_method == "rtn" else QuantTrainer(
+                self.quant, "ste" if quant_method == "qat" else "share", quant_reduce)
         cls = get_algorithm_class(algorithm)
         if params is None or isinstance(params, dict):
             params = cls.Params(**(params or {}))
         self.algorithm = cls(params, self.spec)
+        if self.quant is not None and hasattr(self.algorithm, "quant"):   # ADMM family: joint Z-step
+            self.algorithm.quant = self.quant
         if isinstance(self.algorithm, PostTraining):   # sparsegpt, wanda, obs_structured; ignored by the others
             if calibration_data is not None:
                 self.algorithm.calibration_loader = calibration_data
@@ -116,7 +135,8 @@ class Pruner:
     @property
     def hooks(self) -> list[Hook]:
         algo = [] if self.finalized or not self.algorithm.has_search else [self.algorithm]
-        return algo + ([self.distiller] if self.distiller is not None else [])
+        quant: list[Hook] = [self.quant_hook] if self.finalized and self.quant_hook is not None else []
+        return [*algo, *([self.distiller] if self.distiller is not None else []), *quant]
 
     def _attach(self, masks: MaskSet | None, optimizer) -> None:
         if self.hard_prune is not None:
@@ -187,7 +207,20 @@ class Pruner:
         self.ctx.step, self.ctx.epoch, self.ctx.phase = 0, 0, "retrain"
         if self.distiller is not None:
             self.distiller.set_stage("retrain")
+        if self.quant is not None and self.quant_hook is None:
+            quantize(self.model, self.quant, masks)           # round-to-nearest now
+        elif self.quant_hook is not None:
+            self.quant_hook.begin(self.ctx)                   # the weights go onto the grid now
         return masks
+
+    def quantized(self) -> dict[str, QCodes]:
+        """Codes of every quantized weight (each weight equals ``decode`` of its codes bit for bit; raises if
+        one is off its grid); the masks lose the kept weights the grid sent to 0."""
+        if self.quant is None:
+            raise ValueError("this Pruner has no quant=")
+        if self.masks is not None:
+            quantize(self.model, self.quant, self.masks)   # idempotent on weights already on the grid
+        return check_quantized(self.model, self.quant, self.masks)
 
     def detach(self) -> None:
         """Stop hard-pruning (the weights stay as they are)."""
