@@ -40,3 +40,14 @@ def test_merge_replaces_same_row_and_keeps_others(tmp_path, monkeypatch):
     m = json.loads(out.read_text())
     assert [(r["structure"], r["score"]) for r in m["rows"]] == [("row", 81.0), ("column", 79.0)]
     assert m["missing"] == [] and m["dense"] == {"sst2": {"score": 86.0}} and m["constant_baseline"] == {"sst2": 50.0}
+
+
+def test_constant_baseline_is_in_points():
+    """The metrics are reported in points (0-100): MRPC's all-"equivalent" F1 on the 408 dev pairs is 81.22
+    (279 positives: 2*279 / (2*279 + 129)), not 8121.7."""
+    from prunekit.data.glue import load_glue  # noqa: PLC0415
+    try:
+        load_glue("mrpc", split="dev")
+    except Exception:  # noqa: BLE001
+        pytest.skip("GLUE MRPC not in the data folder")
+    assert bench.constant_baseline("mrpc") == pytest.approx(100 * 2 * 279 / (2 * 279 + 129), abs=0.01)
