@@ -152,3 +152,19 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_naming_both_sizes():
         check_vocab(model, Tok(), "my-folder")
     Tok.__len__ = lambda self: rows                       # type: ignore[method-assign]
     check_vocab(model, Tok(), "my-folder")                # equal sizes pass
+
+
+def test_hf_disk_texts_for_language_modelling(tmp_path):
+    """A ``save_to_disk`` DatasetDict is read split by split (empty texts dropped); a missing split or column is a
+    DataError listing what is there."""
+    datasets = pytest.importorskip("datasets", reason="datasets is in the nlp extra the README installs")
+    from prunekit.data.lm_text import read_hf_disk_texts
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a cat sat", "", "on the mat"]}),
+                               "validation": datasets.Dataset.from_dict({"text": ["the end"]})})
+    dd.save_to_disk(str(tmp_path / "ds"))
+    assert read_hf_disk_texts(tmp_path / "ds", "train", None) == ["a cat sat", "on the mat"]
+    assert read_hf_disk_texts(tmp_path / "ds", "validation", "text") == ["the end"]
+    with pytest.raises(DataError, match=r"no split 'test'; splits: \['train', 'validation'\]"):
+        read_hf_disk_texts(tmp_path / "ds", "test", None)
+    with pytest.raises(DataError, match=r"no column 'body'; columns: \['text'\]"):
+        read_hf_disk_texts(tmp_path / "ds", "train", "body")

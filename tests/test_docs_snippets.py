@@ -30,6 +30,8 @@ from torch import nn
 import prunekit
 from hf_tiny import example, tiny
 from prunekit.core.masks import MaskSet
+from prunekit.deploy.export import ExportResult
+from prunekit.training.tasks import ClassificationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -109,8 +111,20 @@ def llama_folder() -> dict[str, Any]:
     return {"torch": torch, "batches": [{"input_ids": torch.randint(3, 100, (4, 8), generator=g)} for _ in range(2)]}
 
 
+def lenet5_export() -> dict[str, Any]:
+    """``model``: LeNet-5 (eval); ``example_inputs``: 2 random images; ``batches``: two calibration batches of 8;
+    ``task``: the classification task; ``dev_loader``: two labelled batches of 8."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(8, 1, 28, 28, generator=g) for _ in range(2)]
+    return {"torch": torch, "prunekit": prunekit, "model": prunekit.models.get_model("lenet5").eval(),
+            "example_inputs": torch.randn(2, 1, 28, 28, generator=g), "batches": images,
+            "task": ClassificationTask(),
+            "dev_loader": [(x, torch.randint(0, 10, (8,), generator=g)) for x in images]}
+
+
 FIXTURES: dict[str, Callable[[], dict[str, Any]]] = {"bert_classifier": bert_classifier, "lenet5_loop": lenet5_loop,
-                                                     "llama_folder": llama_folder}
+                                                     "llama_folder": llama_folder, "lenet5_export": lenet5_export}
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -137,6 +151,11 @@ def _check(ns: dict[str, Any]) -> int:
         with torch.no_grad():
             torch.testing.assert_close(_outputs(small, ns["x"]), _outputs(model.eval(), ns["x"]), rtol=1e-4, atol=1e-5)
         assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in ns["make_model"]().parameters())
+        n += 1
+    res = ns.get("res")
+    if isinstance(res, ExportResult):                  # the exported artefact: checked fp32 graph, smaller int8 file
+        assert res.fp32_check.max_rel <= 1e-4 and res.bytes < res.fp32_bytes and Path(res.path).is_file()
+        assert isinstance(ns.get("metrics"), dict) and 0.0 <= ns["metrics"]["accuracy"] <= 100.0
         n += 1
     if Path("out_dir/config.json").is_file() and Path("llama_dir").is_dir():   # the offloaded pruning's output
         from transformers import AutoModelForCausalLM

@@ -260,7 +260,7 @@ def user_code_run(tmp_path_factory):
 def test_opening_a_run_folder_never_imports_its_code_unasked(user_code_run, tmp_path):
     run, marker, name, mp = user_code_run
     for cmd in (("compact", str(run), "--out", str(tmp_path / "c")), ("bench", str(run), "--repeats", "1"),
-                ("report", str(run))):
+                ("export", str(run), "--out", str(tmp_path / "e")), ("report", str(run))):
         rc, out = _cli(*cmd)
         assert not marker.exists(), cmd
         if cmd[0] == "report":                                     # reads results.json + recipe.yaml only
@@ -268,7 +268,7 @@ def test_opening_a_run_folder_never_imports_its_code_unasked(user_code_run, tmp_
             continue
         assert rc == 2 and len(out.strip().splitlines()) == 1, out
         assert f"would import the model factory '{name}:make' (model.name)" in out and "--trust-code" in out
-    assert not (tmp_path / "c").exists()
+    assert not (tmp_path / "c").exists() and not (tmp_path / "e").exists()
     with pytest.raises(UntrustedCodeError, match="trust_code=True"):
         compact_run(run, tmp_path / "c")
     with pytest.raises(UntrustedCodeError):

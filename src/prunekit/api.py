@@ -23,6 +23,7 @@ from prunekit.core.plan import PruneSpec
 from prunekit.core.plan import prune as _prune
 from prunekit.core.structures import Structure, parse_structure
 from prunekit.deploy import compact as _manifests
+from prunekit.deploy.export import export
 from prunekit.deploy.surgery import CompactResult, compact
 from prunekit.graph import coupled_groups
 from prunekit.pipelines.recipe import Recipe, load_recipe, parse_recipe
@@ -30,7 +31,7 @@ from prunekit.pipelines.runner import prune_spec_from
 from prunekit.training.pruner import Pruner as _Pruner
 from prunekit.training.pruner import as_prune_spec
 
-__all__ = ["Pruner", "prune", "compact", "groups_of", "save_compacted", "load_compacted", "quantize"]
+__all__ = ["Pruner", "prune", "compact", "groups_of", "save_compacted", "load_compacted", "quantize", "export"]
 
 
 def groups_of(model: nn.Module, example_inputs: Any, kinds: tuple[str, ...] | None = None):

@@ -11,7 +11,7 @@ from prunekit.cli.errors import USER_ERRORS
 from prunekit.core.version import __version__
 
 # subcommand modules, in help order
-SUBCOMMANDS = ["run", "report", "info", "sensitivity", "shared", "compact", "bench"]
+SUBCOMMANDS = ["run", "report", "info", "sensitivity", "shared", "compact", "export", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,8 +11,6 @@ windows of exactly ``length`` tokens; the last, shorter rest is dropped.  A wind
 """
 from __future__ import annotations
 
-import csv
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from torch import Tensor
 
 from prunekit.core.errors import DataError
+from prunekit.data.table import read_table
 
 __all__ = ["LMWindows", "read_texts", "read_hf_disk_texts", "separator_id", "token_windows"]
 
@@ -36,36 +35,31 @@ def _format(path: Path, fmt: str | None) -> str:
     return f
 
 
+def _table_texts(p: Path, f: str, column: str | None) -> list[str]:
+    """The ``column`` of a CSV/TSV/JSONL file, read by the one table reader (:func:`~prunekit.data.table.read_table`:
+    line-numbered errors for malformed rows)."""
+    key = column or ("text" if f == "jsonl" else None)
+    if key is None:
+        raise DataError(f"{p}: a {f} file needs data.text_columns: [COLUMN]")
+    columns, rows = read_table(p, f)
+    missing = next((line for line, r in rows if key not in r), None)
+    if missing is not None:
+        where = f"{p}:{missing}: no field {key!r}" if f == "jsonl" else f"{p}: no column {key!r}; columns: {columns}"
+        raise DataError(f"{where} (set data.text_columns: [FIELD])")
+    return [str(r[key] or "") for _, r in rows]
+
+
 def read_texts(path: str | os.PathLike, fmt: str | None = None, column: str | None = None) -> list[str]:
     """The texts of one file (see the module doc); ``column`` = the jsonl/csv/tsv field (jsonl default ``text``)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"{p}: text file not found")
     f = _format(p, fmt)
-    with p.open(encoding="utf-8", newline="" if f in ("csv", "tsv") else None) as fh:
-        if f == "txt":
+    if f == "txt":
+        with p.open(encoding="utf-8") as fh:
             texts = [ln.strip() for ln in fh]
-        elif f == "jsonl":
-            key = column or "text"
-            texts = []
-            for i, ln in enumerate(fh, 1):
-                if not ln.strip():
-                    continue
-                try:
-                    rec = json.loads(ln)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}:{i}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or key not in rec:
-                    raise DataError(f"{p}:{i}: no field {key!r} (set data.text_columns: [FIELD])")
-                texts.append(str(rec[key]))
-        else:
-            if not column:
-                raise DataError(f"{p}: a {f} file needs data.text_columns: [COLUMN]")
-            rows = csv.DictReader(fh, delimiter="\t" if f == "tsv" else ",", quoting=csv.QUOTE_NONE if f == "tsv"
-                                  else csv.QUOTE_MINIMAL)
-            if rows.fieldnames is None or column not in rows.fieldnames:
-                raise DataError(f"{p}: no column {column!r}; columns: {rows.fieldnames}")
-            texts = [str(r[column] or "") for r in rows]
+    else:
+        texts = _table_texts(p, f, column)
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise DataError(f"{p}: no text")
