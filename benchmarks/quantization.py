@@ -7,6 +7,9 @@ encoder::
 
     python benchmarks/quantization.py --rows prune300 rtn_int3 qat_int3 share_c8 admm_joint binary sparsegpt_int4 resnet18 \
         torch_fakequant nncf
+    python benchmarks/quantization.py --rows minilm_sst2_rtn_int8 minilm_sst2_sparsegpt_int4 \
+        minilm_sst2_sparsegpt_then_rtn4 minilm_sst2_sparsegpt_qat4 gpt2_lm_rtn_int4 gpt2_lm_sparsegpt_int4 \
+        gpt2_lm_sparsegpt_then_rtn4
 
 Inputs (``benchmarks/results/cache/``, not in git): the dense LeNet-5 of ``benchmarks/lenet5_mnist.py``
 (``lenet5_sgd_tall_d3/dense``) and its 300× progressive-ADMM pruned model (``lenet5_prune300``, made by
