@@ -7,6 +7,9 @@ encoder::
 
     python benchmarks/quantization.py --rows prune300 rtn_int3 qat_int3 share_c8 admm_joint binary sparsegpt_int4 resnet18 \
         torch_fakequant nncf
+    python benchmarks/quantization.py --rows minilm_sst2_rtn_int8 minilm_sst2_sparsegpt_int4 \
+        minilm_sst2_sparsegpt_then_rtn4 minilm_sst2_sparsegpt_qat4 gpt2_lm_rtn_int4 gpt2_lm_sparsegpt_int4 \
+        gpt2_lm_sparsegpt_then_rtn4
 
 Inputs (``benchmarks/results/cache/``, not in git): the dense LeNet-5 of ``benchmarks/lenet5_mnist.py``
 (``lenet5_sgd_tall_d3/dense``) and its 300× progressive-ADMM pruned model (``lenet5_prune300``, made by
@@ -31,6 +34,25 @@ Rows (each a prunekit recipe run through ``run_pipeline``; the resolved recipe i
   min/max observer) as a weight parametrization under the same masks, retrained like ``qat_int3``;
 * ``nncf`` — peer: ``nncf.quantize`` (post-training INT8) of the 300× model, if nncf imports.
 
+Transformer rows (post-training only, 128 calibration examples of the training split, no retraining; the dense
+metric is evaluated from the same checkpoint in the same run):
+
+* ``minilm_sst2_sparsegpt_int4`` — MiniLM-L6 fine-tuned on SST-2 (``recipes/glue_sst2_bench.yaml``: 8000-sentence
+  subset, 2 dense epochs), SparseGPT 50 % unstructured with joint GPTQ rounding to 4 bits per channel
+  (target: within 2.5 accuracy points of dense);
+* ``minilm_sst2_rtn_int8`` — the same dense model, 8-bit per-channel round-to-nearest alone (target: within 0.5);
+* ``minilm_sst2_sparsegpt_then_rtn4`` — SparseGPT 50 % (``algorithm.params.joint: false``), then 4-bit
+  round-to-nearest (the comparison for the joint row);
+* ``minilm_sst2_sparsegpt_qat4`` — the joint row, then 1 epoch of quantization-aware retraining (STE, the bench
+  recipe's retrain phase: AdamW 5e-5 on the 8000-sentence subset; target: within 1.5 points);
+* ``gpt2_lm_sparsegpt_int4`` / ``gpt2_lm_sparsegpt_then_rtn4`` / ``gpt2_lm_rtn_int4`` — the 4-layer width-128
+  GPT-2 decoder trained on SST-2 sentences (``recipes/gpt2_sst2_text_sparsegpt_2of4.yaml``'s dense stage),
+  held-out perplexity on the dev windows: joint 50 % + 4 bits, 50 % then 4-bit round-to-nearest, 4-bit alone.
+
+Their dense checkpoints are prunekit ``dense/`` folders copied to ``benchmarks/results/cache/minilm_sst2_dense``
+and ``gpt2_sst2_lm_dense`` (each with the ``source_recipe.yaml`` of the run that trained it); without them the
+row trains one with the recipe's dense stage (``benchmarks/posttraining.py``'s ``dense_recipe``).
+
 Figures per row: accuracy and drop vs the dense model; sparsity; ``weight_data_compression`` (dense fp32
 weight bytes / codes + scales + positions), ``weight_values_compression`` (codes + scales, no positions),
 ``whole_artefact_compression`` (every byte of ``model.pkq``), the byte breakdown and bits per weight per layer.
@@ -50,12 +72,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from lenet5_mnist import algorithm, layer_budget  # noqa: E402
+from posttraining import dense_recipe  # noqa: E402
 from prunekit.core.quant import ConstraintSet, parse_quantizer  # noqa: E402
 from prunekit.deploy.quant_storage import artefact_report, encode_artefact, load_artefact  # noqa: E402
 from prunekit.io.checkpoint import atomic_write_json, load_checkpoint  # noqa: E402
@@ -107,6 +131,66 @@ def recipes() -> dict[str, dict]:
                      "targets": {"include": ["*"], "types": ["Linear", "Conv2d"]}},
            "calibration": {"samples": 128, "batch_size": 64, "seed": 0}},
     }
+
+
+SGPT = {"name": "sparsegpt", "params": {"blocksize": 128, "percdamp": 0.01}}
+CALIB = {"samples": 128, "batch_size": 16, "max_length": 64, "seed": 0}
+# row suffix → (algorithm, sparsity, quant, target: max drop in points (accuracy) / max perplexity ratio (LM))
+PTQ = {"sparsegpt_int4": (SGPT, 0.5, {"scheme": "int:4", "method": "rtn"}),
+       "sparsegpt_then_rtn4": ({"name": "sparsegpt", "params": {**SGPT["params"], "joint": False}}, 0.5,
+                               {"scheme": "int:4", "method": "rtn"}),
+       "rtn_int8": ({"name": "oneshot"}, 0.0, {"scheme": "int:8", "method": "rtn"}),
+       "rtn_int4": ({"name": "oneshot"}, 0.0, {"scheme": "int:4", "method": "rtn"}),
+       "sparsegpt_qat4": (SGPT, 0.5, {"scheme": "int:4", "method": "qat"})}
+RETRAIN = {"sparsegpt_qat4": {"epochs": 1, "lr": 5.0e-5, "patience": 1}}     # the bench recipe's retrain phase
+TARGETS = {"minilm_sst2_sparsegpt_int4": 2.5, "minilm_sst2_rtn_int8": 0.5, "minilm_sst2_sparsegpt_qat4": 1.5}
+DENSE_CKPT = {"minilm_sst2": ("glue_sst2_bench.yaml", CACHE / "minilm_sst2_dense"),
+              "gpt2_lm": ("gpt2_sst2_text_sparsegpt_2of4.yaml", CACHE / "gpt2_sst2_lm_dense")}
+
+
+def dense_checkpoint(prefix: str) -> Path:
+    """The cached dense model of ``prefix``; trained by the recipe's dense stage if absent."""
+    name, ckpt = DENSE_CKPT[prefix]
+    if (ckpt / "manifest.json").is_file():
+        return ckpt
+    raw = yaml.safe_load((ROOT / "recipes" / name).read_text())
+    raw.update(prune={"structure": "unstructured", "sparsity": 0.0}, algorithm={"name": "oneshot"},
+               retrain={"epochs": 0})
+    if prefix == "gpt2_lm":
+        raw["dense"] = {"epochs": raw["train"]["epochs"]}
+    return Path(dense_recipe(parse_recipe(raw), CACHE, f"{prefix}_run").model.checkpoint)
+
+
+def ptq_recipe(row: str) -> dict:
+    """A post-training row of a transformer: ``<prefix>_<PTQ suffix>`` on the cached dense checkpoint."""
+    prefix = next((p for p in DENSE_CKPT if row.startswith(p + "_")), None)
+    if prefix is None or row[len(prefix) + 1:] not in PTQ:
+        raise SystemExit(f"unknown row {row!r}")
+    suffix = row[len(prefix) + 1:]
+    algo, sparsity, quant = PTQ[suffix]
+    raw = yaml.safe_load((ROOT / "recipes" / DENSE_CKPT[prefix][0]).read_text())
+    prune = {**raw["prune"], "structure": "unstructured", "sparsity": sparsity}
+    raw.update(name=f"quant-{row}", prune=prune, algorithm=copy.deepcopy(algo), quant=dict(quant),
+               calibration=dict(CALIB), dense={"epochs": 0}, retrain=dict(RETRAIN.get(suffix, {"epochs": 0})))
+    raw["model"] = {**raw["model"], "checkpoint": str(dense_checkpoint(prefix))}
+    return raw
+
+
+def ptq_row(name: str) -> dict:
+    """Run a transformer row; perplexity rows report ``perplexity`` (lower is better) instead of accuracy."""
+    row = run_recipe(name, ptq_recipe(name), 0.0)
+    metric = json.loads((Path(row["artefact"]).parent / "results.json").read_text()).get("metric", "accuracy")
+    row["metric"] = metric
+    if metric == "perplexity":
+        row["perplexity"], row["dense_perplexity"] = row.pop("accuracy"), row.pop("dense_accuracy")
+        row["perplexity_ratio"] = round(row["perplexity"] / row["dense_perplexity"], 4)
+        row.pop("accuracy_drop")
+    else:
+        row["accuracy_drop"] = round(row["dense_accuracy"] - row["accuracy"], 3)
+        if name in TARGETS:
+            row["target_max_drop"] = TARGETS[name]
+            row["target_met"] = row["accuracy_drop"] <= TARGETS[name]
+    return row
 
 
 def resnet_recipe() -> dict:
@@ -262,7 +346,7 @@ def table(res: dict) -> str:
              "Huffman: weight data × / artefact × | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in res["rows"].items():
         h = r.get("entropy_huffman") or {}
-        lines.append(f"| {name} | {r.get('accuracy', '—')} | {r.get('accuracy_drop', '—')} | "
+        lines.append(f"| {name} | {r.get('accuracy', r.get('perplexity', '—'))} | {r.get('accuracy_drop', '—')} | "
                      f"{r.get('targeted_compression_rate', '—')} | {r.get('weight_data_compression', '—')} | "
                      f"{r.get('weight_values_compression', '—')} | {r.get('whole_artefact_compression', '—')} | "
                      f"{h.get('weight_data_compression', '—')} / {h.get('whole_artefact_compression', '—')} | "
@@ -281,8 +365,9 @@ def main(argv=None) -> dict:
     out_path = Path(a.out)
     res = json.loads(out_path.read_text()) if out_path.exists() else {"rows": {}}
     res.update({"machine": machine_info(), "anchors": ANCHORS, "docs": "docs/quantization.md"})
-    dense_acc = json.loads((DENSE / "results.json").read_text())["accuracy"]
-    res["dense_accuracy"] = dense_acc
+    dense_acc = res.get("dense_accuracy", 0.0)        # the LeNet-5 dense model's (rows of other models: their own)
+    if (DENSE / "results.json").is_file():
+        dense_acc = res["dense_accuracy"] = json.loads((DENSE / "results.json").read_text())["accuracy"]
     recs = recipes()
     if a.rows == ["refresh"]:
         refresh_rows(res)
@@ -302,6 +387,8 @@ def main(argv=None) -> dict:
             row = nncf_row(dense_acc)
         elif name == "prune300":
             row = pruning_row()
+        elif name.startswith(tuple(DENSE_CKPT)):
+            row = ptq_row(name)
         else:
             raise SystemExit(f"unknown row {name!r}")
         row.setdefault("command", cmd)

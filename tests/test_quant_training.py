@@ -16,10 +16,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 import prunekit
+from prunekit.algorithms.calibration import CalibrationConfig, LayerStats
 from prunekit.algorithms.quantize import QuantTrainer
-from prunekit.algorithms.sparsegpt import sparsegpt_prune
+from prunekit.algorithms.sparsegpt import SparseGPT, sparsegpt_prune
 from prunekit.core.errors import RecipeError
-from prunekit.core.quant import ConstraintSet, parse_quantizer
+from prunekit.core.plan import PruneSpec
+from prunekit.core.quant import ConstraintSet, QuantSpec, parse_quantizer
+from prunekit.core.targets import TargetSpec
 from prunekit.deploy.quant_storage import load_artefact
 from prunekit.io.checkpoint import load_checkpoint
 from prunekit.models.registry import get_model
@@ -229,6 +232,53 @@ def test_sparsegpt_joint_gptq_rounding_beats_prune_then_round():
     Wr = ConstraintSet(q).project(Ws, keep_s)[0]                            # prune, then round to nearest
     err = lambda A: float(((W - A) @ X).pow(2).sum())                        # noqa: E731
     assert err(Wj) < err(Wr)
+
+
+def test_sparsegpt_joint_false_prunes_only_then_the_quantize_stage_rounds():
+    """``algorithm.params.joint: false`` with a quant scheme: SparseGPT prunes exactly as without one (the
+    "prune, then round-to-nearest" comparison row); ``joint: true`` (default) leaves ≤ 8 levels per row."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(8, 32, generator=g)
+    st = LayerStats(32)
+    st.add(torch.randn(256, 32, generator=g))
+    spec = PruneSpec("unstructured", 0.5)
+    ref, keep_ref = sparsegpt_prune(W, st.H, "unstructured", 0.5)
+    algos = {j: SparseGPT(SparseGPT.Params(joint=j), spec) for j in (False, True)}
+    for a in algos.values():
+        a.quant = QuantSpec("int:3")
+    Wn, keep_n = algos[False].prune_matrix(W.clone(), st, "unstructured", 0.5, tuple(W.shape))
+    assert torch.equal(Wn, ref) and torch.equal(keep_n, keep_ref)
+    Wj, _ = algos[True].prune_matrix(W.clone(), st, "unstructured", 0.5, tuple(W.shape))
+    assert max(int(torch.unique(r[r != 0]).numel()) for r in Wj) <= 8 < min(int((r != 0).sum()) for r in Wn)
+    with pytest.raises(RecipeError, match="joint"):
+        SparseGPT.Params(joint="no")
+
+
+def test_sparsegpt_joint_on_hf_conv1d_keeps_its_grid_through_the_quantize_stage():
+    """GPT-2's Conv1D stores (in, out) and its per-channel grid is per stored row; the joint sweep rounds the
+    (out, in) matrix view, so its grids must be per matrix column.  Before the fix every row's grid differed
+    and the quantize stage re-rounded all of them (all 3,584 rows of the 4-layer decoder benchmark)."""
+    import transformers  # noqa: PLC0415 - optional dependency of this one test
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    g = torch.Generator().manual_seed(5)
+    items = [{"input_ids": torch.randint(0, 100, (12,), generator=g),
+              "attention_mask": torch.ones(12, dtype=torch.long)} for _ in range(16)]
+    spec = PruneSpec("unstructured", 0.5, targets=TargetSpec(include=["transformer.h.*"], types=["HFConv1D"]))
+    algo = SparseGPT(SparseGPT.Params(), spec)
+    algo.quant = QuantSpec("int:4")
+    algo.calibration = CalibrationConfig(samples=16, batch_size=4)
+    algo.calibration_loader = torch.utils.data.DataLoader(items, batch_size=4)
+    masks = algo.final_masks(model)
+    q, params = parse_quantizer("int:4"), dict(model.named_parameters())
+    assert len(masks.names()) == 8 and not algo.transposed
+    changed = rows = 0
+    for n in masks.names():
+        W = params[n].detach()
+        changed += int((q.decode(q.encode(W, masks[n])) != W).any(1).sum())
+        rows += W.shape[0]
+    assert rows == 448 and changed <= rows // 10       # only rows whose outermost level ended unused
 
 
 def test_polarized_qat_exact_and_one_sign_per_fragment():

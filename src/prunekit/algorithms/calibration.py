@@ -591,6 +591,9 @@ class PostTraining(Algorithm[PT]):
     hessian = True
     calibration_loader: Any = None
     calibration: CalibrationConfig = CalibrationConfig()
+    # the layer of the current prune_matrix call stores its weight transposed (HF Conv1D): its matrix view's
+    # columns are the stored rows (set by the driver around each call; joint quantizers use it for their grids)
+    transposed: bool = False
 
     def calibration_batches(self) -> list[Any]:
         if self.calibration_loader is None:
@@ -636,7 +639,11 @@ class PostTraining(Algorithm[PT]):
                 st, sp = plan[name]
                 W = weight_matrix(mod)
                 shape = tuple(cast(Tensor, mod.weight).shape) if not is_hf_conv1d(mod) else tuple(W.shape)
-                W_new, keep = self.prune_matrix(W, stats[name], st, sp, shape)
+                self.transposed = is_hf_conv1d(mod)
+                try:
+                    W_new, keep = self.prune_matrix(W, stats[name], st, sp, shape)
+                finally:
+                    self.transposed = False
                 W_new = W_new * keep
                 set_weight_matrix(mod, W_new)
                 masks.set(name, matrix_to_param(mod, keep).bool(), str(Transposed(st) if is_hf_conv1d(mod) else st))

@@ -103,11 +103,13 @@ def _lowest_per_row(sal: Tensor, k: int) -> Tensor:
 @torch.no_grad()
 def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstructured", sparsity: float = 0.5,
                     percdamp: float = 0.01, blocksize: int = 128, shape: Sequence[int] | None = None,
-                    quant: str | Quantizer | None = None) -> tuple[Tensor, Tensor]:
+                    quant: str | Quantizer | None = None, quant_columns: bool = False) -> tuple[Tensor, Tensor]:
     """Prune the ``(rows, cols)`` matrix ``W`` with input Hessian ``H`` (``cols × cols``); returns
     ``(W_new, keep)`` — the compensated weights (zero where pruned) and the keep-mask.  ``shape`` is the
     weight's own shape (e.g. a conv's 4-D shape) that the structure sees; default ``W.shape``.  ``quant``:
-    also round the kept weights onto that grid (joint mode, see the module docstring)."""
+    also round the kept weights onto that grid (joint mode, see the module docstring); ``quant_columns``: a
+    per-channel grid per *column* of ``W`` — the stored rows of a transposed weight (HF Conv1D), whose
+    quantize stage and artefact fit one scale per stored row."""
     st = parse_structure(structure)
     shape = tuple(shape or W.shape)
     st.check_shape(shape)
@@ -131,7 +133,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstruct
         blocksize = max(st.m, blocksize // st.m * st.m)     # N:M groups never straddle two blocks
     elif not isinstance(st, Unstructured):
         keep_fixed = _structure_keep(W, U, st, sparsity, shape)
-    rnd = _rounder(W, quant)
+    rnd = _rounder(W, quant, quant_columns)
     counts = _block_counts(rows, cols, blocksize, float(sparsity))
     pruned = torch.zeros_like(W, dtype=torch.bool)
     for b, i1 in enumerate(range(0, cols, blocksize)):
@@ -151,7 +153,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstruct
                 sal = W1[:, i:i + k].pow(2) / d[i:i + k].pow(2)[None, :]
                 P1[:, i:i + k] = _lowest_per_row(sal, k - min(nm_keep, k))
             w = W1[:, i]
-            q = (w if rnd is None else rnd(w)).masked_fill(P1[:, i], 0.0)
+            q = (w if rnd is None else rnd(w, i1 + i)).masked_fill(P1[:, i], 0.0)
             err = (w - q) / d[i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             W1[:, i] = q
@@ -163,16 +165,25 @@ def sparsegpt_prune(W: Tensor, H: Tensor, structure: str | Structure = "unstruct
     return W, ~pruned & (W != 0) if rnd is not None else ~pruned
 
 
-def _rounder(W: Tensor, quant: str | Quantizer | None) -> Callable[[Tensor], Tensor] | None:
-    """Column → nearest level of each row's grid (fitted on ``W``), or None without a quantizer."""
+def _rounder(W: Tensor, quant: str | Quantizer | None,
+             columns: bool = False) -> Callable[[Tensor, int], Tensor] | None:
+    """``(column, j)`` → nearest level of each row's grid (fitted on ``W``; ``columns``: of column ``j``'s
+    grid, fitted on ``W.T``), or None without a quantizer."""
     if quant is None:
         return None
     qz = parse_quantizer(quant)
     if qz.bits > 8:
-        return lambda w: qz.project(w[:, None]).reshape(-1)
+        return lambda w, j: qz.project(w[:, None]).reshape(-1)
+    if columns:
+        by_col = qz.levels(qz.encode(W.t().contiguous()))      # (cols, n_codes), or (1, n_codes) per tensor
+
+        def nearest_col(w: Tensor, j: int) -> Tensor:
+            lv = by_col[j if by_col.shape[0] > 1 else 0]
+            return lv[(w[:, None] - lv[None, :]).abs().argmin(dim=1)]
+        return nearest_col
     levels = qz.levels(qz.encode(W))          # (rows, n_codes)
 
-    def nearest(w: Tensor) -> Tensor:
+    def nearest(w: Tensor, j: int) -> Tensor:
         idx = (w[:, None] - levels).abs().argmin(dim=1, keepdim=True)
         return levels.gather(1, idx).reshape(-1)
     return nearest
@@ -191,9 +202,12 @@ class SparseGPT(PostTraining["SparseGPT.Params"]):
     class Params(PostTrainingParams):
         percdamp: float = 0.01
         blocksize: int = 128
+        joint: bool = True      # with quant.scheme: round jointly (GPTQ); False = prune only, the quantize stage rounds
 
         def __post_init__(self) -> None:
             super().__post_init__()
+            if not isinstance(self.joint, bool):
+                raise RecipeError(f"algorithm.params.joint must be true or false, got {self.joint!r}")
             if not (0.0 <= self.percdamp < 1.0):
                 raise RecipeError(f"algorithm.params.percdamp must be in [0, 1), got {self.percdamp}")
             if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
@@ -201,6 +215,6 @@ class SparseGPT(PostTraining["SparseGPT.Params"]):
 
     def prune_matrix(self, W: Tensor, stats: LayerStats, structure: Structure, sparsity: float,
                      shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        q = self.quant.scheme if self.quant is not None else None
+        q = self.quant.scheme if self.quant is not None and self.params.joint else None
         return sparsegpt_prune(W, stats.H, structure, sparsity, self.params.percdamp, self.params.blocksize, shape,
-                               quant=q)
+                               quant=q, quant_columns=self.transposed)
