@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from prunekit.deploy.storage import encode_state_dict
 from prunekit.graph import TraceError
 from prunekit.io.checkpoint import MODEL_FILE, _atomic_replace, load_checkpoint, read_manifest
 from prunekit.pipelines.recipe import code_to_run, parse_recipe
-from prunekit.pipelines.workloads import build_workload
+from prunekit.pipelines.workloads import Workload, build_workload
 
 
 def add_parser(sub):
@@ -66,18 +67,16 @@ def add_trust_flag(p) -> None:
                         "factory) and Hugging Face remote code; without it such a run folder is refused")
 
 
-def load_run(run_dir: str | os.PathLike, data_limit: int = 8, *, trust_code: bool = False) -> tuple[Any, Any, Any, Any]:
-    """Rebuild a run's model from its recipe and load weights + masks: ``(model, masks, recipe, example_input)``.
-
-    The workload is rebuilt with ``data.limit = data_limit`` (only the model and one example input are used).
-    A recipe that names code to import or remote code to run (:func:`prunekit.pipelines.recipe.code_to_run`)
-    raises :class:`UntrustedCodeError` before anything is imported, unless ``trust_code``."""
-
-    manifest = read_manifest(run_dir)
-    raw = manifest.get("recipe")
+def load_run_workload(run_dir: str | os.PathLike, overrides: Sequence[str] = (), *,
+                      trust_code: bool = False) -> tuple[Workload, Any, Any]:
+    """The run's workload rebuilt from its recipe (plus ``overrides``, dotted ``key=value``) with the run's
+    weights and masks loaded and applied: ``(workload, masks, recipe)``.  A recipe that names code to import or
+    remote code to run (:func:`prunekit.pipelines.recipe.code_to_run`) raises :class:`UntrustedCodeError`
+    before anything is imported, unless ``trust_code``."""
+    raw = read_manifest(run_dir).get("recipe")
     if not isinstance(raw, dict):
         raise RecipeError(f"{Path(run_dir) / 'manifest.json'} holds no recipe; is it the folder of a `prunekit run`?")
-    recipe = parse_recipe(raw, [f"data.limit={data_limit}", "data.eval_limit=null", "model.checkpoint=null"])
+    recipe = parse_recipe(raw, [*overrides, "model.checkpoint=null"])
     needs = code_to_run(recipe)
     if needs and not trust_code:
         raise UntrustedCodeError(f"opening {run_dir} would {'; '.join(needs)} — code stored in the run folder's "
@@ -86,6 +85,14 @@ def load_run(run_dir: str | os.PathLike, data_limit: int = 8, *, trust_code: boo
     _, masks, _ = load_checkpoint(run_dir, wl.model)
     wl.model.eval()
     masks.apply(wl.model)
+    return wl, masks, recipe
+
+
+def load_run(run_dir: str | os.PathLike, data_limit: int = 8, *, trust_code: bool = False) -> tuple[Any, Any, Any, Any]:
+    """Rebuild a run's model and load weights + masks (:func:`load_run_workload` with ``data.limit = data_limit``:
+    only the model and one example input are used): ``(model, masks, recipe, example_input)``."""
+    wl, masks, recipe = load_run_workload(run_dir, [f"data.limit={data_limit}", "data.eval_limit=null"],
+                                          trust_code=trust_code)
     return wl.model, masks, recipe, wl.example_input
 
 

@@ -30,15 +30,14 @@ from typing import Any
 import torch
 
 from prunekit.algorithms.calibration import collect_batches, model_inputs
-from prunekit.cli.compact import add_trust_flag
-from prunekit.core.errors import CheckpointError, RecipeError, UntrustedCodeError
+from prunekit.cli.compact import add_trust_flag, load_run_workload
+from prunekit.core.errors import CheckpointError
 from prunekit.deploy.export import INT8_MODES, ExportError, OrtModel, check_onnx, export, ort_latency_ms
 from prunekit.deploy.surgery import compact
 from prunekit.deploy.timing import repeat_batch
 from prunekit.graph import TraceError
-from prunekit.io.checkpoint import atomic_write_json, load_checkpoint, read_manifest
-from prunekit.pipelines.recipe import code_to_run, parse_recipe
-from prunekit.pipelines.workloads import Workload, build_workload
+from prunekit.io.checkpoint import atomic_write_json
+from prunekit.pipelines.workloads import Workload
 
 FORMATS = ("onnx",)
 
@@ -71,25 +70,6 @@ def add_parser(sub):
     p.add_argument("--no-compact", action="store_true", help="export the masked model without compaction")
     add_trust_flag(p)
     p.set_defaults(func=run)
-
-
-def load_run_workload(run_dir: str | os.PathLike, *, trust_code: bool = False) -> tuple[Workload, Any, Any]:
-    """The run's workload (dev set as the recipe sets it) with the run's weights and masks loaded and
-    applied: ``(workload, masks, recipe)``.  A recipe that names code to import or remote code to run raises
-    :class:`UntrustedCodeError` before anything is imported, unless ``trust_code`` (as ``prunekit compact``)."""
-    raw = read_manifest(run_dir).get("recipe")
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{Path(run_dir) / 'manifest.json'} holds no recipe; is it the folder of a `prunekit run`?")
-    recipe = parse_recipe(raw, ["model.checkpoint=null"])
-    needs = code_to_run(recipe)
-    if needs and not trust_code:
-        raise UntrustedCodeError(f"opening {run_dir} would {'; '.join(needs)} — code stored in the run folder's "
-                                 "recipe; pass --trust-code (Python: trust_code=True) if you trust it")
-    wl = build_workload(recipe)
-    _, masks, _ = load_checkpoint(run_dir, wl.model)
-    wl.model.eval()
-    masks.apply(wl.model)
-    return wl, masks, recipe
 
 
 def _compacted(wl: Workload, masks: Any, x: Any, no_compact: bool) -> tuple[Any, dict]:
