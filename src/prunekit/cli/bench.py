@@ -70,7 +70,7 @@ def format_bench(r: dict) -> str:
     lines += [f"| {k} | {v:,} | {v / d:.3f} |" for k, v in r["sizes"].items()]
     lines += ["", "| batch | threads | dense ms | compacted ms | sparse (CSR) ms | compacted × | sparse × | CSR layers |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {x['batch']} | {x['threads']} | {x['dense_ms']:.2f} | {x['compacted_ms']:.2f} | {x['sparse_ms']:.2f} | "
+    lines += [f"| {x['batch']} | {x['threads']} | {x['dense_ms']:.3f} | {x['compacted_ms']:.3f} | {x['sparse_ms']:.3f} | "
               f"{x['compacted_speedup']:.2f} | {x['sparse_speedup']:.2f} | {x['csr_layers']} |" for x in r["latency"]]
     return "\n".join(lines)
 
