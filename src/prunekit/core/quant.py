@@ -68,6 +68,12 @@ class QCodes:
 QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer")
 
 
+def _int_argument(text: str, name: str) -> int | None:
+    """``K`` of a ``name:K`` string, or None when ``text`` is not of that form."""
+    parts = text.split(":")
+    return int(parts[1]) if parts[0] == name and len(parts) == 2 and parts[1].isdigit() else None
+
+
 def quantizer_syntax() -> str:
     """The syntax help of every registered quantizer (for ``prunekit info`` and error messages)."""
     return " | ".join(f"{QUANTIZERS.get(n).syntax} ({QUANTIZERS.get(n).help})" for n in QUANTIZERS.names())
@@ -277,10 +283,8 @@ class Pow2(Quantizer):
 
     @classmethod
     def parse(cls, text: str) -> Quantizer | None:
-        parts = text.split(":")
-        if parts[0] == "pow2" and len(parts) == 2 and parts[1].isdigit():
-            return cls(int(parts[1]))
-        return None
+        k = _int_argument(text, "pow2")
+        return None if k is None else cls(k)
 
     @property
     def bits(self) -> int:
@@ -441,10 +445,8 @@ class Cluster(Quantizer):
 
     @classmethod
     def parse(cls, text: str) -> Quantizer | None:
-        parts = text.split(":")
-        if parts[0] == "cluster" and len(parts) == 2 and parts[1].isdigit():
-            return cls(int(parts[1]))
-        return None
+        k = _int_argument(text, "cluster")
+        return None if k is None else cls(k)
 
     @property
     def bits(self) -> int:
